@@ -1,0 +1,1 @@
+"""Database access shared by every layer: errors, the server to use, the schema."""

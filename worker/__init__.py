@@ -1,0 +1,1 @@
+"""The engine (claim, lease, outcomes, rescue), the worker pool, and the executors."""

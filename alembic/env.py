@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import psycopg
-from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
+
+from alembic import context
 
 database_url: str = context.config.attributes["database_url"]
 engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(database_url),

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
-from alembic import command
 from alembic.config import Config
 
 import sql
+from alembic import command
 from db.errors import translate, translated
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,4 +45,4 @@ def current_revision(database_url: str) -> str | None:
 
 def apply_schema_sql(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Create the whole schema from sql/schema.sql in one go (fresh databases, tests)."""
-    conn.execute(sql.read("schema.sql").encode())  # type: ignore[call-overload]
+    conn.execute(sql.read("schema.sql").encode())

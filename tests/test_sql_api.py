@@ -174,7 +174,7 @@ def test_release_does_not_count_the_attempt_and_wakes_workers(db_url: str) -> No
     with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url, autocommit=True) as c:
         listener.execute("LISTEN dispatch_jobs")
         c.execute("INSERT INTO dispatch.jobs (kind) VALUES ('k')")
-        (job_id, token, attempt, _), = claim(c)
+        (job_id, token, _attempt, _), = claim(c)
         assert finish(c, [(job_id, token, "release")]) == 1
         assert c.execute("SELECT state::text, attempt FROM dispatch.jobs").fetchall() == [("available", 0)]
         payloads = [n.payload for n in listener.notifies(timeout=1, stop_after=2)]
@@ -212,7 +212,7 @@ def test_retry_dead_revives_under_the_original_id(conn: Conn) -> None:
 def test_queue_stats_counts_every_state(conn: Conn) -> None:
     conn.execute("""INSERT INTO dispatch.jobs (kind, run_at) VALUES ('k', now() - interval '10 seconds'),
                     ('k', now()), ('k', now() + interval '1 hour')""")
-    (job_id, token, _, _), = claim(conn, 1)
+    (_job_id, _token, _, _), = claim(conn, 1)
     conn.execute("INSERT INTO dispatch.jobs (kind) VALUES ('k')")
     (j2, t2, _, _), = claim(conn, 1)
     finish(conn, [(j2, t2, "dead")], reason="discarded")

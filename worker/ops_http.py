@@ -70,7 +70,7 @@ class OpsServer:
         self._port = port
         self._snapshot = _Snapshot()
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(self._snapshot)  # type: ignore[arg-type]
+        self._registry.register(self._snapshot)
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
@@ -31,10 +33,13 @@ def child_main(config: WorkerConfig, log_level: int) -> None:
     """Target of a pool child process."""
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    sys.exit(run_event_loop(run_worker(config)))
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop (faster callbacks and I/O), or asyncio's loop where it is missing."""
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        runner = asyncio.run
-    sys.exit(runner(run_worker(config)))
+        return asyncio.run(main)
+    return uvloop.run(main)

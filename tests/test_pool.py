@@ -1,0 +1,140 @@
+"""The worker pool as an operator runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.helpers import execute, scalar
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_worker(url: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_drain_with_two_processes_exits_zero_when_done(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 2000)")
+    proc = start_worker(db_url, "--drain", "--processes", "2")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
+    assert scalar(db_url, "SELECT count(DISTINCT worker) FROM dispatch.job_history") >= 1
+
+
+def test_sigterm_finishes_running_jobs_and_loses_nothing(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, args) SELECT 'debug.sleep', '{\"seconds\": 1}' FROM generate_series(1, 30)")
+    proc = start_worker(db_url, "--concurrency", "10", "--grace", "10s")
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 10)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT count(*) FROM dispatch.jobs WHERE state = 'running'").fetchone() == (0,)
+        completed = c.execute("SELECT count(*) FROM dispatch.job_history WHERE outcome = 'completed'").fetchone()
+        left = c.execute("SELECT count(*) FROM dispatch.jobs WHERE state = 'available' AND attempt = 0").fetchone()
+    assert completed is not None and left is not None
+    assert completed[0] >= 10 and completed[0] + left[0] == 30
+
+
+def test_sigterm_past_grace_releases_jobs_without_counting_the_attempt(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, args) SELECT 'debug.sleep', '{\"seconds\": 60}' FROM generate_series(1, 4)")
+    proc = start_worker(db_url, "--grace", "0.5s")
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    rows = psycopg.connect(db_url).execute("SELECT state::text, attempt FROM dispatch.jobs").fetchall()
+    assert rows == [("available", 0)] * 4
+
+
+@pytest.mark.chaos
+def test_kill_9_mid_job_is_rescued_and_completed_without_manual_steps(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, args) SELECT 'debug.sleep', '{\"seconds\": 0.5}' FROM generate_series(1, 40)")
+    victim = start_worker(db_url, "--concurrency", "20", "--lease", "2s")
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") >= 10)
+    # The pool's child is the one holding leases: kill the whole process group hard.
+    for pid in psycopg.connect(db_url).execute("SELECT pid FROM dispatch.workers").fetchall():
+        os.kill(pid[0], signal.SIGKILL)
+    victim.kill()
+    victim.communicate(timeout=10)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") > 0
+    rescuer = start_worker(db_url, "--drain", "--rescue-interval", "0.2s", "--lease", "2s")
+    # Drain would finish before the leases expire; keep it running until every job is done.
+    out, _ = rescuer.communicate(timeout=60)
+    assert rescuer.returncode == 0, out
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 0, 10)
+    leftover = scalar(db_url, "SELECT count(*) FROM dispatch.jobs")
+    if leftover:  # rescued after the drain looked: one more drain finishes them
+        again = start_worker(db_url, "--drain")
+        again.communicate(timeout=60)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'rescued'") > 0
+    assert scalar(db_url, "SELECT count(DISTINCT job_id) FROM dispatch.job_history WHERE outcome = 'completed'") == 40
+
+
+@pytest.mark.chaos
+def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
+    port = free_port()
+    proc = start_worker(db_url, "--processes", "2", "--http-port", str(port), "--grace", "1s")
+    try:
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL") == 2)
+        health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
+        assert health["status"] == "ok" and health["pool"]["alive"] == 2
+        pids = [r[0] for r in psycopg.connect(db_url).execute("SELECT pid FROM dispatch.workers").fetchall()]
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL AND pid <> %s", (pids[0],)) >= 2)
+        stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5))
+        assert stats["pool"]["restarts"] == 1
+        assert stats["queues"][0]["queue"] == "default"
+        execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 10)")
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'pgdispatch_jobs{queue="default",state="available"} 0.0' in metrics
+        assert "pgdispatch_worker_jobs_total" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_time_limit_stops_the_pool_cleanly(db_url: str) -> None:
+    proc = start_worker(db_url, "--time-limit", "1s")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NOT NULL") == 1
+
+
+def test_exit_on_newer_propagates_exit_code_10(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, version) VALUES ('debug.noop', 99)")
+    proc = start_worker(db_url, "--exit-on-newer", "--lease", "1s")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 10, out
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1

@@ -82,8 +82,7 @@ class Runner:
     async def run(self) -> int:
         cfg = self.config
         pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.pool_size,
-                                   open=False, kwargs={"autocommit": True},
-                                   reconnect_timeout=0)
+                                   open=False, kwargs={"autocommit": True})
         await pool.open(wait=True, timeout=30)
         self.engine = Engine(pool, worker_id=self.worker_id, version=cfg.version,
                              lease_seconds=cfg.lease_seconds)

@@ -157,7 +157,7 @@ def cmd_worker(env: Env, args: argparse.Namespace) -> int:
         max_batch=args.batch, version=env.build, lease_seconds=args.lease,
         poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
         exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
-        rescue_interval=args.rescue_interval)
+        rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit)
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
                       http_port=args.http_port, log_level=env.log_level)
     return run_event_loop(pool.run())
@@ -285,6 +285,45 @@ def _require_queue(conn: psycopg.Connection[dict[str, Any]], name: str) -> None:
         raise NotFound(f"no queue named {name!r} (create it: cli.py queues create {name})")
 
 
+def cmd_request(env: Env, args: argparse.Namespace) -> int:
+    with connect(env) as conn, translated():
+        if args.request_command == "send":
+            headers = dict(_header(h) for h in args.header or [])
+            row = conn.execute(sql.query("send_request"), {
+                "method": args.method, "uri": args.uri, "body": args.body,
+                "expire_in": args.expire_in, "success_code": args.success_code,
+                "stop_codes": args.stop_code or [], "attempt_limit": args.limit,
+                "attempt_interval": args.interval, "http_timeout": args.timeout,
+                "queue": args.queue, "idempotency_key": args.idempotency_key,
+                "tenant": args.tenant, "headers": Jsonb(headers) if headers else None,
+            }).fetchone()
+            emit(args, {"id": row["send_request"] if row else None},
+                 lambda d: f"request queued as job {d['id']}")
+            return EXIT_OK
+        job = conn.execute(sql.query("request_show"), {"job_id": args.id}).fetchone()
+        if job is None:
+            raise NotFound(f"no request with id {args.id}")
+        job["attempts"] = conn.execute(sql.query("request_attempts"), {"job_id": args.id}).fetchall()
+        emit(args, job, _render_request)
+    return EXIT_OK
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise InvalidInput(f"--header must look like 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _render_request(job: dict[str, Any]) -> str:
+    lines = [f"{k}: {json.dumps(v) if k == 'args' else _cell(v)}"
+             for k, v in job.items() if k != "attempts"]
+    lines.append("attempts:")
+    lines.append(table(job["attempts"], ["attempt", "outcome", "status", "duration_ms",
+                                         "error_message", "started_at"]))
+    return "\n".join(lines)
+
+
 def cmd_embedded(env: Env, args: argparse.Namespace) -> int:
     if args.embedded_command == "url":
         print(env.url() if not env.database_url else env.database_url)
@@ -322,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, wait this long for running jobs (default 25s)")
     w.add_argument("--exit-on-newer", action="store_true",
                    help="exit with code 10 when jobs of a newer build wait")
+    w.add_argument("--per-host-limit", type=int, default=64,
+                   help="HTTP requests in flight to one host per process (default 64)")
     w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     w.set_defaults(func=cmd_worker)
 
@@ -375,6 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
         qs.add_argument("--" + setting.replace("_", "-"), dest=setting, type=kind,
                         help="0 removes the cap" if setting == "concurrency" else None)
     q.set_defaults(func=cmd_queues)
+
+    r = sub.add_parser("request", help="outbound HTTP requests: send, show")
+    rsub = r.add_subparsers(dest="request_command", required=True)
+    rs = rsub.add_parser("send", help="queue one request (dispatch.send_request)")
+    rs.add_argument("--method", required=True, help="GET, POST, PUT, PATCH or DELETE")
+    rs.add_argument("--uri", required=True)
+    rs.add_argument("--body", help="the request field of the JSON sent (e.g. a JWT)")
+    rs.add_argument("--success-code", type=int, default=200)
+    rs.add_argument("--stop-code", type=int, action="append", help="repeatable; 418 always stops")
+    rs.add_argument("--expire-in", type=duration, help="give up after this long (e.g. 1d)")
+    rs.add_argument("--interval", type=int, default=60, help="seconds between attempts (default 60)")
+    rs.add_argument("--limit", type=int, help="attempts (default: derived from expiry, else 1440)")
+    rs.add_argument("--timeout", type=int, default=30, help="HTTP timeout in seconds (default 30)")
+    rs.add_argument("--header", action="append", help="'Name: value', repeatable")
+    rs.add_argument("--queue", default="requests")
+    rs.add_argument("--idempotency-key")
+    rs.add_argument("--tenant")
+    rs.add_argument("--json", action="store_true")
+    rw = rsub.add_parser("show", help="a request, its state and every attempt")
+    rw.add_argument("id", type=int)
+    rw.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_request)
 
     m = sub.add_parser("embedded", help="the embedded PostgreSQL: url, stop")
     m.add_argument("embedded_command", choices=["url", "stop"])

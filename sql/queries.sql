@@ -9,7 +9,7 @@ FROM dispatch.claim_jobs_v1(%(worker_id)s, %(queue)s, %(kinds)s, %(version)s, %(
 
 -- name: finish_jobs
 SELECT dispatch.finish_jobs_v1(%(ids)s, %(tokens)s, %(outcomes)s, %(delays)s, %(reasons)s,
-                               %(errors)s, %(statuses)s);
+                               %(errors)s, %(statuses)s, %(details)s::jsonb[]);
 
 -- name: extend_leases
 SELECT lost_token FROM dispatch.extend_leases_v1(%(tokens)s,
@@ -121,3 +121,36 @@ UPDATE dispatch.queues SET
                        ELSE coalesce(%(concurrency)s::int, concurrency) END,
     dedupe_window = coalesce(make_interval(secs => %(dedupe_window)s::float8), dedupe_window)
 WHERE name = %(name)s;
+
+-- name: send_request
+SELECT dispatch.send_request(
+    %(method)s, %(uri)s, %(body)s,
+    CASE WHEN %(expire_in)s::float8 IS NULL THEN NULL
+         ELSE now() + make_interval(secs => %(expire_in)s::float8) END,
+    %(success_code)s, %(stop_codes)s::int[], %(attempt_limit)s, %(attempt_interval)s,
+    %(http_timeout)s, queue => %(queue)s, idempotency_key => %(idempotency_key)s,
+    tenant => %(tenant)s, headers => %(headers)s);
+
+-- name: request_show
+SELECT id, state, queue, args, attempt, max_attempts, expire_at, created_at, last_error, reason,
+       last_status, died_at
+FROM (
+    SELECT j.id, j.state, j.queue, j.args, j.attempt, j.max_attempts, j.expire_at, j.created_at,
+           j.last_error, NULL::text AS reason, NULL::int AS last_status, NULL::timestamptz AS died_at
+    FROM dispatch.job_list j WHERE j.id = %(job_id)s AND j.kind = 'http.request'
+    UNION ALL
+    SELECT d.job_id, 'dead', d.queue, d.args, d.attempt, NULL, NULL, d.created_at, d.last_error,
+           d.reason, d.last_status, d.died_at
+    FROM dispatch.dead_job_list d WHERE d.job_id = %(job_id)s AND d.kind = 'http.request'
+    UNION ALL
+    SELECT h.job_id, 'delivered', h.queue, NULL, h.attempt, NULL, NULL, NULL, NULL, NULL, h.status,
+           NULL
+    FROM dispatch.job_history h
+    WHERE h.job_id = %(job_id)s AND h.kind = 'http.request' AND h.outcome = 'completed'
+) found
+LIMIT 1;
+
+-- name: request_attempts
+SELECT attempt, outcome, status, duration_ms, error_class, error_message, response_body,
+       response_headers, started_at, finished_at
+FROM dispatch.request_attempts WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;

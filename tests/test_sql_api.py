@@ -18,9 +18,10 @@ def claim(conn: Conn, n: int = 10, queue: str = "default", kinds: tuple[str, ...
 def finish(conn: Conn, items: list[tuple[int, object, str]], delay: float | None = None,
            reason: str | None = None, error: str | None = None) -> int:
     row = conn.execute(
-        "SELECT dispatch.finish_jobs_v1(%s, %s, %s, %s, %s, %s, %s)",
+        "SELECT dispatch.finish_jobs_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb[])",
         ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items],
-         [delay] * len(items), [reason] * len(items), [error] * len(items), [None] * len(items)),
+         [delay] * len(items), [reason] * len(items), [error] * len(items), [None] * len(items),
+         [None] * len(items)),
     ).fetchone()
     assert row is not None
     return int(row[0])  # type: ignore[call-overload]
@@ -256,7 +257,7 @@ def test_roles_producer_can_only_enqueue_reader_sees_masked_views(conn: Conn) ->
     conn.execute("SET ROLE dispatch_reader")
     args = [r[0] for r in conn.execute("SELECT args FROM dispatch.job_list ORDER BY id").fetchall()]
     assert args[0] == {"token": "***"}
-    assert conn.execute("SELECT count(*) FROM dispatch.queue_stats").fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM dispatch.queue_stats").fetchone() == (2,)
     for forbidden in ("SELECT * FROM dispatch.jobs", "SELECT dispatch.enqueue('k')",
                       "UPDATE dispatch.queues SET paused = true"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

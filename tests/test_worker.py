@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import execute, running_worker, scalar, wait_until
 from worker.config import WorkerConfig
-from worker.executors import builtin_executors
+from worker.executors.debug import EXECUTORS as DEBUG
 from worker.job import Job
 from worker.outcome import DONE, Discard, InvalidJob, Outcome, Retry
 from worker.runner import EXIT_NEWER_BUILD, Runner
@@ -23,7 +23,7 @@ async def test_drain_runs_everything_runnable_and_accounts_for_every_job(db_url:
     execute(db_url, "SELECT dispatch.enqueue('debug.sleep', '{\"seconds\": \"soon\"}')")
     execute(db_url, "SELECT dispatch.enqueue('debug.noop', run_at => now() + interval '1 hour')")
     runner = Runner(WorkerConfig(database_url=db_url, drain=True, concurrency=50, max_batch=20),
-                    builtin_executors())
+                    DEBUG)
     assert await asyncio.wait_for(runner.run(), 30) == 0
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1  # only the scheduled one
     dead = dict(psycopg.connect(db_url).execute("SELECT kind, reason FROM dispatch.dead_jobs").fetchall())
@@ -179,7 +179,7 @@ async def test_expired_job_is_dead_without_running(db_url: str) -> None:
 
 async def test_version_guard_leaves_newer_jobs_and_unknown_kinds(db_url: str) -> None:
     execute(db_url, "INSERT INTO dispatch.jobs (kind, version) VALUES ('debug.noop', 5), ('debug.noop', 3), ('no.such.kind', 0)")
-    runner = Runner(WorkerConfig(database_url=db_url, drain=True, version=3), builtin_executors())
+    runner = Runner(WorkerConfig(database_url=db_url, drain=True, version=3), DEBUG)
     assert await asyncio.wait_for(runner.run(), 30) == 0
     left = psycopg.connect(db_url).execute("SELECT kind, version, state::text, attempt FROM dispatch.jobs ORDER BY id").fetchall()
     assert left == [("debug.noop", 5, "available", 0), ("no.such.kind", 0, "available", 0)]
@@ -188,12 +188,12 @@ async def test_version_guard_leaves_newer_jobs_and_unknown_kinds(db_url: str) ->
 async def test_exit_on_newer_build(db_url: str) -> None:
     execute(db_url, "INSERT INTO dispatch.jobs (kind, version) VALUES ('debug.noop', 9)")
     runner = Runner(WorkerConfig(database_url=db_url, version=3, exit_on_newer=True, lease_seconds=1),
-                    builtin_executors())
+                    DEBUG)
     assert await asyncio.wait_for(runner.run(), 30) == EXIT_NEWER_BUILD
 
 
 async def test_queue_policy_changes_reach_a_running_worker(db_url: str) -> None:
-    async with running_worker(db_url, builtin_executors(), poll_interval=0.2) as runner:
+    async with running_worker(db_url, DEBUG, poll_interval=0.2) as runner:
         execute(db_url, "UPDATE dispatch.queues SET paused = true")
         await wait_until(lambda: runner.policies.get("default").paused, 5)  # type: ignore[union-attr]
         execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop')")
@@ -237,7 +237,7 @@ async def test_stop_releases_jobs_still_running_after_the_grace_period(db_url: s
 
 async def test_a_worker_survives_poisoned_jobs(db_url: str) -> None:
     execute(db_url, "INSERT INTO dispatch.jobs (kind, args) VALUES ('debug.sleep', '{\"seconds\": -1}'), ('debug.sleep', '{\"seconds\": [1]}'), ('debug.sleep', '{\"seconds\": true}'), ('debug.noop', '{}')")
-    runner = Runner(WorkerConfig(database_url=db_url, drain=True), builtin_executors())
+    runner = Runner(WorkerConfig(database_url=db_url, drain=True), DEBUG)
     assert await asyncio.wait_for(runner.run(), 30) == 0
     assert scalar(db_url, "SELECT count(*) FROM dispatch.dead_jobs WHERE reason = 'invalid'") == 3
     assert runner.counters.completed == 1

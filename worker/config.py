@@ -34,6 +34,8 @@ class WorkerConfig:
     # How long finished-attempt history is kept (seconds).
     history_keep_seconds: float = 14 * 86400
     pool_size: int = 4
+    # Requests in flight to one host per process, so one slow backend cannot take every slot.
+    per_host_limit: int = 64
     worker_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -46,6 +48,7 @@ class WorkerConfig:
         _require(self.rescue_interval > 0, f"rescue_interval must be > 0, got {self.rescue_interval}")
         _require(self.grace_seconds >= 0, f"grace_seconds must be >= 0, got {self.grace_seconds}")
         _require(self.memory_limit_mb >= 0, f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
+        _require(self.per_host_limit >= 1, f"per_host_limit must be >= 1, got {self.per_host_limit}")
         _require(self.pool_size >= 2, f"pool_size must be >= 2, got {self.pool_size}")
 
 

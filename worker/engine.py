@@ -10,11 +10,14 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 import sql
@@ -37,6 +40,7 @@ class Finish:
     reason: str | None = None
     error: str | None = None
     status: int | None = None
+    detail: Mapping[str, Any] | None = None
 
 
 class Engine:
@@ -66,6 +70,7 @@ class Engine:
             "reasons": [f.reason for f in batch],
             "errors": [_clip(f.error) for f in batch],
             "statuses": [f.status for f in batch],
+            "details": [None if f.detail is None else Jsonb(f.detail) for f in batch],
         }
         async with self._pool.connection() as conn:
             cur = await conn.execute(sql.query("finish_jobs"), params)

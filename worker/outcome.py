@@ -1,9 +1,11 @@
 """What an executor returns. Executors steer the engine with these values; only the engine
-writes job state."""
+writes job state. `detail` is what the attempt log keeps of this attempt (job_history.detail)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from db.errors import PgDispatchError
 
@@ -14,6 +16,9 @@ DISCARD_REASONS = frozenset({"discarded", "invalid", "expired", "stop_code", "ex
 class Done:
     """The work is delivered; the job leaves the queue."""
 
+    status: int | None = None
+    detail: Mapping[str, Any] | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Retry:
@@ -22,6 +27,7 @@ class Retry:
     after: float | None = None
     error: str | None = None
     status: int | None = None
+    detail: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.after is not None and self.after < 0:
@@ -35,6 +41,7 @@ class Discard:
     reason: str = "discarded"
     error: str | None = None
     status: int | None = None
+    detail: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reason not in DISCARD_REASONS:

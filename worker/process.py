@@ -9,24 +9,41 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import httpx
+
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
+from worker.executors.signing import SigningKeys
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
 
 
+def http_client(*, max_connections: int) -> httpx.AsyncClient:
+    """The one HTTP client of a worker process. httpx is the API; the aiohttp transport carries
+    it, because httpx's own pool collapses under concurrency (~370 vs ~3,900 req/s at 64 in
+    flight on this machine kind)."""
+    from httpx_aiohttp import AiohttpTransport
+
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), follow_redirects=False)
+
+
 async def run_worker(config: WorkerConfig) -> int:
     """Run one worker in this process until drained or signalled; returns its exit code."""
-    runner = Runner(config, builtin_executors())
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, runner.stop)
-    loop.add_signal_handler(signal.SIGINT, runner.stop)
-    try:
-        return await runner.run()
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-        loop.remove_signal_handler(signal.SIGINT)
+    keys = SigningKeys(config.database_url)
+    async with http_client(max_connections=max(config.concurrency, 10)) as http:
+        runner = Runner(config, builtin_executors(http=http, keys=keys,
+                                                  per_host_limit=config.per_host_limit))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, runner.stop)
+        loop.add_signal_handler(signal.SIGINT, runner.stop)
+        try:
+            return await runner.run()
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGINT)
+            await keys.close()
 
 
 def child_main(config: WorkerConfig, log_level: int) -> None:

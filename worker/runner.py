@@ -263,10 +263,11 @@ class Runner:
 
     def _finish_for(self, job: Job, outcome: Outcome, policy: QueuePolicy | None) -> Finish:
         if isinstance(outcome, Done):
-            return Finish(job.id, job.lease_token, "completed")
+            return Finish(job.id, job.lease_token, "completed", status=outcome.status,
+                          detail=outcome.detail)
         if isinstance(outcome, Discard):
             return Finish(job.id, job.lease_token, "dead", reason=outcome.reason,
-                          error=outcome.error, status=outcome.status)
+                          error=outcome.error, status=outcome.status, detail=outcome.detail)
         delay = outcome.after
         if delay is None:
             delay = (backoff_delay(job.attempt, base=policy.backoff_base,
@@ -274,7 +275,7 @@ class Runner:
                                    jitter=policy.backoff_jitter)
                      if policy else 1.0)
         return Finish(job.id, job.lease_token, "retry", delay=delay, error=outcome.error,
-                      status=outcome.status)
+                      status=outcome.status, detail=outcome.detail)
 
     def _record(self, job: Job, finish: Finish) -> None:
         if finish.outcome == "completed":

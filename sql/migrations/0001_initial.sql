@@ -213,7 +213,8 @@ CREATE TABLE dispatch.job_history (
     status       integer,
     worker       text,
     started_at   timestamptz,
-    finished_at  timestamptz NOT NULL DEFAULT now()
+    finished_at  timestamptz NOT NULL DEFAULT now(),
+    detail       jsonb
 ) PARTITION BY RANGE (finished_at);
 CREATE TABLE dispatch.job_history_default PARTITION OF dispatch.job_history DEFAULT;
 CREATE INDEX job_history_job ON dispatch.job_history (job_id);
@@ -377,10 +378,11 @@ $$;
 --   'rescue'   : a retry after an expired lease (history outcome 'rescued').
 --   'dead'     : straight to dead_jobs with the given reason.
 --   'release'  : back to available now, the attempt not counted (shutdown, version guard).
--- Every counted outcome writes one job_history row. Returns how many counted.
+-- Every counted outcome writes one job_history row, with the executor's `detail` (JSON: what an
+-- attempt log needs, e.g. an HTTP status, duration and response excerpt). Returns how many counted.
 CREATE FUNCTION dispatch.finish_jobs_v1(
     ids bigint[], tokens uuid[], outcomes text[], delays double precision[],
-    reasons text[], errors text[], statuses integer[]
+    reasons text[], errors text[], statuses integer[], details jsonb[]
 ) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -388,10 +390,10 @@ DECLARE
     wake text[];
 BEGIN
     WITH given AS (
-        SELECT * FROM unnest(ids, tokens, outcomes, delays, reasons, errors, statuses)
-            AS g(id, token, outcome, delay, reason, error, status)
+        SELECT * FROM unnest(ids, tokens, outcomes, delays, reasons, errors, statuses, details)
+            AS g(id, token, outcome, delay, reason, error, status, detail)
     ), resolved AS (
-        SELECT g.id, g.token, g.error, g.status, coalesce(g.delay, 0) AS delay,
+        SELECT g.id, g.token, g.error, g.status, g.detail, coalesce(g.delay, 0) AS delay,
                CASE WHEN g.outcome NOT IN ('retry', 'rescue') THEN g.outcome
                     WHEN j.expire_at IS NOT NULL
                          AND now() + make_interval(secs => coalesce(g.delay, 0)) > j.expire_at
@@ -411,7 +413,7 @@ BEGIN
         DELETE FROM dispatch.jobs j USING resolved r
         WHERE j.id = r.id AND j.lease_token = r.token AND r.outcome IN ('completed', 'dead')
         RETURNING j.*, r.outcome AS r_outcome, r.reason AS r_reason, r.error AS r_error,
-                  r.status AS r_status
+                  r.status AS r_status, r.detail AS r_detail
     ), again AS (
         UPDATE dispatch.jobs j
         SET state = 'available',
@@ -424,7 +426,7 @@ BEGIN
         WHERE j.id = r.id AND j.lease_token = r.token AND r.outcome IN ('retry', 'rescue', 'release')
         RETURNING j.id, j.queue, j.kind, j.tenant, r.outcome AS r_outcome, r.error AS r_error,
                   r.status AS r_status, r.delay AS r_delay, r.attempt AS r_attempt,
-                  r.leased_by AS r_worker, r.leased_at AS r_started
+                  r.leased_by AS r_worker, r.leased_at AS r_started, r.detail AS r_detail
     ), kept_keys AS (
         INSERT INTO dispatch.idempotency_keys (queue, key, job_id, expires_at)
         SELECT g.queue, g.idempotency_key, g.id, now() + q.dedupe_window
@@ -443,15 +445,15 @@ BEGIN
             last_status = excluded.last_status, attempt = excluded.attempt, died_at = now()
     ), logged AS (
         INSERT INTO dispatch.job_history (job_id, attempt, queue, kind, tenant, outcome, error,
-                                          status, worker, started_at)
+                                          status, worker, started_at, detail)
         SELECT g.id, g.attempt, g.queue, g.kind, g.tenant, g.r_outcome, g.r_error, g.r_status,
-               g.leased_by, g.leased_at
+               g.leased_by, g.leased_at, g.r_detail
         FROM gone g
         UNION ALL
         SELECT a.id, a.r_attempt, a.queue, a.kind, a.tenant,
                CASE a.r_outcome WHEN 'retry' THEN 'retried' WHEN 'rescue' THEN 'rescued'
                                 ELSE 'released' END,
-               a.r_error, a.r_status, a.r_worker, a.r_started
+               a.r_error, a.r_status, a.r_worker, a.r_started, a.r_detail
         FROM again a
         RETURNING 1
     )
@@ -498,7 +500,7 @@ BEGIN
         ids, tokens, array_fill('rescue'::text, ARRAY[n]), array_fill(0::double precision, ARRAY[n]),
         array_fill(NULL::text, ARRAY[n]),
         array_fill('lease expired: the worker holding it stopped answering'::text, ARRAY[n]),
-        array_fill(NULL::integer, ARRAY[n]));
+        array_fill(NULL::integer, ARRAY[n]), array_fill(NULL::jsonb, ARRAY[n]));
 END $$;
 
 -- Put dead jobs back to work under their original id, with a fresh attempt budget.
@@ -524,6 +526,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                 CASE WHEN e.key ~* '(secret|token|password|passwd|authorization|api[_-]?key|private[_-]?key|signature|credential|cookie)'
                           AND jsonb_typeof(e.value) NOT IN ('object', 'array')
                      THEN '"***"'::jsonb
+                     -- A JWT is a bearer credential wherever it sits.
+                     WHEN jsonb_typeof(e.value) = 'string'
+                          AND e.value #>> '{}' ~ '^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$'
+                     THEN '"***"'::jsonb
+                     -- URLs: credentials in userinfo or in secret-looking query parameters.
+                     WHEN jsonb_typeof(e.value) = 'string' AND e.value #>> '{}' ~* '^[a-z][a-z0-9+.-]*://'
+                     THEN to_jsonb(regexp_replace(regexp_replace(e.value #>> '{}',
+                              '^([a-z][a-z0-9+.-]*://)[^/@]*@', '\1***@', 'i'),
+                              '([?&][^=&#]*(token|key|secret|password|passwd|sig|auth)[^=&#]*=)[^&#]*', '\1***', 'gi'))
                      ELSE dispatch.mask_secrets(e.value) END), '{}'::jsonb)
             FROM jsonb_each(doc) e)
         WHEN 'array' THEN (

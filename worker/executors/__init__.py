@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import httpx
+
 from worker.executors import debug
+from worker.executors.http_request import HttpRequestExecutor
+from worker.executors.signing import SigningKeys
 from worker.runner import Executor
 
 
-def builtin_executors() -> dict[str, Executor]:
-    """Every executor this build knows, by kind."""
-    return dict(debug.EXECUTORS)
+def builtin_executors(*, http: httpx.AsyncClient, keys: SigningKeys,
+                      per_host_limit: int = 64) -> dict[str, Executor]:
+    """Every executor this build knows, by kind, sharing the process's HTTP client."""
+    return {**debug.EXECUTORS,
+            "http.request": HttpRequestExecutor(http, keys, per_host_limit=per_host_limit)}

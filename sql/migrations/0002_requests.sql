@@ -1,0 +1,158 @@
+-- Outbound requests (the seed-000 dispatcher on the engine): signing keys, dispatch.send_request,
+-- the request attempt log. Kept in step with sql/schema.sql.
+
+INSERT INTO dispatch.queues (name, max_attempts, backoff_base, backoff_cap, job_timeout)
+VALUES ('requests', 100000, '60 seconds', '1 hour', '1 hour')
+ON CONFLICT (name) DO NOTHING;
+
+-- Keys the worker signs with. Only the worker role reads key material.
+CREATE TABLE dispatch.signing_keys (
+    name         text PRIMARY KEY
+        CONSTRAINT signing_key_name_format CHECK (name ~ '^[A-Za-z0-9_.:-]{1,128}$'),
+    algorithm    text NOT NULL
+        CONSTRAINT signing_key_algorithm_known CHECK (algorithm IN ('HS256', 'RS256', 'ES256')),
+    secret       text NOT NULL
+        CONSTRAINT signing_key_secret_not_empty CHECK (length(secret) > 0),
+    ttl_seconds  integer NOT NULL DEFAULT 300
+        CONSTRAINT signing_key_ttl_positive CHECK (ttl_seconds > 0),
+    CONSTRAINT signing_key_hs256_secret_at_least_32_bytes CHECK (
+        algorithm <> 'HS256' OR octet_length(secret) >= 32 OR secret LIKE 'whsec\_%'),
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE FUNCTION dispatch.notify_signing_key_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('dispatch_config', json_build_object('table', 'signing_keys')::text);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER signing_keys_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.signing_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_signing_key_change();
+
+-- Enqueue one outbound HTTP request (kind http.request). Seed rules: 418 is always a stop code;
+-- attempt_limit NULL means "as many intervals as fit before expire_at", or 1440 without expiry.
+CREATE FUNCTION dispatch.send_request(
+    method           text,
+    uri              text,
+    body             text DEFAULT NULL,
+    expire_at        timestamptz DEFAULT NULL,
+    success_code     integer DEFAULT 200,
+    stop_codes       integer[] DEFAULT '{}',
+    attempt_limit    integer DEFAULT NULL,
+    attempt_interval integer DEFAULT 60,
+    http_timeout     integer DEFAULT 30,
+    queue            text DEFAULT 'requests',
+    idempotency_key  text DEFAULT NULL,
+    tenant           text DEFAULT NULL,
+    claims           jsonb DEFAULT NULL,
+    signing_key      text DEFAULT NULL,
+    headers          jsonb DEFAULT NULL,
+    webhook_key      text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    verb text := upper(method);
+    codes integer[];
+    budget integer := attempt_limit;
+    bad text;
+BEGIN
+    IF verb IS NULL OR verb NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'dispatch.send_request: method must be one of GET, POST, PUT, PATCH, DELETE, got %',
+            coalesce(quote_literal(method), 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF uri IS NULL OR uri !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
+        RAISE EXCEPTION 'dispatch.send_request: uri must be an absolute http(s) URL, got %',
+            coalesce(quote_literal(left(uri, 200)), 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF success_code IS NULL OR success_code NOT BETWEEN 100 AND 599 THEN
+        RAISE EXCEPTION 'dispatch.send_request: success_code must be an HTTP status (100-599), got %',
+            coalesce(success_code::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT string_agg(c::text, ', ') INTO bad FROM unnest(stop_codes) c WHERE c IS NULL OR c NOT BETWEEN 100 AND 599;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'dispatch.send_request: stop_codes must be HTTP statuses (100-599), got %', bad
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT array_agg(DISTINCT c ORDER BY c) INTO codes
+    FROM unnest(coalesce(stop_codes, '{}') || 418) c WHERE c <> success_code;
+    IF attempt_interval IS NULL OR attempt_interval < 1 THEN
+        RAISE EXCEPTION 'dispatch.send_request: attempt_interval must be >= 1 second, got %',
+            coalesce(attempt_interval::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF http_timeout IS NULL OR http_timeout NOT BETWEEN 1 AND 3600 THEN
+        RAISE EXCEPTION 'dispatch.send_request: http_timeout must be 1-3600 seconds, got %',
+            coalesce(http_timeout::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF expire_at IS NOT NULL AND expire_at <= now() THEN
+        RAISE EXCEPTION 'dispatch.send_request: expire_at % is already past', expire_at
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF budget IS NOT NULL AND budget < 1 THEN
+        RAISE EXCEPTION 'dispatch.send_request: attempt_limit must be >= 1, got %', budget
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF claims IS NOT NULL THEN
+        IF jsonb_typeof(claims) <> 'object' THEN
+            RAISE EXCEPTION 'dispatch.send_request: claims must be a JSON object, got %', jsonb_typeof(claims)
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF body IS NOT NULL THEN
+            RAISE EXCEPTION 'dispatch.send_request: give body or claims, not both'
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF signing_key IS NULL THEN
+            RAISE EXCEPTION 'dispatch.send_request: claims need a signing_key'
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    IF signing_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dispatch.signing_keys k WHERE k.name = signing_key) THEN
+        RAISE EXCEPTION 'dispatch.send_request: no signing key named %', quote_literal(signing_key)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF webhook_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dispatch.signing_keys k WHERE k.name = webhook_key) THEN
+        RAISE EXCEPTION 'dispatch.send_request: no signing key named %', quote_literal(webhook_key)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF headers IS NOT NULL AND (jsonb_typeof(headers) <> 'object'
+            OR EXISTS (SELECT 1 FROM jsonb_each(headers) h WHERE jsonb_typeof(h.value) <> 'string'
+                                                              OR h.key !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$')) THEN
+        RAISE EXCEPTION 'dispatch.send_request: headers must be a JSON object of header names to strings'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF budget IS NULL THEN
+        budget := CASE WHEN expire_at IS NULL THEN 1440
+                       ELSE greatest(1, ceil(extract(epoch FROM expire_at - now()) / attempt_interval)::integer)
+                  END;
+    END IF;
+    RETURN dispatch.enqueue(
+        'http.request',
+        jsonb_strip_nulls(jsonb_build_object(
+            'method', verb, 'uri', uri, 'body', body, 'success_code', success_code,
+            'stop_codes', to_jsonb(codes), 'attempt_interval', attempt_interval,
+            'http_timeout', http_timeout, 'claims', claims, 'signing_key', signing_key,
+            'headers', headers, 'webhook_key', webhook_key)),
+        queue => queue, expire_at => expire_at, max_attempts => budget,
+        idempotency_key => idempotency_key, tenant => tenant);
+END $$;
+
+-- Every attempt of every request: a view over the engine's partitioned history, so it is cheap
+-- to keep and pruned with it. Never holds request headers, JWTs or key material.
+CREATE VIEW dispatch.request_attempts AS
+SELECT h.job_id, h.attempt, coalesce((h.detail ->> 'started_at')::timestamptz, h.started_at) AS started_at,
+       (h.detail ->> 'duration_ms')::integer AS duration_ms, h.status, h.outcome,
+       h.detail ->> 'error_class' AS error_class, h.error AS error_message,
+       h.detail ->> 'response_body' AS response_body, h.detail -> 'response_headers' AS response_headers,
+       h.finished_at
+FROM dispatch.job_history h
+WHERE h.kind = 'http.request';
+
+REVOKE ALL ON dispatch.signing_keys, dispatch.request_attempts FROM PUBLIC;
+REVOKE ALL ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
+    integer, integer, text, text, text, jsonb, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION dispatch.notify_signing_key_change() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
+    integer, integer, text, text, text, jsonb, text, jsonb, text) TO dispatch_producer, dispatch_worker;
+GRANT EXECUTE ON FUNCTION dispatch.notify_signing_key_change() TO dispatch_worker;
+GRANT SELECT ON dispatch.signing_keys TO dispatch_worker;
+GRANT SELECT ON dispatch.request_attempts TO dispatch_worker, dispatch_reader;

@@ -1,0 +1,327 @@
+"""Outbound requests (seed 000) end to end, against a real local HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import psycopg
+import pytest
+from aiohttp import web
+
+from tests.helpers import execute, scalar
+from worker.config import WorkerConfig
+from worker.executors import builtin_executors
+from worker.executors.signing import SigningKeys
+from worker.process import http_client
+from worker.runner import Runner
+
+SECRET = "hs-secret-DO-NOT-LEAK-8c1f-0123456789abcdef"
+BEARER = "Bearer tok-DO-NOT-LEAK-77aa"
+
+
+@dataclass
+class Sink:
+    """A real HTTP server on 127.0.0.1 that records what it receives."""
+
+    url: str = ""
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    def bodies(self, path: str) -> list[dict[str, Any]]:
+        return [json.loads(r["body"]) for r in self.received if r["path"] == path]
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    state = Sink()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.text()
+        state.received.append({"path": request.path, "method": request.method, "body": body,
+                               "headers": dict(request.headers)})
+        name = request.match_info["name"]
+        if name == "slow":
+            await asyncio.sleep(5)
+        if name == "busy":
+            return web.Response(status=429, headers={"Retry-After": "7"}, text="slow down")
+        if name == "big":
+            return web.Response(status=500, text="x" * 100_000)
+        if name.isdigit():
+            return web.Response(status=int(name), text=f"answer {name}")
+        return web.Response(status=200, text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{name}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.url = f"http://127.0.0.1:{port}"
+    yield state
+    await runner.cleanup()
+
+
+async def drain(db_url: str) -> Runner:
+    keys = SigningKeys(db_url)
+    async with http_client(max_connections=20) as http:
+        runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
+                        builtin_executors(http=http, keys=keys))
+        await asyncio.wait_for(runner.run(), 60)
+    await keys.close()
+    return runner
+
+
+def send(db_url: str, uri: str, **kwargs: Any) -> int:
+    names = ", ".join(f"{k} => %({k})s" for k in kwargs)
+    query = f"SELECT dispatch.send_request(%(method)s, %(uri)s{', ' + names if names else ''})"
+    params = {"method": kwargs.pop("method", "POST"), "uri": uri, **kwargs}
+    if "method" in names:
+        query = query.replace(", method => %(method)s", "")
+    return int(scalar(db_url, query, params))
+
+
+def job_row(db_url: str, job_id: int) -> tuple[Any, ...] | None:
+    with psycopg.connect(db_url) as c:
+        return c.execute("SELECT state::text, attempt, last_error, round(extract(epoch FROM run_at - now())) FROM dispatch.jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def dead_row(db_url: str, job_id: int) -> tuple[Any, ...] | None:
+    with psycopg.connect(db_url) as c:
+        return c.execute("SELECT reason, last_status, attempt, last_error FROM dispatch.dead_jobs WHERE job_id = %s", (job_id,)).fetchone()
+
+
+async def test_success_code_delivers_with_the_seed_body(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/202", method="patch", body="payload-1", success_code=202,
+                  attempt_interval=10, expire_at=None)
+    await drain(db_url)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
+    (received,) = sink.received
+    assert received["method"] == "PATCH" and received["headers"]["Content-Type"] == "application/json"
+    body = json.loads(received["body"])
+    created = scalar(db_url, "SELECT extract(epoch FROM now())::bigint")
+    assert body["request"] == "payload-1"
+    assert set(body) == {"request", "__task"} and set(body["__task"]) == {"createdAt", "attempt"}
+    assert abs(body["__task"]["createdAt"] - created) < 60
+    assert body["__task"]["attempt"] == {"number": 1, "limit": 1440, "interval": 10}
+    with psycopg.connect(db_url) as c:
+        attempt = c.execute("SELECT attempt, outcome, status, duration_ms >= 0, response_body FROM dispatch.request_attempts WHERE job_id = %s", (job_id,)).fetchone()
+    assert attempt == (1, "completed", 202, True, "answer 202")
+
+
+async def test_other_success_status_is_a_failure(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/200", success_code=202, attempt_interval=30)
+    await drain(db_url)
+    state, attempt, error, delay = job_row(db_url, job_id)  # type: ignore[misc]
+    assert (state, attempt, error) == ("available", 1, "HTTP 200 (expected 202)")
+    assert 28 <= delay <= 30
+
+
+async def test_listed_stop_code_and_418_stop_without_retry(db_url: str, sink: Sink) -> None:
+    listed = send(db_url, f"{sink.url}/404", stop_codes=[404, 410])
+    teapot = send(db_url, f"{sink.url}/418")
+    await drain(db_url)
+    assert dead_row(db_url, listed)[:3] == ("stop_code", 404, 1)  # type: ignore[index]
+    assert dead_row(db_url, teapot)[:3] == ("stop_code", 418, 1)  # type: ignore[index]
+    assert len(sink.received) == 2
+
+
+async def test_expiry_between_attempts_is_dead_expired(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/500", expire_at=_in(db_url, 5), attempt_interval=60)
+    await drain(db_url)
+    assert dead_row(db_url, job_id)[:3] == ("expired", 500, 1)  # type: ignore[index]
+
+
+async def test_expired_before_sending_sends_nothing(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/200", expire_at=_in(db_url, 1))
+    await asyncio.sleep(1.2)
+    await drain(db_url)
+    assert dead_row(db_url, job_id)[0] == "expired"  # type: ignore[index]
+    assert sink.received == []
+
+
+def _in(db_url: str, seconds: float) -> Any:
+    return scalar(db_url, "SELECT now() + make_interval(secs => %s)", (seconds,))
+
+
+async def test_attempt_limit_is_derived_from_expiry_or_1440(db_url: str) -> None:
+    def stored(column: str, call: str) -> Any:
+        job_id = scalar(db_url, f"SELECT dispatch.send_request({call})")
+        return scalar(db_url, f"SELECT {column} FROM dispatch.jobs WHERE id = %s", (job_id,))
+
+    assert stored("max_attempts", "'GET', 'https://a.example/x', expire_at => now() + interval '1 hour', attempt_interval => 60") == 60
+    assert stored("max_attempts", "'GET', 'https://a.example/y', expire_at => now() + interval '95 seconds', attempt_interval => 10") == 10
+    assert stored("max_attempts", "'GET', 'https://a.example/z'") == 1440
+    assert stored("max_attempts", "'GET', 'https://a.example/w', attempt_limit => 3") == 3
+    assert stored("args->'stop_codes'", "'GET', 'https://a.example/v', stop_codes => '{410, 404, 410}'") == [404, 410, 418]
+
+
+async def test_attempt_limit_exhausts_into_dead_jobs(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/503", attempt_limit=2, attempt_interval=1)
+    await drain(db_url)
+    assert job_row(db_url, job_id)[:2] == ("available", 1)  # type: ignore[index]
+    await asyncio.sleep(1.1)
+    await drain(db_url)
+    assert dead_row(db_url, job_id)[:3] == ("exhausted", 503, 2)  # type: ignore[index]
+
+
+async def test_retry_after_on_429_wins_over_the_interval(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/busy", attempt_interval=600)
+    await drain(db_url)
+    state, _, error, delay = job_row(db_url, job_id)  # type: ignore[misc]
+    assert state == "available" and "429" in error and 5 <= delay <= 7
+
+
+async def test_timeout_is_a_retry_within_the_budget(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/slow", http_timeout=1, attempt_interval=60)
+    started = asyncio.get_running_loop().time()
+    await drain(db_url)
+    assert asyncio.get_running_loop().time() - started < 4
+    assert job_row(db_url, job_id)[2] == "timed out after 1s"  # type: ignore[index]
+    assert scalar(db_url, "SELECT error_class FROM dispatch.request_attempts WHERE job_id = %s", (job_id,)) in ("TimeoutError", "ReadTimeout", "TimeoutException")
+
+
+async def test_connection_refused_is_a_retry(db_url: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job_id = send(db_url, f"http://127.0.0.1:{port}/x", attempt_interval=5)
+    await drain(db_url)
+    state, attempt, error, _ = job_row(db_url, job_id)  # type: ignore[misc]
+    assert (state, attempt) == ("available", 1)
+    assert error.startswith("ConnectTimeout: could not complete the request (connect call failed"), error
+
+
+async def test_big_response_keeps_only_an_excerpt(db_url: str, sink: Sink) -> None:
+    job_id = send(db_url, f"{sink.url}/big")
+    await drain(db_url)
+    assert scalar(db_url, "SELECT length(response_body) FROM dispatch.request_attempts WHERE job_id = %s", (job_id,)) == 2048
+
+
+async def test_jwt_signed_at_send_time_verifies_with_the_key(db_url: str, sink: Sink) -> None:
+    execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret, ttl_seconds) VALUES ('crm', 'HS256', %s, 600)", (SECRET,))
+    expire = _in(db_url, 120)
+    job_id = send(db_url, f"{sink.url}/200", claims=json.dumps({"sub": "order-7"}), signing_key="crm",
+                  expire_at=expire)
+    await drain(db_url)
+    token = sink.bodies("/200")[0]["request"]
+    decoded = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert decoded["sub"] == "order-7" and decoded["jti"] == str(job_id)
+    assert decoded["exp"] <= int(expire.timestamp())  # capped by expire_at, not iat + 600
+    assert decoded["exp"] - decoded["iat"] <= 121
+
+
+async def test_rs256_and_es256_keys_sign_verifiable_jwts(db_url: str, sink: Sink) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    for name, private in (("rsa", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+                          ("ec", ec.generate_private_key(ec.SECP256R1()))):
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        algorithm = "RS256" if name == "rsa" else "ES256"
+        execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES (%s, %s, %s)", (name, algorithm, pem))
+        send(db_url, f"{sink.url}/200", claims=json.dumps({"k": name}), signing_key=name)
+        await drain(db_url)
+        token = sink.bodies("/200")[-1]["request"]
+        assert jwt.decode(token, private.public_key(), algorithms=[algorithm])["k"] == name
+
+
+async def test_standard_webhooks_signature(db_url: str, sink: Sink) -> None:
+    raw = b"0123456789abcdef0123456789abcdef"
+    execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('wh', 'HS256', %s)", ("whsec_" + base64.b64encode(raw).decode(),))
+    job_id = send(db_url, f"{sink.url}/200", body="hello", webhook_key="wh")
+    await drain(db_url)
+    (received,) = sink.received
+    h = {k.lower(): v for k, v in received["headers"].items()}
+    assert h["webhook-id"] == f"msg_{job_id}"
+    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.{received['body']}".encode()
+    expected = base64.b64encode(hmac.new(raw, signed, hashlib.sha256).digest()).decode()
+    assert h["webhook-signature"] == f"v1,{expected}"
+
+
+async def test_idempotency_key_returns_the_same_request(db_url: str) -> None:
+    first = send(db_url, "https://a.example/x", idempotency_key="cdr-1")
+    assert send(db_url, "https://a.example/x", idempotency_key="cdr-1") == first
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    ("SELECT dispatch.send_request('FETCH', 'https://a.example')", "method must be one of GET, POST, PUT, PATCH, DELETE, got 'FETCH'"),
+    ("SELECT dispatch.send_request('GET', 'ftp://a.example')", "uri must be an absolute http(s) URL"),
+    ("SELECT dispatch.send_request('GET', '/relative')", "uri must be an absolute http(s) URL"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', success_code => 999)", "success_code must be an HTTP status"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', stop_codes => '{1000}')", "stop_codes must be HTTP statuses (100-599), got 1000"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', attempt_interval => 0)", "attempt_interval must be >= 1"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', http_timeout => 0)", "http_timeout must be 1-3600"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', expire_at => now() - interval '1 s')", "is already past"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', attempt_limit => 0)", "attempt_limit must be >= 1"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', claims => '{}', signing_key => 'nope')", "no signing key named 'nope'"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', claims => '{}')", "claims need a signing_key"),
+    ("SELECT dispatch.send_request('GET', 'https://a.example', headers => '{\"X\": 1}')", "headers must be a JSON object"),
+    ("INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('short', 'HS256', 'abc')", "signing_key_hs256_secret_at_least_32_bytes"),
+    ("INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('k', 'none', 'abc')", "signing_key_algorithm_known"),
+])
+def test_send_request_refuses_bad_input_clearly(conn: psycopg.Connection[tuple[object, ...]], call: str, message: str) -> None:
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(call)
+    assert message in str(info.value)
+
+
+async def test_hand_inserted_garbage_is_dead_invalid(db_url: str) -> None:
+    execute(db_url, """INSERT INTO dispatch.jobs (queue, kind, args) VALUES
+        ('requests', 'http.request', '{"method": "FETCH", "uri": "https://a.example"}'),
+        ('requests', 'http.request', '{"method": "GET", "uri": "not a url"}'),
+        ('requests', 'http.request', '{"method": "GET", "uri": "https://a.example", "success_code": "x"}'),
+        ('requests', 'http.request', '{"method": "GET", "uri": "https://a.example", "claims": {"a": 1}, "signing_key": "ghost"}')""")
+    await drain(db_url)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.dead_jobs WHERE reason = 'invalid'") == 4
+
+
+async def test_secrets_never_reach_attempts_history_views_or_logs(
+        db_url: str, sink: Sink, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (SECRET,))
+    send(db_url, f"{sink.url}/500?api_token=qs-DO-NOT-LEAK", claims=json.dumps({"sub": "x"}),
+         signing_key="crm", headers=json.dumps({"Authorization": BEARER}), attempt_limit=1)
+    send(db_url, "http://127.0.0.1:1/x?token=qs-DO-NOT-LEAK", headers=json.dumps({"Authorization": BEARER}))
+    await drain(db_url)
+    token = sink.bodies("/500")[0]["request"]
+    assert sink.received[0]["headers"]["Authorization"] == BEARER  # it was really sent
+    with psycopg.connect(db_url) as c:
+        dumps = [json.dumps(c.execute(q).fetchall(), default=str) for q in (
+            "SELECT * FROM dispatch.request_attempts", "SELECT * FROM dispatch.job_history",
+            "SELECT * FROM dispatch.job_list", "SELECT * FROM dispatch.dead_job_list",
+            "SELECT last_error FROM dispatch.jobs", "SELECT last_error FROM dispatch.dead_jobs")]
+    produced = "\n".join(dumps) + caplog.text
+    for secret in (SECRET, BEARER, "tok-DO-NOT-LEAK", token, "qs-DO-NOT-LEAK"):
+        assert secret not in produced
+
+
+def test_cli_request_send_and_show(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    assert cli.main(["request", "send", "--method", "PATCH", "--uri", "https://a.example/cdr",
+                     "--body", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", "--success-code", "202",
+                     "--stop-code", "404", "--expire-in", "1d", "--interval", "30",
+                     "--header", "X-Trace: 1", "--json"]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert scalar(db_url, "SELECT max_attempts FROM dispatch.jobs WHERE id = %s", (job_id,)) == 2880
+    assert cli.main(["request", "show", str(job_id), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "available" and shown["args"]["stop_codes"] == [404, 418]
+    assert shown["args"]["body"] == "***"  # a JWT is a credential: masked
+    assert cli.main(["request", "show", "424242"]) == 3
+    assert cli.main(["request", "send", "--method", "FETCH", "--uri", "https://a.example"]) == 2
+    assert "method must be one of" in capsys.readouterr().err
+    assert cli.main(["request", "send", "--method", "GET", "--uri", "https://a.example", "--header", "nocolon"]) == 2

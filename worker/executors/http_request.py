@@ -1,0 +1,236 @@
+"""Kind `http.request`: the seed-000 dispatcher, on the engine.
+
+The request comes from dispatch.send_request (args: method, uri, body | claims + signing_key,
+success_code, stop_codes, attempt_interval, http_timeout, headers, webhook_key). The outcome:
+status == success_code → Done; status in stop_codes (418 always) → Discard('stop_code');
+anything else, timeouts and network errors → Retry after attempt_interval (or Retry-After on
+429/503). The engine turns an exhausted budget or a retry past expire_at into a dead job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
+from worker.job import Job
+from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
+
+log = logging.getLogger(__name__)
+# httpx logs every request line with its full URL at INFO, credentials in the query string
+# included: in a worker process those lines must never be written.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+RESPONSE_EXCERPT_BYTES = 2048
+HEADERS_OF_INTEREST = ("content-type", "retry-after", "location", "x-request-id", "request-id",
+                       "ratelimit-remaining", "ratelimit-reset", "x-ratelimit-remaining")
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|sig|auth)[^=&]*=)[^&#]*")
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    uri: str
+    host: str
+    body: str | None
+    claims: dict[str, Any] | None
+    signing_key: str | None
+    success_code: int
+    stop_codes: frozenset[int]
+    interval: int
+    timeout: float
+    headers: dict[str, str]
+    webhook_key: str | None
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> HttpRequest:
+        """Validate a stored request; a row inserted by hand may hold anything."""
+        method = args.get("method")
+        if not isinstance(method, str) or method.upper() not in METHODS:
+            raise InvalidJob(f"method must be one of {', '.join(sorted(METHODS))}, got {method!r}")
+        uri = args.get("uri")
+        parts = urlsplit(uri) if isinstance(uri, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidJob(f"uri must be an absolute http(s) URL, got {mask_url(str(uri))[:200]!r}")
+        body = args.get("body")
+        claims = args.get("claims")
+        if body is not None and not isinstance(body, str):
+            raise InvalidJob("body must be a string")
+        if claims is not None and (not isinstance(claims, dict) or not args.get("signing_key")):
+            raise InvalidJob("claims must be a JSON object and need a signing_key")
+        headers = args.get("headers") or {}
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise InvalidJob("headers must be an object of strings")
+        return cls(
+            method=method.upper(), uri=uri, host=parts.netloc, body=body,  # type: ignore[arg-type]
+            claims=claims, signing_key=args.get("signing_key"),
+            success_code=_int(args, "success_code", 200, 100, 599),
+            stop_codes=frozenset(_codes(args.get("stop_codes", [])) | {418}),
+            interval=_int(args, "attempt_interval", 60, 1, 10**7),
+            timeout=_int(args, "http_timeout", 30, 1, 3600),
+            headers=headers, webhook_key=args.get("webhook_key"))
+
+
+class HttpRequestExecutor:
+    """Sends requests through one shared httpx client; a per-host cap keeps one slow backend
+    from taking every slot of the process."""
+
+    def __init__(self, client: httpx.AsyncClient, keys: SigningKeys, *, per_host_limit: int = 64,
+                 clock: Any = time.time) -> None:
+        self._client = client
+        self._keys = keys
+        self._per_host_limit = per_host_limit
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._clock = clock
+
+    async def __call__(self, job: Job) -> Outcome:
+        request = HttpRequest.from_args(job.args)
+        now = self._clock()
+        if job.expire_at is not None and now >= job.expire_at.timestamp():
+            return Discard("expired", "expire_at passed before sending")
+        body = await self._body(job, request, now)
+        headers = {"Content-Type": "application/json", **request.headers}
+        if request.webhook_key:
+            key = await self._keys.get(request.webhook_key)
+            headers.update(webhook_headers(key, message_id=f"msg_{job.id}", body=body, now=now))
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        semaphore = self._hosts.setdefault(request.host, asyncio.Semaphore(self._per_host_limit))
+        try:
+            async with semaphore, asyncio.timeout(request.timeout), self._client.stream(
+                    request.method, request.uri, content=body, headers=headers,
+                    timeout=request.timeout) as response:
+                excerpt = await _read_excerpt(response)
+        except TimeoutError as exc:
+            return self._retry(request, job, started, t0, f"timed out after {request.timeout}s", exc)
+        except httpx.HTTPError as exc:
+            if _timed_out(exc):
+                error = f"timed out after {request.timeout}s"
+            else:
+                error = _transport_error(exc)
+            return self._retry(request, job, started, t0, error, exc)
+        detail = _detail(started, t0, response, excerpt)
+        status = response.status_code
+        if status == request.success_code:
+            return Done(status=status, detail=detail)
+        error = f"HTTP {status} (expected {request.success_code})"
+        if status in request.stop_codes:
+            return Discard("stop_code", error, status=status, detail=detail)
+        return Retry(after=_retry_after(response, request.interval, now), error=error, status=status,
+                     detail=detail)
+
+    async def _body(self, job: Job, request: HttpRequest, now: float) -> bytes:
+        payload = request.body
+        if request.claims is not None and request.signing_key:
+            key = await self._keys.get(request.signing_key)
+            payload = sign_jwt(key, request.claims, job_id=job.id, expire_at=job.expire_at, now=now)
+        document = {
+            "request": payload,
+            "__task": {
+                "createdAt": int(job.created_at.timestamp()),
+                "attempt": {"number": job.attempt, "limit": job.max_attempts,
+                            "interval": request.interval},
+            },
+        }
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    def _retry(self, request: HttpRequest, job: Job, started: datetime, t0: float, error: str,
+               exc: BaseException) -> Retry:
+        detail = {"started_at": started.isoformat(), "duration_ms": _ms(t0),
+                  "error_class": type(exc).__name__}
+        log.info("request job %s attempt %d to %s failed: %s", job.id, job.attempt,
+                 mask_url(request.uri), error)
+        return Retry(after=request.interval, error=error, detail=detail)
+
+
+def mask_url(uri: str) -> str:
+    """The URL without credentials: userinfo and secret-looking query values are masked."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        uri = uri.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)
+    return _SECRET_QUERY.sub(r"\1***", uri)
+
+
+def _timed_out(exc: httpx.HTTPError) -> bool:
+    # Transports differ in how they map errors (httpx-aiohttp reports a refused connection as
+    # ConnectTimeout): trust the underlying cause when there is one.
+    cause = exc.__cause__
+    if cause is not None:
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException)
+
+
+def _transport_error(exc: httpx.HTTPError) -> str:
+    # httpx messages can quote the URL (and its credentials): say what failed in our own words.
+    cause = exc.__cause__
+    os_error = getattr(cause, "os_error", cause)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        reason = os_error.strerror.lower()
+    else:
+        reason = type(cause or exc).__name__
+    return f"{type(exc).__name__}: could not complete the request ({reason})"
+
+
+def _retry_after(response: httpx.Response, interval: int, now: float) -> float:
+    """Retry-After on 429/503 wins over the interval (seconds or an HTTP date)."""
+    if response.status_code not in (429, 503):
+        return float(interval)
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return float(interval)
+    if value.isdigit():
+        return float(min(int(value), 86400))
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return float(interval)
+    return max(0.0, min(when - now, 86400.0))
+
+
+async def _read_excerpt(response: httpx.Response) -> str:
+    """The first 2 KB of the body; the rest is never read into memory."""
+    chunks = bytearray()
+    async for chunk in response.aiter_raw():
+        chunks += chunk
+        if len(chunks) >= RESPONSE_EXCERPT_BYTES:
+            break
+    return bytes(chunks[:RESPONSE_EXCERPT_BYTES]).decode("utf-8", "replace")
+
+
+def _detail(started: datetime, t0: float, response: httpx.Response, excerpt: str) -> dict[str, Any]:
+    return {
+        "started_at": started.isoformat(),
+        "duration_ms": _ms(t0),
+        "response_body": excerpt.replace("\x00", ""),
+        "response_headers": {k: response.headers[k] for k in HEADERS_OF_INTEREST
+                             if k in response.headers},
+    }
+
+
+def _ms(t0: float) -> int:
+    return round((time.perf_counter() - t0) * 1000)
+
+
+def _int(args: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidJob(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _codes(value: Any) -> set[int]:
+    if not isinstance(value, list) or not all(isinstance(c, int) and 100 <= c <= 599 for c in value):
+        raise InvalidJob(f"stop_codes must be a list of HTTP statuses, got {value!r}")
+    return set(value)

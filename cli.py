@@ -324,6 +324,27 @@ def _render_request(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(env: Env, args: argparse.Namespace) -> int:
+    from bench import scenarios
+
+    url = env.url()
+    runs = {
+        "drain": lambda: [scenarios.drain(url, jobs=args.jobs, processes=p) for p in (1, 2)],
+        "deliver": lambda: [scenarios.deliver(url, requests=args.requests)],
+        "latency": lambda: [scenarios.latency(url)],
+    }
+    results: list[dict[str, Any]] = []
+    for name in args.scenario or list(runs):
+        for _ in range(args.rounds):
+            for result in runs[name]():
+                results.append(result)
+                if not args.json:
+                    print(json.dumps(result), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return EXIT_OK
+
+
 def cmd_embedded(env: Env, args: argparse.Namespace) -> int:
     if args.embedded_command == "url":
         print(env.url() if not env.database_url else env.database_url)
@@ -438,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("id", type=int)
     rw.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_request)
+
+    b = sub.add_parser("bench", help="measure drain, deliver and latency on fresh databases")
+    b.add_argument("--scenario", action="append", choices=["drain", "deliver", "latency"])
+    b.add_argument("--jobs", type=int, default=50_000, help="drain: no-op jobs (default 50,000)")
+    b.add_argument("--requests", type=int, default=20_000, help="deliver: requests (default 20,000)")
+    b.add_argument("--rounds", type=int, default=1)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("embedded", help="the embedded PostgreSQL: url, stop")
     m.add_argument("embedded_command", choices=["url", "stop"])

@@ -126,7 +126,7 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
 
 
 def test_time_limit_stops_the_pool_cleanly(db_url: str) -> None:
-    proc = start_worker(db_url, "--time-limit", "1s")
+    proc = start_worker(db_url, "--time-limit", "2s")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NOT NULL") == 1

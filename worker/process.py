@@ -38,6 +38,8 @@ async def run_worker(config: WorkerConfig) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.stop)
         loop.add_signal_handler(signal.SIGINT, runner.stop)
+        if _stop_requested_early:
+            runner.stop()
         try:
             return await runner.run()
         finally:
@@ -46,8 +48,19 @@ async def run_worker(config: WorkerConfig) -> int:
             await keys.close()
 
 
+_stop_requested_early = False
+
+
+def _remember_stop(signum: int, frame: object) -> None:
+    global _stop_requested_early
+    _stop_requested_early = True
+
+
 def child_main(config: WorkerConfig, log_level: int) -> None:
     """Target of a pool child process."""
+    # A SIGTERM that arrives while the process is still starting must stop it cleanly too.
+    signal.signal(signal.SIGTERM, _remember_stop)
+    signal.signal(signal.SIGINT, _remember_stop)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     sys.exit(run_event_loop(run_worker(config)))

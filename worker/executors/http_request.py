@@ -116,10 +116,7 @@ class HttpRequestExecutor:
         except TimeoutError as exc:
             return self._retry(request, job, started, t0, f"timed out after {request.timeout}s", exc)
         except httpx.HTTPError as exc:
-            if _timed_out(exc):
-                error = f"timed out after {request.timeout}s"
-            else:
-                error = _transport_error(exc)
+            error = f"timed out after {request.timeout}s" if _timed_out(exc) else _transport_error(exc)
             return self._retry(request, job, started, t0, error, exc)
         detail = _detail(started, t0, response, excerpt)
         status = response.status_code

@@ -53,7 +53,7 @@ class Engine:
 
     async def claim(self, queue: str, kinds: list[str], max_jobs: int) -> list[Job]:
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=class_row(Job), binary=True)
+            cur = conn.cursor(row_factory=class_row(Job))
             await cur.execute(sql.query("claim_jobs"), {
                 "worker_id": self.worker_id, "queue": queue, "kinds": kinds,
                 "version": self.version, "max_jobs": max_jobs,

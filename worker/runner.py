@@ -200,6 +200,9 @@ class Runner:
         finally:
             for w in waiters:
                 w.cancel()
+        # Jobs tend to finish together (a batch of fast ones): let the others that are ready
+        # finish too, so the next claim takes a batch rather than one job at a time.
+        await asyncio.sleep(0)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

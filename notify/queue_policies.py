@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -43,14 +42,9 @@ class QueuePolicies:
         self._snapshot: Mapping[str, QueuePolicy] = MappingProxyType({})
         self._loading: asyncio.Task[None] | None = None
         self._stale = False
-        self.loaded_at = 0.0
-        self.loads = 0
 
     def get(self, name: str) -> QueuePolicy | None:
         return self._snapshot.get(name)
-
-    def all(self) -> Mapping[str, QueuePolicy]:
-        return self._snapshot
 
     async def reload(self) -> None:
         """Reload now; callers arriving while a load is in flight share it."""
@@ -88,8 +82,6 @@ class QueuePolicies:
             await cur.execute(sql.query("load_queues"))
             rows = await cur.fetchall()
         self._snapshot = MappingProxyType({p.name: p for p in rows})
-        self.loaded_at = time.monotonic()
-        self.loads += 1
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

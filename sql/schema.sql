@@ -151,16 +151,16 @@ CREATE TRIGGER jobs_notify_insert AFTER INSERT ON dispatch.jobs
     REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_new_jobs();
 
--- Config changes: channel dispatch_config, payload {"table": ..., "key": ...}.
-CREATE FUNCTION dispatch.notify_queue_change() RETURNS trigger
+-- Config changes: channel dispatch_config, payload {"table": <the table that changed>}.
+CREATE FUNCTION dispatch.notify_config_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('dispatch_config', json_build_object('table', 'queues')::text);
+    PERFORM pg_notify('dispatch_config', json_build_object('table', TG_TABLE_NAME)::text);
     RETURN NULL;
 END $$;
 
 CREATE TRIGGER queues_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.queues
-    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_queue_change();
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_config_change();
 
 CREATE FUNCTION dispatch.touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -650,15 +650,8 @@ CREATE TABLE dispatch.signing_keys (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE FUNCTION dispatch.notify_signing_key_change() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('dispatch_config', json_build_object('table', 'signing_keys')::text);
-    RETURN NULL;
-END $$;
-
 CREATE TRIGGER signing_keys_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.signing_keys
-    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_signing_key_change();
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_config_change();
 
 -- Enqueue one outbound HTTP request (kind http.request). Seed rules: 418 is always a stop code;
 -- attempt_limit NULL means "as many intervals as fit before expire_at", or 1440 without expiry.
@@ -780,9 +773,7 @@ WHERE h.kind = 'http.request';
 REVOKE ALL ON dispatch.signing_keys, dispatch.request_attempts FROM PUBLIC;
 REVOKE ALL ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
     integer, integer, text, text, text, jsonb, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION dispatch.notify_signing_key_change() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
     integer, integer, text, text, text, jsonb, text, jsonb, text) TO dispatch_producer, dispatch_worker;
-GRANT EXECUTE ON FUNCTION dispatch.notify_signing_key_change() TO dispatch_worker;
 GRANT SELECT ON dispatch.signing_keys TO dispatch_worker;
 GRANT SELECT ON dispatch.request_attempts TO dispatch_worker, dispatch_reader;

@@ -138,7 +138,6 @@ class OutcomeWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.written = 0
         self.ignored = 0
 
     def add(self, finish: Finish) -> None:
@@ -179,7 +178,6 @@ class OutcomeWriter:
                     counted = await self._write_singly(batch)
                 failures = 0
                 del self._pending[: len(batch)]
-                self.written += counted
                 self.ignored += len(batch) - counted
             self._idle.set()
 

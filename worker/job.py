@@ -23,7 +23,3 @@ class Job:
     created_at: datetime
     lease_token: UUID
     expired: bool
-
-    @property
-    def last_attempt(self) -> bool:
-        return self.attempt >= self.max_attempts

@@ -118,9 +118,10 @@ class Runner:
                 await self._write_heartbeat()
                 await self.engine.stopped()
             await pool.close()
-        log.info("worker %s stopped (completed %d, retried %d, dead %d, released %d)",
-                 self.worker_id, self.counters.completed, self.counters.retried,
-                 self.counters.dead, self.counters.released)
+        log.info("worker %s stopped (completed %d, retried %d, dead %d, released %d; %d outcomes "
+                 "ignored because the lease had moved on)", self.worker_id, self.counters.completed,
+                 self.counters.retried, self.counters.dead, self.counters.released,
+                 self.writer.ignored)
         return self.exit_code
 
     # -- claiming --------------------------------------------------------------------------

@@ -151,16 +151,16 @@ CREATE TRIGGER jobs_notify_insert AFTER INSERT ON dispatch.jobs
     REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_new_jobs();
 
--- Config changes: channel dispatch_config, payload {"table": ..., "key": ...}.
-CREATE FUNCTION dispatch.notify_queue_change() RETURNS trigger
+-- Config changes: channel dispatch_config, payload {"table": <the table that changed>}.
+CREATE FUNCTION dispatch.notify_config_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('dispatch_config', json_build_object('table', 'queues')::text);
+    PERFORM pg_notify('dispatch_config', json_build_object('table', TG_TABLE_NAME)::text);
     RETURN NULL;
 END $$;
 
 CREATE TRIGGER queues_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.queues
-    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_queue_change();
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_config_change();
 
 CREATE FUNCTION dispatch.touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -20,15 +20,8 @@ CREATE TABLE dispatch.signing_keys (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE FUNCTION dispatch.notify_signing_key_change() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('dispatch_config', json_build_object('table', 'signing_keys')::text);
-    RETURN NULL;
-END $$;
-
 CREATE TRIGGER signing_keys_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.signing_keys
-    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_signing_key_change();
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_config_change();
 
 -- Enqueue one outbound HTTP request (kind http.request). Seed rules: 418 is always a stop code;
 -- attempt_limit NULL means "as many intervals as fit before expire_at", or 1440 without expiry.
@@ -150,9 +143,7 @@ WHERE h.kind = 'http.request';
 REVOKE ALL ON dispatch.signing_keys, dispatch.request_attempts FROM PUBLIC;
 REVOKE ALL ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
     integer, integer, text, text, text, jsonb, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION dispatch.notify_signing_key_change() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dispatch.send_request(text, text, text, timestamptz, integer, integer[], integer,
     integer, integer, text, text, text, jsonb, text, jsonb, text) TO dispatch_producer, dispatch_worker;
-GRANT EXECUTE ON FUNCTION dispatch.notify_signing_key_change() TO dispatch_worker;
 GRANT SELECT ON dispatch.signing_keys TO dispatch_worker;
 GRANT SELECT ON dispatch.request_attempts TO dispatch_worker, dispatch_reader;

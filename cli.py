@@ -331,7 +331,7 @@ def cmd_bench(env: Env, args: argparse.Namespace) -> int:
     runs = {
         "drain": lambda: [scenarios.drain(url, jobs=args.jobs, processes=p) for p in (1, 2)],
         "deliver": lambda: [scenarios.deliver(url, requests=args.requests)],
-        "latency": lambda: [scenarios.latency(url)],
+        "latency": lambda: [scenarios.latency(url), scenarios.latency(url, rate=50, requests=True)],
     }
     results: list[dict[str, Any]] = []
     for name in args.scenario or list(runs):

@@ -100,20 +100,28 @@ def deliver(server_url: str, *, requests: int = 20_000, concurrency: int = 200) 
             "bare_client_per_second": round(ceiling), "ratio_to_bare_client": round(rate / ceiling, 2)}
 
 
-def latency(server_url: str, *, rate: int = 100, seconds: float = 10.0) -> dict[str, Any]:
-    """A steady trickle of single-row INSERTs into an idle pool: insert→start and insert→done."""
-    with fresh_database(server_url) as url:
+def latency(server_url: str, *, rate: int = 100, seconds: float = 10.0,
+            requests: bool = False) -> dict[str, Any]:
+    """A steady trickle of single-row inserts into an idle pool: insert→start and insert→done.
+    With `requests`, each insert is a dispatch.send_request to the local sink (insert→delivery)."""
+    with fresh_database(server_url) as url, sink(202) as target:
         env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
         worker = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker",
-                                   "--poll-interval", "5s"], env=env)
+                                   "--poll-interval", "5s", "--queue", "default",
+                                   "--queue", "requests"], env=env)
+        # now() is the inserting transaction's start: exactly the job's created_at.
+        insert = ("SELECT dispatch.send_request('POST', %(target)s, 'x', success_code => 202), "
+                  "extract(epoch FROM now())"
+                  if requests else
+                  "INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop') "
+                  "RETURNING id, extract(epoch FROM created_at)")
         created: dict[int, float] = {}
         try:
             time.sleep(3)  # started and idle
             with psycopg.connect(url, autocommit=True) as c:
                 start = time.perf_counter()
                 for i in range(int(rate * seconds)):
-                    row = c.execute("INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop') "
-                                    "RETURNING id, extract(epoch FROM created_at)").fetchone()
+                    row = c.execute(insert, {"target": f"{target}/latency"}).fetchone()
                     assert row is not None
                     created[row[0]] = float(row[1])
                     time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
@@ -126,7 +134,8 @@ def latency(server_url: str, *, rate: int = 100, seconds: float = 10.0) -> dict[
                              "FROM dispatch.job_history WHERE outcome = 'completed'").fetchall()
     to_start = sorted((float(s) - created[j]) * 1000 for j, s, _ in rows)
     to_done = sorted((float(f) - created[j]) * 1000 for j, _, f in rows)
-    return {"scenario": "latency", "rate_per_second": rate, "jobs": len(created), "completed": len(rows),
+    return {"scenario": "latency", "kind": "http.request" if requests else "debug.noop",
+            "rate_per_second": rate, "jobs": len(created), "completed": len(rows),
             "insert_to_start_ms": _summary(to_start), "insert_to_done_ms": _summary(to_done)}
 
 

@@ -138,3 +138,15 @@ def test_exit_on_newer_propagates_exit_code_10(db_url: str) -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 10, out
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1
+
+
+def test_memory_limit_recycles_the_process_and_keeps_working(db_url: str) -> None:
+    proc = start_worker(db_url, "--memory-limit", "1", "--lease", "1s", "--grace", "1s")
+    try:
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NOT NULL") >= 1, 30)
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers") >= 2, 30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "memory limit 1 MiB reached" in out

@@ -249,8 +249,11 @@ def test_roles_producer_can_only_enqueue_reader_sees_masked_views(conn: Conn) ->
     conn.execute("SET ROLE dispatch_producer")
     conn.execute("SELECT dispatch.enqueue('k')")
     conn.execute("INSERT INTO dispatch.jobs (kind) VALUES ('k') RETURNING id")
+    conn.execute("SELECT dispatch.send_request('GET', 'https://a.example/x')")
     for forbidden in ("SELECT args FROM dispatch.jobs", "SELECT * FROM dispatch.dead_jobs",
-                      "SELECT * FROM dispatch.job_list", "DELETE FROM dispatch.jobs"):
+                      "SELECT * FROM dispatch.job_list", "DELETE FROM dispatch.jobs",
+                      "SELECT * FROM dispatch.signing_keys", "SELECT * FROM dispatch.request_attempts",
+                      "SELECT * FROM dispatch.job_history"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(forbidden)
     conn.execute("RESET ROLE")
@@ -258,10 +261,13 @@ def test_roles_producer_can_only_enqueue_reader_sees_masked_views(conn: Conn) ->
     args = [r[0] for r in conn.execute("SELECT args FROM dispatch.job_list ORDER BY id").fetchall()]
     assert args[0] == {"token": "***"}
     assert conn.execute("SELECT count(*) FROM dispatch.queue_stats").fetchone() == (2,)
+    assert conn.execute("SELECT count(*) FROM dispatch.request_attempts").fetchone() == (0,)
     for forbidden in ("SELECT * FROM dispatch.jobs", "SELECT dispatch.enqueue('k')",
-                      "UPDATE dispatch.queues SET paused = true"):
+                      "UPDATE dispatch.queues SET paused = true", "SELECT * FROM dispatch.signing_keys",
+                      "SELECT dispatch.send_request('GET', 'https://a.example/x')"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(forbidden)
     conn.execute("RESET ROLE")
     conn.execute("SET ROLE dispatch_worker")
     assert len(claim(conn, 10)) == 3
+    assert conn.execute("SELECT count(*) FROM dispatch.signing_keys").fetchone() == (0,)

@@ -89,11 +89,11 @@ async def test_two_workers_never_run_the_same_job(db_url: str) -> None:
 
 async def test_long_job_keeps_its_lease_by_heartbeat(db_url: str) -> None:
     async def slow(job: Job) -> Outcome:
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(4)  # twice the lease: only heartbeats keep it
         return DONE
 
     execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('t.slow')")
-    async with running_worker(db_url, {"t.slow": slow}, lease_seconds=1, rescue_interval=0.1):
+    async with running_worker(db_url, {"t.slow": slow}, lease_seconds=2, rescue_interval=0.1):
         await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history") == 1, 10)
     assert psycopg.connect(db_url).execute("SELECT attempt, outcome FROM dispatch.job_history").fetchall() == [(1, "completed")]
 

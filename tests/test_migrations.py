@@ -19,9 +19,11 @@ def pg_dump_schema(url: str) -> str:
     out = subprocess.run([str(POSTGRES_BIN_PATH / "pg_dump"), "--schema-only", "--no-owner",
                           "--exclude-table=public.alembic_version", "--dbname", url],
                          check=True, capture_output=True, text=True).stdout
-    # Random per-dump tokens (\restrict keys) and comments are not schema.
+    # Random per-dump tokens (\restrict keys) and comments are not schema; nor are the per-column
+    # pg_attver options some server builds (the one on this machine kind) stamp on every table.
     lines = [line for line in out.splitlines()
-             if line and not line.startswith("--") and not line.startswith("\\")]
+             if line and not line.startswith("--") and not line.startswith("\\")
+             and "SET (pg_attver=" not in line]
     return "\n".join(lines)
 
 

@@ -106,6 +106,10 @@ class Runner:
         with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
             await asyncio.wait_for(listener.connected.wait(), timeout=5)
         self.started.set()
+        if cfg.drain:
+            # Jobs of workers that died are runnable once rescued: rescue before the first look.
+            with contextlib.suppress(Exception):
+                await self.engine.rescue_expired()
         try:
             await self._claim_loop()
             await self._finish_running()
@@ -128,10 +132,10 @@ class Runner:
 
     async def _claim_loop(self) -> None:
         cfg = self.config
+        settled = False  # drain: every outcome written and one more claim round came back empty
         while not self._stopping.is_set():
             self._wake.clear()
-            claimed_full = False
-            claimed_any = False
+            claimed_full = claimed_any = failed = False
             for queue in cfg.queues:
                 free = self._free_slots(self.policies.get(queue))
                 if free <= 0:
@@ -141,35 +145,28 @@ class Runner:
                     jobs = await self.engine.claim(queue, self.kinds, want)
                 except Exception as exc:  # database restarting: back off, never die
                     log.warning("claim from %s failed: %s", queue, exc)
+                    failed = True
                     await self._sleep_or_stop(min(cfg.poll_interval, 1.0))
                     continue
                 for job in jobs:
                     self._start(job)
                 claimed_any = claimed_any or bool(jobs)
                 claimed_full = claimed_full or len(jobs) == want
-            if cfg.drain and not claimed_any:
-                if not self._running and self.writer.pending == 0:
+            if cfg.drain and not claimed_any and not failed:
+                if self._running:
+                    await self._wait_for_slot()
+                elif self.writer.pending or not settled:
+                    # Outcomes just written may make retries runnable now: look once more.
                     await self.writer.drained()
-                    # A last look: outcomes just written may have made retries runnable now.
-                    if not self._running and not await self._anything_runnable():
-                        return
-                    continue
-                await self._wait_for_slot()
+                    settled = True
+                else:
+                    return
                 continue
-            if self._free_slots(None) <= 0:
+            settled = False
+            if self._free_slots(None) <= 0 or (cfg.drain and not claimed_full):
                 await self._wait_for_slot()
             elif not claimed_full:
                 await self._wait_for_wake(cfg.poll_interval)
-
-    async def _anything_runnable(self) -> bool:
-        for queue in self.config.queues:
-            if self._free_slots(self.policies.get(queue)) > 0:
-                jobs = await self.engine.claim(queue, self.kinds, 1)
-                for job in jobs:
-                    self._start(job)
-                if jobs:
-                    return True
-        return False
 
     def _free_slots(self, policy: QueuePolicy | None) -> int:
         free = self.config.concurrency - len(self._running)

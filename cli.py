@@ -157,7 +157,9 @@ def cmd_worker(env: Env, args: argparse.Namespace) -> int:
         max_batch=args.batch, version=env.build, lease_seconds=args.lease,
         poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
         exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
-        rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit)
+        rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit,
+        allow_private_networks=(args.allow_private_networks if args.allow_private_networks is not None
+                                else not env.database_url))
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
                       http_port=args.http_port, log_level=env.log_level)
     return run_event_loop(pool.run())
@@ -384,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with code 10 when jobs of a newer build wait")
     w.add_argument("--per-host-limit", type=int, default=64,
                    help="HTTP requests in flight to one host per process (default 64)")
+    private = w.add_mutually_exclusive_group()
+    private.add_argument("--allow-private-networks", dest="allow_private_networks",
+                         action="store_true", default=None,
+                         help="let requests reach loopback/private/link-local addresses "
+                              "(default only with the embedded server)")
+    private.add_argument("--forbid-private-networks", dest="allow_private_networks",
+                         action="store_false", help="refuse them (default with DATABASE_URL)")
     w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     w.set_defaults(func=cmd_worker)
 

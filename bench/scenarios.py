@@ -89,7 +89,7 @@ def deliver(server_url: str, *, requests: int = 20_000, concurrency: int = 200) 
                                                       success_code => 202)
                          FROM generate_series(1, %s) i""", (target, requests))
         seconds = run_worker(url, "--drain", "--queue", "requests", "--concurrency", str(concurrency),
-                             "--per-host-limit", str(concurrency))
+                             "--per-host-limit", str(concurrency), "--allow-private-networks")
         first, last = _history_span(url)
         with psycopg.connect(url) as c:
             delivered = c.execute(
@@ -108,7 +108,7 @@ def latency(server_url: str, *, rate: int = 100, seconds: float = 10.0,
         env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
         worker = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker",
                                    "--poll-interval", "5s", "--queue", "default",
-                                   "--queue", "requests"], env=env)
+                                   "--queue", "requests", "--allow-private-networks"], env=env)
         # now() is the inserting transaction's start: exactly the job's created_at.
         insert = ("SELECT dispatch.send_request('POST', %(target)s, 'x', success_code => 202), "
                   "extract(epoch FROM now())"

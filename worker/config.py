@@ -36,6 +36,9 @@ class WorkerConfig:
     pool_size: int = 4
     # Requests in flight to one host per process, so one slow backend cannot take every slot.
     per_host_limit: int = 64
+    # Whether outbound requests may reach loopback, private and link-local addresses. The CLI
+    # forbids them when DATABASE_URL is set (production) and allows them for the embedded demo.
+    allow_private_networks: bool = True
     worker_name: str | None = None
 
     def __post_init__(self) -> None:

@@ -10,8 +10,9 @@ from worker.executors.signing import SigningKeys
 from worker.runner import Executor
 
 
-def builtin_executors(*, http: httpx.AsyncClient, keys: SigningKeys,
-                      per_host_limit: int = 64) -> dict[str, Executor]:
+def builtin_executors(*, http: httpx.AsyncClient, keys: SigningKeys, per_host_limit: int = 64,
+                      allow_private_networks: bool = True) -> dict[str, Executor]:
     """Every executor this build knows, by kind, sharing the process's HTTP client."""
     return {**debug.EXECUTORS,
-            "http.request": HttpRequestExecutor(http, keys, per_host_limit=per_host_limit)}
+            "http.request": HttpRequestExecutor(http, keys, per_host_limit=per_host_limit,
+                                                allow_private_networks=allow_private_networks)}

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from worker.executors.destinations import forbidden_cause, is_forbidden
 from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
 from worker.job import Job
 from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
@@ -44,6 +45,7 @@ class HttpRequest:
     method: str
     uri: str
     host: str
+    hostname: str
     body: str | None
     claims: dict[str, Any] | None
     signing_key: str | None
@@ -74,7 +76,8 @@ class HttpRequest:
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise InvalidJob("headers must be an object of strings")
         return cls(
-            method=method.upper(), uri=uri, host=parts.netloc, body=body,  # type: ignore[arg-type]
+            method=method.upper(), uri=uri, host=parts.netloc, hostname=parts.hostname,  # type: ignore[arg-type]
+            body=body,
             claims=claims, signing_key=args.get("signing_key"),
             success_code=_int(args, "success_code", 200, 100, 599),
             stop_codes=frozenset(_codes(args.get("stop_codes", [])) | {418}),
@@ -88,8 +91,9 @@ class HttpRequestExecutor:
     from taking every slot of the process."""
 
     def __init__(self, client: httpx.AsyncClient, keys: SigningKeys, *, per_host_limit: int = 64,
-                 clock: Any = time.time) -> None:
+                 allow_private_networks: bool = True, clock: Any = time.time) -> None:
         self._client = client
+        self._allow_private = allow_private_networks
         self._keys = keys
         self._per_host_limit = per_host_limit
         self._hosts: dict[str, asyncio.Semaphore] = {}
@@ -100,6 +104,9 @@ class HttpRequestExecutor:
         now = self._clock()
         if job.expire_at is not None and now >= job.expire_at.timestamp():
             return Discard("expired", "expire_at passed before sending")
+        if not self._allow_private and is_forbidden(request.hostname):
+            return Discard("invalid", f"destination {request.hostname} is a private, loopback or "
+                                      "link-local address, which this worker may not reach")
         body = await self._body(job, request, now)
         headers = {"Content-Type": "application/json", **request.headers}
         if request.webhook_key:
@@ -116,6 +123,9 @@ class HttpRequestExecutor:
         except TimeoutError as exc:
             return self._retry(request, job, started, t0, f"timed out after {request.timeout}s", exc)
         except httpx.HTTPError as exc:
+            forbidden = forbidden_cause(exc)
+            if forbidden is not None:
+                return Discard("invalid", str(forbidden))
             error = f"timed out after {request.timeout}s" if _timed_out(exc) else _transport_error(exc)
             return self._retry(request, job, started, t0, error, exc)
         detail = _detail(started, t0, response, excerpt)

@@ -4,9 +4,7 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 """
 
-from alembic import op
-
-import sql
+from db.schema import apply_migration
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
@@ -15,7 +13,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.get_bind().connection.driver_connection.execute(sql.read("migrations/FILE.sql").encode())
+    apply_migration("NNNN_name.sql")
 
 
 def downgrade() -> None:

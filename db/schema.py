@@ -43,6 +43,15 @@ def current_revision(database_url: str) -> str | None:
         return row[0] if row else None
 
 
+def apply_migration(filename: str) -> None:
+    """Inside an alembic revision: execute sql/migrations/<filename> on the migration's connection."""
+    from alembic import op
+
+    connection = op.get_bind().connection.driver_connection
+    assert connection is not None, "alembic runs migrations on an open connection"
+    connection.execute(sql.read(f"migrations/{filename}").encode())
+
+
 def apply_schema_sql(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Create the whole schema from sql/schema.sql in one go (fresh databases, tests)."""
     conn.execute(sql.read("schema.sql").encode())

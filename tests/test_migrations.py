@@ -49,7 +49,7 @@ def test_every_migration_file_has_an_alembic_revision() -> None:
     versions = Path(__file__).resolve().parent.parent / "alembic" / "versions"
     referenced = set()
     for revision in versions.glob("*.py"):
-        referenced.update(re.findall(r'migrations/(\d{4}_\w+\.sql)', revision.read_text()))
+        referenced.update(re.findall(r'apply_migration\("(\d{4}_\w+\.sql)"\)', revision.read_text()))
     assert referenced == {p.name for p in sql.migration_files()}
 
 

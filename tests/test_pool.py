@@ -26,6 +26,13 @@ def start_worker(url: str, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def finished(proc: subprocess.Popen[str], *, expect: int = 0, timeout: float = 60) -> str:
+    """Wait for a worker process to end; assert its exit code; return what it printed."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, out
+    return out
+
+
 def wait_for(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():
@@ -43,8 +50,7 @@ def free_port() -> int:
 def test_drain_with_two_processes_exits_zero_when_done(db_url: str) -> None:
     execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 2000)")
     proc = start_worker(db_url, "--drain", "--processes", "2")
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    finished(proc, timeout=60)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
     assert scalar(db_url, "SELECT count(DISTINCT worker) FROM dispatch.job_history") >= 1
 
@@ -54,8 +60,7 @@ def test_sigterm_finishes_running_jobs_and_loses_nothing(db_url: str) -> None:
     proc = start_worker(db_url, "--concurrency", "10", "--grace", "10s")
     wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 10)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+    finished(proc, timeout=30)
     with psycopg.connect(db_url) as c:
         assert c.execute("SELECT count(*) FROM dispatch.jobs WHERE state = 'running'").fetchone() == (0,)
         completed = c.execute("SELECT count(*) FROM dispatch.job_history WHERE outcome = 'completed'").fetchone()
@@ -69,8 +74,7 @@ def test_sigterm_past_grace_releases_jobs_without_counting_the_attempt(db_url: s
     proc = start_worker(db_url, "--grace", "0.5s")
     wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 4)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+    finished(proc, timeout=30)
     rows = psycopg.connect(db_url).execute("SELECT state::text, attempt FROM dispatch.jobs").fetchall()
     assert rows == [("available", 0)] * 4
 
@@ -89,8 +93,7 @@ def test_kill_9_mid_job_is_rescued_and_completed_without_manual_steps(db_url: st
     # The dead worker's leases run out; the next worker rescues them by itself and finishes all.
     wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE lease_expires_at > now()") == 0, 10)
     rescuer = start_worker(db_url, "--drain", "--lease", "2s")
-    out, _ = rescuer.communicate(timeout=60)
-    assert rescuer.returncode == 0, out
+    finished(rescuer, timeout=60)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
     assert scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'rescued'") > 0
     assert scalar(db_url, "SELECT count(DISTINCT job_id) FROM dispatch.job_history WHERE outcome = 'completed'") == 40
@@ -117,22 +120,19 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
         assert "pgdispatch_worker_jobs_total" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+        finished(proc, timeout=30)
 
 
 def test_time_limit_stops_the_pool_cleanly(db_url: str) -> None:
     proc = start_worker(db_url, "--time-limit", "2s")
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+    finished(proc, timeout=30)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NOT NULL") == 1
 
 
 def test_exit_on_newer_propagates_exit_code_10(db_url: str) -> None:
     execute(db_url, "INSERT INTO dispatch.jobs (kind, version) VALUES ('debug.noop', 99)")
     proc = start_worker(db_url, "--exit-on-newer", "--lease", "1s")
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 10, out
+    finished(proc, expect=10, timeout=30)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1
 
 
@@ -143,6 +143,5 @@ def test_memory_limit_recycles_the_process_and_keeps_working(db_url: str) -> Non
         wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers") >= 2, 30)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+        out = finished(proc, timeout=30)
     assert "memory limit 1 MiB reached" in out

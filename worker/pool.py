@@ -27,7 +27,6 @@ _spawn = multiprocessing.get_context("spawn")
 
 @dataclass
 class ChildState:
-    slot: int
     process: BaseProcess
     started: float = field(default_factory=time.monotonic)
 
@@ -96,7 +95,7 @@ class WorkerPool:
         process = _spawn.Process(target=child_main, args=(self.config, self.log_level),
                                  name=f"pgdispatch-worker-{slot}", daemon=False)
         process.start()
-        self.children[slot] = ChildState(slot, process)
+        self.children[slot] = ChildState(process)
         log.info("worker %d started (pid %s)", slot, process.pid)
 
     def _reap(self) -> None:

@@ -4,8 +4,7 @@ Revision ID: 0001
 Revises:
 """
 
-import sql
-from alembic import op
+from db.schema import apply_migration
 
 revision = "0001"
 down_revision = None
@@ -14,7 +13,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.get_bind().connection.driver_connection.execute(sql.read("migrations/0001_initial.sql").encode())
+    apply_migration("0001_initial.sql")
 
 
 def downgrade() -> None:

@@ -4,8 +4,7 @@ Revision ID: 0002
 Revises: 0001
 """
 
-import sql
-from alembic import op
+from db.schema import apply_migration
 
 revision = "0002"
 down_revision = "0001"
@@ -14,7 +13,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.get_bind().connection.driver_connection.execute(sql.read("migrations/0002_requests.sql").encode())
+    apply_migration("0002_requests.sql")
 
 
 def downgrade() -> None:

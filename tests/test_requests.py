@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from aiohttp import web
 
-from tests.helpers import execute, scalar
+from tests.helpers import execute, scalar, wait_until
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
 from worker.executors.signing import SigningKeys
@@ -343,3 +343,26 @@ async def test_private_destinations_can_be_forbidden_after_dns_resolution(db_url
     await drain(db_url)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE id = %s", (allowed,)) == 0
     assert len(sink.received) == 1
+
+
+async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) -> None:
+    old, new = "old-secret-0123456789abcdef0123456789", "new-secret-0123456789abcdef0123456789"
+    execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (old,))
+    keys = SigningKeys(db_url, ttl=3600)  # only the NOTIFY can refresh it within this test
+    async with http_client(max_connections=5) as http:
+        runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), poll_interval=0.2),
+                        builtin_executors(http=http, keys=keys), on_config_change=keys.invalidate)
+        task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(runner.started.wait(), 30)
+        send(db_url, f"{sink.url}/200", claims=json.dumps({"n": 1}), signing_key="crm")
+        await wait_until(lambda: len(sink.received) == 1)
+        execute(db_url, "UPDATE dispatch.signing_keys SET secret = %s WHERE name = 'crm'", (new,))
+        await asyncio.sleep(0.3)  # the NOTIFY reaches the worker
+        send(db_url, f"{sink.url}/200", claims=json.dumps({"n": 2}), signing_key="crm")
+        await wait_until(lambda: len(sink.received) == 2)
+        runner.stop()
+        await asyncio.wait_for(task, 30)
+    await keys.close()
+    first, second = (b["request"] for b in sink.bodies("/200"))
+    assert jwt.decode(first, old, algorithms=["HS256"])["n"] == 1
+    assert jwt.decode(second, new, algorithms=["HS256"])["n"] == 2

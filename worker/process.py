@@ -44,7 +44,8 @@ async def run_worker(config: WorkerConfig) -> int:
                            allow_private_networks=config.allow_private_networks) as http:
         runner = Runner(config, builtin_executors(
             http=http, keys=keys, per_host_limit=config.per_host_limit,
-            allow_private_networks=config.allow_private_networks))
+            allow_private_networks=config.allow_private_networks),
+            on_config_change=keys.invalidate)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.stop)
         loop.add_signal_handler(signal.SIGINT, runner.stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -47,7 +48,10 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor]) -> None:
+    def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor], *,
+                 on_config_change: Callable[[], None] | None = None) -> None:
+        """`on_config_change` runs on every NOTIFY on the config channel and after every
+        reconnect: the hook for caches the executors keep (signing keys)."""
         if not executors:
             raise ValueError("a worker needs at least one executor")
         self.config = config
@@ -64,6 +68,7 @@ class Runner:
         self._stopping = asyncio.Event()
         self._lost: set[uuid.UUID] = set()
         self.started = asyncio.Event()
+        self._on_config_change = on_config_change
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -211,11 +216,16 @@ class Runner:
             if payload in self._per_queue:
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
-            self.policies.invalidate()
+            if _changed_table(payload) in ("queues", None):
+                self.policies.invalidate()
+            if self._on_config_change is not None:
+                self._on_config_change()
             self._wake.set()
 
     async def _on_reconnect(self) -> None:
         await self.policies.reload()
+        if self._on_config_change is not None:
+            self._on_config_change()
         self._wake.set()
 
     # -- running jobs ----------------------------------------------------------------------
@@ -361,3 +371,11 @@ class Runner:
             await self.engine.maintain_history(self.config.history_keep_seconds)
         except Exception as exc:
             log.warning("history maintenance failed: %s", exc)
+
+
+def _changed_table(payload: str) -> str | None:
+    try:
+        table = json.loads(payload).get("table")
+    except (ValueError, AttributeError):
+        return None
+    return table if isinstance(table, str) else None

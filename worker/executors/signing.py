@@ -30,7 +30,9 @@ class SigningKey:
 
 
 class SigningKeys:
-    """Keys by name, cached for `ttl` seconds, loaded over one lazily opened connection."""
+    """Keys by name, cached for `ttl` seconds, loaded over one lazily opened connection.
+    The worker calls invalidate() when dispatch.signing_keys changes (NOTIFY), so a rotated
+    key is used at once; the TTL is the safety net."""
 
     def __init__(self, database_url: str, *, ttl: float = 30.0) -> None:
         self._url = database_url

@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 import sql
+from bench.report import SCENARIOS as BENCH_SCENARIOS
 from db.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -327,23 +328,42 @@ def _render_request(job: dict[str, Any]) -> str:
 
 
 def cmd_bench(env: Env, args: argparse.Namespace) -> int:
-    from bench import scenarios
+    import platform
+
+    from bench import report
 
     url = env.url()
-    runs = {
-        "drain": lambda: [scenarios.drain(url, jobs=args.jobs, processes=p) for p in (1, 2)],
-        "deliver": lambda: [scenarios.deliver(url, requests=args.requests)],
-        "latency": lambda: [scenarios.latency(url), scenarios.latency(url, rate=50, requests=True)],
-    }
-    results: list[dict[str, Any]] = []
-    for name in args.scenario or list(runs):
-        for _ in range(args.rounds):
-            for result in runs[name]():
-                results.append(result)
-                if not args.json:
-                    print(json.dumps(result), flush=True)
+    try:
+        peers = report.expand_peers(args.vs.split(",")) if args.vs is not None else report.installed_peers()
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
+    missing = sorted(set(peers) - set(report.installed_peers()))
+    if missing:
+        raise ConfigurationError(f"peer not installed: {', '.join(missing)}; run pip install -e '.[bench]'")
+    with psycopg.connect(url) as conn:
+        server = conn.execute("SHOW server_version").fetchone()
+    machine = {"cores": os.cpu_count(), "postgresql": server[0] if server else "?",
+               "python": platform.python_version(), "peers": peers, "rounds": args.rounds}
+    if not args.json:
+        print(f"# machine: {json.dumps(machine)}", flush=True)
+
+    def emit(result: dict[str, Any]) -> None:
+        if not args.json:
+            print(json.dumps(result), flush=True)
+
+    results = report.run(url, chosen=args.scenario or list(report.SCENARIOS), peers=peers, rounds=args.rounds,
+                         jobs=args.jobs, requests=args.requests, emit=emit)
+    rows = report.reduce(results)
+    checks = report.targets(rows)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"machine": machine, "results": results, "summary": rows,
+                          "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in checks]},
+                         indent=2))
+    else:
+        print()
+        print(report.markdown(rows))
+        print()
+        print(report.targets_markdown(checks))
     return EXIT_OK
 
 
@@ -469,11 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_request)
 
-    b = sub.add_parser("bench", help="measure drain, deliver and latency on fresh databases")
-    b.add_argument("--scenario", action="append", choices=["drain", "deliver", "latency"])
+    b = sub.add_parser("bench", help="measure pgdispatch beside its peers, on fresh databases")
+    b.add_argument("--scenario", action="append", choices=list(BENCH_SCENARIOS),
+                   help="repeatable (default: all)")
+    b.add_argument("--vs", help="comma-separated peers: pgqueuer, pgqueuer-psycopg, pgqueuer-asyncpg, "
+                                "procrastinate, none (default: every installed peer)")
     b.add_argument("--jobs", type=int, default=50_000, help="drain: no-op jobs (default 50,000)")
     b.add_argument("--requests", type=int, default=20_000, help="deliver: requests (default 20,000)")
-    b.add_argument("--rounds", type=int, default=1)
+    b.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

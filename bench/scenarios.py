@@ -1,13 +1,15 @@
-"""Benchmark scenarios of pgdispatch itself, each on a fresh database of the given server.
+"""Benchmark scenarios, each on a fresh database of the given server, for pgdispatch and, where
+the issue asks for it, for a peer (bench/peers.py) measured the same way.
 
-Figures are measured, never asserted: see README "Performance". The peers' side (pgqueuer,
-procrastinate) is not here yet.
+Every rate is taken between the first job's start and the last job's end, so process start-up
+and shutdown count for nobody. Figures are measured, never asserted: see README "Performance".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,22 +22,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 from psycopg import sql as pgsql
 
 from db.schema import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
+OURS = "pgdispatch"
+BARE_CLIENT = "bare client"
+Result = dict[str, Any]
+# Our best drain setting from the same kind of sweep the peers got (100, 200, 500, 1000):
+# 500 slots claimed 500 at a time. The peers' settings are in bench/peers.py BEST.
+OUR_DRAIN = ("--concurrency", "500", "--batch", "500")
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str, *, ours: bool = True) -> Iterator[str]:
     name = f"pgd_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
     url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
     try:
-        migrate(url)
+        if ours:
+            migrate(url)
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
@@ -60,115 +70,248 @@ def sink(status: int = 202, delay: float = 0.0) -> Iterator[str]:
         proc.wait(10)
 
 
-def run_worker(url: str, *args: str) -> float:
-    """Run `cli.py worker` to completion; returns wall seconds."""
-    env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "worker", *args], env=env, check=True)
-    return time.perf_counter() - started
+# -- pgdispatch -----------------------------------------------------------------------------------
+
+def _worker_env(url: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
 
 
-def drain(server_url: str, *, jobs: int = 50_000, processes: int = 1) -> dict[str, Any]:
-    with fresh_database(server_url) as url:
-        with psycopg.connect(url, autocommit=True) as c:
-            c.execute("INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, %s)",
-                      (jobs,))
-            c.execute("VACUUM ANALYZE dispatch.jobs")
-        seconds = run_worker(url, "--drain", "--processes", str(processes))
-        first, last = _history_span(url)
-    return {"scenario": "drain", "jobs": jobs, "processes": processes,
-            "wall_seconds": round(seconds, 2), "jobs_per_second": round(jobs / (last - first)),
-            "note": "rate between the first and last completion (process start excluded)"}
+def _our_worker(url: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", *args], env=_worker_env(url))
 
 
-def deliver(server_url: str, *, requests: int = 20_000, concurrency: int = 200) -> dict[str, Any]:
-    with fresh_database(server_url) as url, sink(202) as target:
-        ceiling = asyncio.run(_bare_client(f"{target}/bare", requests, concurrency))
-        with psycopg.connect(url, autocommit=True) as c:
-            c.execute("""SELECT dispatch.send_request('POST', %s || '/r/' || i, 'payload',
-                                                      success_code => 202)
-                         FROM generate_series(1, %s) i""", (target, requests))
-        seconds = run_worker(url, "--drain", "--queue", "requests", "--concurrency", str(concurrency),
-                             "--per-host-limit", str(concurrency), "--allow-private-networks")
-        first, last = _history_span(url)
-        with psycopg.connect(url) as c:
-            delivered = c.execute(
-                "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'completed'").fetchone()
-    rate = requests / (last - first)
-    return {"scenario": "deliver", "requests": requests, "delivered": delivered[0] if delivered else 0,
-            "wall_seconds": round(seconds, 2), "deliveries_per_second": round(rate),
-            "bare_client_per_second": round(ceiling), "ratio_to_bare_client": round(rate / ceiling, 2)}
+def _queue_noops(url: str, jobs: int) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, %s)", (jobs,))
+        c.execute("VACUUM ANALYZE dispatch.jobs")
 
 
-def latency(server_url: str, *, rate: int = 100, seconds: float = 10.0,
-            requests: bool = False) -> dict[str, Any]:
-    """A steady trickle of single-row inserts into an idle pool: insert→start and insert→done.
-    With `requests`, each insert is a dispatch.send_request to the local sink (insert→delivery)."""
-    with fresh_database(server_url) as url, sink(202) as target:
-        env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
-        worker = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker",
-                                   "--poll-interval", "5s", "--queue", "default",
-                                   "--queue", "requests", "--allow-private-networks"], env=env)
-        # now() is the inserting transaction's start: exactly the job's created_at.
-        insert = ("SELECT dispatch.send_request('POST', %(target)s, 'x', success_code => 202), "
-                  "extract(epoch FROM now())"
-                  if requests else
-                  "INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop') "
-                  "RETURNING id, extract(epoch FROM created_at)")
-        created: dict[int, float] = {}
-        try:
-            time.sleep(3)  # started and idle
-            with psycopg.connect(url, autocommit=True) as c:
-                start = time.perf_counter()
-                for i in range(int(rate * seconds)):
-                    row = c.execute(insert, {"target": f"{target}/latency"}).fetchone()
-                    assert row is not None
-                    created[row[0]] = float(row[1])
-                    time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
-            time.sleep(1)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
-        with psycopg.connect(url) as c:
-            rows = c.execute("SELECT job_id, extract(epoch FROM started_at), extract(epoch FROM finished_at) "
-                             "FROM dispatch.job_history WHERE outcome = 'completed'").fetchall()
-    to_start = sorted((float(s) - created[j]) * 1000 for j, s, _ in rows)
-    to_done = sorted((float(f) - created[j]) * 1000 for j, _, f in rows)
-    return {"scenario": "latency", "kind": "http.request" if requests else "debug.noop",
-            "rate_per_second": rate, "jobs": len(created), "completed": len(rows),
-            "insert_to_start_ms": _summary(to_start), "insert_to_done_ms": _summary(to_done)}
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2),
-            "max": round(values[-1], 2)}
-
-
-def _history_span(url: str) -> tuple[float, float]:
+def _our_drain_rate(url: str, *worker_args: str) -> tuple[int, float]:
+    """Drain with `cli.py worker --drain`; completed jobs and their rate from job_history."""
+    if _our_worker(url, "--drain", *worker_args).wait() != 0:
+        raise RuntimeError("pgdispatch worker failed")
     with psycopg.connect(url) as c:
-        row = c.execute("""SELECT extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at))
+        row = c.execute("""SELECT count(*) FILTER (WHERE outcome = 'completed'),
+                                  extract(epoch FROM max(finished_at) - min(started_at))
                            FROM dispatch.job_history""").fetchone()
     assert row is not None
-    return float(row[0]), float(row[1])
+    return int(row[0]), int(row[0]) / float(row[1])
+
+
+# -- peers ----------------------------------------------------------------------------------------
+
+def _peer(system: str, command: str, url: str, *args: str) -> Result:
+    out = subprocess.run([sys.executable, "-m", "bench.peers", system, command, "--url", url, *args],
+                         cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{system} {command} failed: {out.stderr.strip().splitlines()[-1:]}")
+    result: Result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _peer_drain_rate(system: str, url: str, processes: int, *args: str) -> tuple[int, float]:
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.peers", system, "drain", "--url", url, *args],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(processes)]
+    results = []
+    for proc in procs:
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{system} drain exited with {proc.returncode}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    done = sum(r["done"] - r["failed"] for r in results)
+    first = min(r["first_started"] for r in results if r["done"])
+    last = max(r["last_done"] for r in results)
+    return done, done / (last - first)
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+def drain(server_url: str, system: str = OURS, *, jobs: int = 50_000, processes: int = 1) -> Result:
+    with fresh_database(server_url, ours=system == OURS) as url:
+        if system == OURS:
+            _queue_noops(url, jobs)
+            done, rate = _our_drain_rate(url, "--processes", str(processes), *OUR_DRAIN)
+        else:
+            _peer(system, "fill", url, "--jobs", str(jobs))
+            done, rate = _peer_drain_rate(system, url, processes, "--scenario", "drain")
+    return {"scenario": f"drain, {processes} process{'es' if processes > 1 else ''}", "system": system,
+            "unit": "jobs/s", "value": round(rate), "jobs": jobs, "completed": done}
+
+
+def deliver(server_url: str, system: str = OURS, *, requests: int = 20_000,
+            concurrency: int = 200) -> Result:
+    with fresh_database(server_url, ours=system == OURS) as url, sink(202) as target:
+        if system == BARE_CLIENT:
+            done, rate = requests, asyncio.run(_bare_client(f"{target}/bare", requests, concurrency))
+        elif system == OURS:
+            with psycopg.connect(url, autocommit=True) as c:
+                c.execute("""SELECT dispatch.send_request('POST', %s || '/r/' || i, 'payload',
+                                                          success_code => 202)
+                             FROM generate_series(1, %s) i""", (target, requests))
+            done, rate = _our_drain_rate(url, "--queue", "requests", "--concurrency", str(concurrency),
+                                         "--per-host-limit", str(concurrency), "--allow-private-networks")
+        else:
+            _peer(system, "fill", url, "--jobs", str(requests))
+            done, rate = _peer_drain_rate(system, url, 1, "--scenario", "deliver", "--target", f"{target}/r")
+    return {"scenario": "deliver", "system": system, "unit": "deliveries/s", "value": round(rate),
+            "requests": requests, "completed": done}
 
 
 async def _bare_client(url: str, requests: int, concurrency: int) -> float:
-    """The same HTTP client the workers use, posting straight to the sink: the ceiling."""
-    from worker.process import http_client
+    """The same HTTP transport the workers use, posting straight to the sink: the ceiling."""
+    from worker.executors.http_transport import HttpTransport
 
-    async with http_client(max_connections=concurrency) as client:
+    async with HttpTransport(max_connections=concurrency) as http:
         queue = iter(range(requests))
 
         async def one_lane() -> None:
             for _ in queue:
-                response = await client.post(url, content=b'{"request":"payload"}')
+                async with http.exchange("POST", url, content=b'{"request":"payload"}') as response:
+                    await response.aread()
                 assert response.status_code == 202
 
         started = time.perf_counter()
         await asyncio.gather(*(one_lane() for _ in range(concurrency)))
         return requests / (time.perf_counter() - started)
+
+
+def latency(server_url: str, system: str = OURS, *, rate: int = 100, seconds: float = 10.0) -> Result:
+    """A steady trickle of single-row inserts into an idle worker: insert→start, insert→done."""
+    with fresh_database(server_url, ours=system == OURS) as url:
+        if system == OURS:
+            samples = _our_latency(url, rate, seconds)
+        else:
+            samples = _peer_latency(system, url, rate, seconds)
+    to_start = sorted(s * 1000 for s, _ in samples)
+    to_done = sorted(d * 1000 for _, d in samples)
+    return {"scenario": "latency", "system": system, "unit": "ms", "rate_per_second": rate,
+            "jobs": int(rate * seconds), "completed": len(samples),
+            "insert_to_start_ms": summary(to_start), "insert_to_done_ms": summary(to_done)}
+
+
+def _our_latency(url: str, rate: int, seconds: float) -> list[tuple[float, float]]:
+    worker = _our_worker(url, "--poll-interval", "5s")
+    created: dict[int, float] = {}
+    try:
+        time.sleep(3)  # started and idle
+        with psycopg.connect(url, autocommit=True) as c:
+            start = time.perf_counter()
+            for i in range(int(rate * seconds)):
+                # created_at is the inserting transaction's start, before its commit.
+                row = c.execute("INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop') "
+                                "RETURNING id, extract(epoch FROM created_at)").fetchone()
+                assert row is not None
+                created[row[0]] = float(row[1])
+                time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+        time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    with psycopg.connect(url) as c:
+        rows = c.execute("SELECT job_id, extract(epoch FROM started_at), extract(epoch FROM finished_at) "
+                         "FROM dispatch.job_history WHERE outcome = 'completed'").fetchall()
+    return [(float(s) - created[j], float(f) - created[j]) for j, s, f in rows]
+
+
+def _peer_latency(system: str, url: str, rate: int, seconds: float) -> list[tuple[float, float]]:
+    _peer(system, "install", url)
+    server = subprocess.Popen([sys.executable, "-m", "bench.peers", system, "serve", "--url", url,
+                               "--scenario", "latency"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert server.stdout is not None
+    try:
+        server.stdout.readline()  # "ready"
+        time.sleep(3)
+        _peer(system, "produce", url, "--rate", str(rate), "--seconds", str(seconds))
+        time.sleep(1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, _ = server.communicate(timeout=60)
+    return [tuple(pair) for pair in json.loads(stdout.strip().splitlines()[-1])["latencies"]]
+
+
+def backlog(server_url: str, *, small: int = 10_000, large: int = 1_000_000,
+            history: int = 5_000_000) -> list[Result]:
+    """Drain rate with a small queue, a huge queue, and a small queue beside a huge history."""
+    results = []
+    for queued, history_rows, label in ((small, 0, f"{small:,} queued"), (large, 0, f"{large:,} queued"),
+                                        (small, history, f"{small:,} queued, {history:,} history rows")):
+        with fresh_database(server_url) as url:
+            if history_rows:
+                with psycopg.connect(url, autocommit=True) as c:
+                    c.execute("""INSERT INTO dispatch.job_history
+                                     (job_id, attempt, queue, kind, outcome, started_at, finished_at)
+                                 SELECT -i, 1, 'default', 'debug.noop', 'completed',
+                                        now() - interval '1 hour', now() - interval '1 hour'
+                                 FROM generate_series(1, %s) i""", (history_rows,))
+                    c.execute("ANALYZE dispatch.job_history")
+            _queue_noops(url, queued)
+            done, rate = _our_drain_rate(url, *OUR_DRAIN)
+            if history_rows:
+                with psycopg.connect(url) as c:
+                    row = c.execute("""SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))
+                                       FROM dispatch.job_history WHERE job_id > 0""").fetchone()
+                assert row is not None
+                done, rate = int(row[0]), int(row[0]) / float(row[1])
+        results.append({"scenario": f"backlog: {label}", "system": OURS, "unit": "jobs/s",
+                        "value": round(rate), "completed": done})
+    return results
+
+
+def memory(server_url: str, *, in_flight: int = 256, delay: float = 2.0) -> Result:
+    """Peak RSS of a worker process holding `in_flight` requests open against a slow sink."""
+    requests = in_flight * 4
+    with fresh_database(server_url) as url, sink(202, delay=delay) as target:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("""SELECT dispatch.send_request('POST', %s || '/slow/' || i, repeat('x', 1024),
+                                                      success_code => 202)
+                         FROM generate_series(1, %s) i""", (target, requests))
+        worker = _our_worker(url, "--drain", "--queue", "requests", "--concurrency", str(in_flight),
+                             "--per-host-limit", str(in_flight), "--allow-private-networks")
+        peak = 0
+        parent = psutil.Process(worker.pid)
+        while worker.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for proc in [parent, *parent.children(recursive=True)]:
+                    peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.05)
+        with psycopg.connect(url) as c:
+            row = c.execute("SELECT count(*) FROM dispatch.job_history "
+                            "WHERE outcome = 'completed'").fetchone()
+    return {"scenario": f"memory: peak RSS, {in_flight} in flight", "system": OURS, "unit": "MB",
+            "value": round(peak / 2**20, 1), "completed": row[0] if row else 0, "requests": requests}
+
+
+def enqueue(server_url: str, *, seconds: float = 5.0, rows_per_statement: int = 1000) -> list[Result]:
+    """Producer-side rates through the SQL API, the NOTIFY trigger included."""
+    results = []
+    with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as c:
+        for label, statement, params, rows in (
+            ("single-row INSERT", "INSERT INTO dispatch.jobs (kind, args) VALUES ('debug.noop', %s)",
+             ('{"n": 1}',), 1),
+            ("single-row dispatch.enqueue()", "SELECT dispatch.enqueue('debug.noop', %s)", ('{"n": 1}',), 1),
+            (f"{rows_per_statement}-row INSERT",
+             "INSERT INTO dispatch.jobs (kind, args) SELECT 'debug.noop', a FROM unnest(%s::jsonb[]) a",
+             (['{"n": 1}'] * rows_per_statement,), rows_per_statement),
+        ):
+            inserted = 0
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                c.execute(statement, params)
+                inserted += rows
+            rate = inserted / (time.perf_counter() - started)
+            results.append({"scenario": f"enqueue: {label}", "system": OURS, "unit": "rows/s",
+                            "value": round(rate)})
+            c.execute("TRUNCATE dispatch.jobs")
+    return results
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2),
+            "max": round(values[-1], 2)}
 
 
 def percentile(values: list[float], q: int) -> float:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
-from alembic.config import Config
 
 import sql
-from alembic import command
 from db.errors import translate, translated
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def alembic_config(database_url: str) -> Config:
+    # alembic (and SQLAlchemy under it) is imported here, not at the top: every worker process
+    # imports this module, and loading them costs ~0.3 s per process start.
+    from alembic.config import Config
+
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "alembic"))
     config.attributes["database_url"] = database_url
@@ -27,6 +33,8 @@ def migrate(database_url: str) -> None:
 
     try:
         with translated():
+            from alembic import command
+
             command.upgrade(alembic_config(database_url), "head")
     except DBAPIError as exc:
         if isinstance(exc.orig, psycopg.Error):

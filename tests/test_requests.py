@@ -21,8 +21,8 @@ from aiohttp import web
 from tests.helpers import execute, scalar, wait_until
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
+from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
-from worker.process import http_client
 from worker.runner import Runner
 
 SECRET = "hs-secret-DO-NOT-LEAK-8c1f-0123456789abcdef"
@@ -73,7 +73,7 @@ async def sink() -> AsyncIterator[Sink]:
 
 async def drain(db_url: str, *, allow_private_networks: bool = True) -> Runner:
     keys = SigningKeys(db_url)
-    async with http_client(max_connections=20, allow_private_networks=allow_private_networks) as http:
+    async with HttpTransport(max_connections=20, allow_private_networks=allow_private_networks) as http:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
                         builtin_executors(http=http, keys=keys,
                                           allow_private_networks=allow_private_networks))
@@ -349,7 +349,7 @@ async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) ->
     old, new = "old-secret-0123456789abcdef0123456789", "new-secret-0123456789abcdef0123456789"
     execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (old,))
     keys = SigningKeys(db_url, ttl=3600)  # only the NOTIFY can refresh it within this test
-    async with http_client(max_connections=5) as http:
+    async with HttpTransport(max_connections=5) as http:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), poll_interval=0.2),
                         builtin_executors(http=http, keys=keys), on_config_change=keys.invalidate)
         task = asyncio.create_task(runner.run())

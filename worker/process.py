@@ -9,39 +9,20 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-import httpx
-
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
-from worker.executors.destinations import PublicOnlyResolver
+from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
 
 
-def http_client(*, max_connections: int, allow_private_networks: bool = True) -> httpx.AsyncClient:
-    """The one HTTP client of a worker process. httpx is the API; the aiohttp transport carries
-    it, because httpx's own pool collapses under concurrency (~370 vs ~3,900 req/s at 64 in
-    flight on this machine kind). Without `allow_private_networks`, host names resolving only
-    to private, loopback or link-local addresses are refused at connect time."""
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    def session() -> aiohttp.ClientSession:  # built lazily, inside the running loop
-        resolver = None if allow_private_networks else PublicOnlyResolver()
-        connector = aiohttp.TCPConnector(limit=max_connections, resolver=resolver,
-                                         ssl=httpx.create_ssl_context())
-        return aiohttp.ClientSession(connector=connector)
-
-    return httpx.AsyncClient(transport=AiohttpTransport(client=session), follow_redirects=False)
-
-
 async def run_worker(config: WorkerConfig) -> int:
     """Run one worker in this process until drained or signalled; returns its exit code."""
     keys = SigningKeys(config.database_url)
-    async with http_client(max_connections=max(config.concurrency, 10),
-                           allow_private_networks=config.allow_private_networks) as http:
+    async with HttpTransport(max_connections=max(config.concurrency, 10),
+                             allow_private_networks=config.allow_private_networks) as http:
         runner = Runner(config, builtin_executors(
             http=http, keys=keys, per_host_limit=config.per_host_limit,
             allow_private_networks=config.allow_private_networks),

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import httpx
-
 from worker.executors import debug
 from worker.executors.http_request import HttpRequestExecutor
+from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
 from worker.runner import Executor
 
 
-def builtin_executors(*, http: httpx.AsyncClient, keys: SigningKeys, per_host_limit: int = 64,
+def builtin_executors(*, http: HttpTransport, keys: SigningKeys, per_host_limit: int = 64,
                       allow_private_networks: bool = True) -> dict[str, Executor]:
-    """Every executor this build knows, by kind, sharing the process's HTTP client."""
+    """Every executor this build knows, by kind, sharing the process's HTTP transport."""
     return {**debug.EXECUTORS,
             "http.request": HttpRequestExecutor(http, keys, per_host_limit=per_host_limit,
                                                 allow_private_networks=allow_private_networks)}

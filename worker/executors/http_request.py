@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.executors.destinations import forbidden_cause, is_forbidden
+from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
 from worker.job import Job
 from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
@@ -87,12 +88,12 @@ class HttpRequest:
 
 
 class HttpRequestExecutor:
-    """Sends requests through one shared httpx client; a per-host cap keeps one slow backend
-    from taking every slot of the process."""
+    """Sends requests through the process's one HTTP transport; a per-host cap keeps one slow
+    backend from taking every slot of the process."""
 
-    def __init__(self, client: httpx.AsyncClient, keys: SigningKeys, *, per_host_limit: int = 64,
+    def __init__(self, http: HttpTransport, keys: SigningKeys, *, per_host_limit: int = 64,
                  allow_private_networks: bool = True, clock: Any = time.time) -> None:
-        self._client = client
+        self._http = http
         self._allow_private = allow_private_networks
         self._keys = keys
         self._per_host_limit = per_host_limit
@@ -116,7 +117,7 @@ class HttpRequestExecutor:
         t0 = time.perf_counter()
         semaphore = self._hosts.setdefault(request.host, asyncio.Semaphore(self._per_host_limit))
         try:
-            async with semaphore, asyncio.timeout(request.timeout), self._client.stream(
+            async with semaphore, asyncio.timeout(request.timeout), self._http.exchange(
                     request.method, request.uri, content=body, headers=headers,
                     timeout=request.timeout) as response:
                 excerpt = await _read_excerpt(response)
@@ -143,15 +144,12 @@ class HttpRequestExecutor:
         if request.claims is not None and request.signing_key:
             key = await self._keys.get(request.signing_key)
             payload = sign_jwt(key, request.claims, job_id=job.id, expire_at=job.expire_at, now=now)
-        document = {
-            "request": payload,
-            "__task": {
-                "createdAt": int(job.created_at.timestamp()),
-                "attempt": {"number": job.attempt, "limit": job.max_attempts,
-                            "interval": request.interval},
-            },
-        }
-        return json.dumps(document, separators=(",", ":")).encode()
+        # {"request": ..., "__task": {"createdAt", "attempt": {"number", "limit", "interval"}}},
+        # formatted by hand: a general JSON encoder per request cost 4% of a delivery's CPU.
+        limit = "null" if job.max_attempts is None else int(job.max_attempts)
+        return (f'{{"request":{json.dumps(payload)},"__task":{{"createdAt":{int(job.created_at.timestamp())},'
+                f'"attempt":{{"number":{int(job.attempt)},"limit":{limit},'
+                f'"interval":{int(request.interval)}}}}}}}').encode()
 
     def _retry(self, request: HttpRequest, job: Job, started: datetime, t0: float, error: str,
                exc: BaseException) -> Retry:

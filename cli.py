@@ -159,6 +159,7 @@ def cmd_worker(env: Env, args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
         exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
         rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit,
+        breaker_failures=args.breaker_failures, breaker_cooldown=args.breaker_cooldown,
         allow_private_networks=(args.allow_private_networks if args.allow_private_networks is not None
                                 else not env.database_url))
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
@@ -406,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with code 10 when jobs of a newer build wait")
     w.add_argument("--per-host-limit", type=int, default=64,
                    help="HTTP requests in flight to one host per process (default 64)")
+    w.add_argument("--breaker-failures", type=int, default=5,
+                   help="consecutive failures that open a (tenant, host) circuit (default 5)")
+    w.add_argument("--breaker-cooldown", type=duration, default=30.0,
+                   help="how long an open circuit sends nothing before one probe (default 30s)")
     private = w.add_mutually_exclusive_group()
     private.add_argument("--allow-private-networks", dest="allow_private_networks",
                          action="store_true", default=None,

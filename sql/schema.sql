@@ -382,7 +382,8 @@ END $$;
 --                (dead 'exhausted') or that would be past expire_at (dead 'expired').
 --   'rescue'   : a retry after an expired lease (history outcome 'rescued').
 --   'dead'     : straight to dead_jobs with the given reason.
---   'release'  : back to available now, the attempt not counted (shutdown, version guard).
+--   'release'  : back to available after `delay` seconds (0: now), the attempt not counted
+--                (shutdown, version guard, a circuit breaker that sent nothing).
 -- Every counted outcome writes one job_history row, with the executor's `detail` (JSON: what an
 -- attempt log needs, e.g. an HTTP status, duration and response excerpt). Returns how many counted.
 CREATE FUNCTION dispatch.finish_jobs_v1(
@@ -422,10 +423,9 @@ BEGIN
     ), again AS (
         UPDATE dispatch.jobs j
         SET state = 'available',
-            run_at = CASE WHEN r.outcome = 'release' THEN now()
-                          ELSE now() + make_interval(secs => r.delay) END,
+            run_at = now() + make_interval(secs => r.delay),
             attempt = CASE WHEN r.outcome = 'release' THEN j.attempt - 1 ELSE j.attempt END,
-            last_error = CASE WHEN r.outcome = 'release' THEN j.last_error ELSE r.error END,
+            last_error = coalesce(r.error, j.last_error),
             lease_token = NULL, leased_by = NULL, leased_at = NULL, lease_expires_at = NULL
         FROM resolved r
         WHERE j.id = r.id AND j.lease_token = r.token AND r.outcome IN ('retry', 'rescue', 'release')
@@ -464,7 +464,7 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM logged),
            (SELECT array_agg(DISTINCT a.queue) FROM again a
-            WHERE a.r_outcome IN ('release', 'rescue') OR a.r_delay <= 0)
+            WHERE a.r_outcome = 'rescue' OR a.r_delay <= 0)
     INTO counted, wake;
     PERFORM pg_notify('dispatch_jobs', w) FROM unnest(wake) w;
     RETURN counted;

@@ -67,10 +67,10 @@ def test_every_named_query_exists_and_parses(conn: psycopg.Connection[tuple[obje
     assert used <= set(sql.queries()), used - set(sql.queries())
     for name, text in sql.queries().items():
         # PREPARE checks names, types and syntax without running anything.
-        params = re.findall(r"%\((\w+)\)s", text)
+        params = re.findall(r"%\((\w+)\)[sbt]", text)
         positional = text
         for i, p in enumerate(dict.fromkeys(params), start=1):
-            positional = positional.replace(f"%({p})s", f"${i}")
+            positional = re.sub(rf"%\({p}\)[sbt]", f"${i}", positional)
         conn.execute(f"PREPARE check_{name} AS {positional}")
         conn.execute(f"DEALLOCATE check_{name}")
 

@@ -36,6 +36,10 @@ class WorkerConfig:
     pool_size: int = 4
     # Requests in flight to one host per process, so one slow backend cannot take every slot.
     per_host_limit: int = 64
+    # Circuit breakers per (tenant, host): this many consecutive failures open one for
+    # breaker_cooldown seconds, then one probe decides.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
     # Whether outbound requests may reach loopback, private and link-local addresses. The CLI
     # forbids them when DATABASE_URL is set (production) and allows them for the embedded demo.
     allow_private_networks: bool = True
@@ -52,6 +56,8 @@ class WorkerConfig:
         _require(self.grace_seconds >= 0, f"grace_seconds must be >= 0, got {self.grace_seconds}")
         _require(self.memory_limit_mb >= 0, f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
         _require(self.per_host_limit >= 1, f"per_host_limit must be >= 1, got {self.per_host_limit}")
+        _require(self.breaker_failures >= 1, f"breaker_failures must be >= 1, got {self.breaker_failures}")
+        _require(self.breaker_cooldown > 0, f"breaker_cooldown must be > 0, got {self.breaker_cooldown}")
         _require(self.pool_size >= 2, f"pool_size must be >= 2, got {self.pool_size}")
 
 

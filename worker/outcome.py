@@ -48,7 +48,20 @@ class Discard:
             raise ValueError(f"Discard.reason must be one of {sorted(DISCARD_REASONS)}, got {self.reason!r}")
 
 
-Outcome = Done | Retry | Discard
+@dataclass(frozen=True, slots=True)
+class Postpone:
+    """Nothing was attempted (an open circuit breaker, a host already at its cap): back to the
+    queue after `after` seconds without spending an attempt. `reason` is kept as last_error."""
+
+    after: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.after < 0:
+            raise ValueError(f"Postpone.after must be >= 0 seconds, got {self.after}")
+
+
+Outcome = Done | Retry | Discard | Postpone
 DONE = Done()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
+from worker.executors.breakers import Breakers
 from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
 from worker.runner import Runner
@@ -25,7 +26,8 @@ async def run_worker(config: WorkerConfig) -> int:
                              allow_private_networks=config.allow_private_networks) as http:
         runner = Runner(config, builtin_executors(
             http=http, keys=keys, per_host_limit=config.per_host_limit,
-            allow_private_networks=config.allow_private_networks),
+            allow_private_networks=config.allow_private_networks,
+            breakers=Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown)),
             on_config_change=keys.invalidate)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.stop)

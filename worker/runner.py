@@ -28,7 +28,7 @@ from worker.backoff import backoff_delay
 from worker.config import WorkerConfig
 from worker.engine import Engine, Finish, OutcomeWriter
 from worker.job import Job
-from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
+from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Runner:
             raise
         except Exception as exc:  # a poisoned job never kills the worker
             return Retry(error=f"{type(exc).__name__}: {exc}")
-        if not isinstance(outcome, Done | Retry | Discard):
+        if not isinstance(outcome, Done | Retry | Discard | Postpone):
             return Retry(error=f"executor for {job.kind!r} returned {outcome!r}, not an Outcome")
         return outcome
 
@@ -282,6 +282,8 @@ class Runner:
         if isinstance(outcome, Discard):
             return Finish(job.id, job.lease_token, "dead", reason=outcome.reason,
                           error=outcome.error, status=outcome.status, detail=outcome.detail)
+        if isinstance(outcome, Postpone):
+            return Finish(job.id, job.lease_token, "release", delay=outcome.after, error=outcome.reason)
         delay = outcome.after
         if delay is None:
             delay = (backoff_delay(job.attempt, base=policy.backoff_base,

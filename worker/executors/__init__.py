@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from worker.executors import debug
+from worker.executors.breakers import Breakers
 from worker.executors.http_request import HttpRequestExecutor
 from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
@@ -10,8 +11,10 @@ from worker.runner import Executor
 
 
 def builtin_executors(*, http: HttpTransport, keys: SigningKeys, per_host_limit: int = 64,
-                      allow_private_networks: bool = True) -> dict[str, Executor]:
+                      allow_private_networks: bool = True,
+                      breakers: Breakers | None = None) -> dict[str, Executor]:
     """Every executor this build knows, by kind, sharing the process's HTTP transport."""
     return {**debug.EXECUTORS,
             "http.request": HttpRequestExecutor(http, keys, per_host_limit=per_host_limit,
-                                                allow_private_networks=allow_private_networks)}
+                                                allow_private_networks=allow_private_networks,
+                                                breakers=breakers)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -23,11 +24,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from worker.executors.breakers import Breakers
 from worker.executors.destinations import forbidden_cause, is_forbidden
 from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
 from worker.job import Job
-from worker.outcome import Discard, Done, InvalidJob, Outcome, Retry
+from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
 # httpx logs every request line with its full URL at INFO, credentials in the query string
@@ -92,12 +94,15 @@ class HttpRequestExecutor:
     backend from taking every slot of the process."""
 
     def __init__(self, http: HttpTransport, keys: SigningKeys, *, per_host_limit: int = 64,
-                 allow_private_networks: bool = True, clock: Any = time.time) -> None:
+                 allow_private_networks: bool = True, breakers: Breakers | None = None,
+                 clock: Any = time.time) -> None:
         self._http = http
         self._allow_private = allow_private_networks
         self._keys = keys
         self._per_host_limit = per_host_limit
         self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._breakers = breakers or Breakers()
+        self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
         self._clock = clock
 
     async def __call__(self, job: Job) -> Outcome:
@@ -108,6 +113,38 @@ class HttpRequestExecutor:
         if not self._allow_private and is_forbidden(request.hostname):
             return Discard("invalid", f"destination {request.hostname} is a private, loopback or "
                                       "link-local address, which this worker may not reach")
+        # A job that cannot be sent now gives its slot back at once rather than waiting in it:
+        # a hung host must not fill the process with jobs queueing for it (fairness).
+        semaphore = self._hosts.setdefault(request.host, asyncio.Semaphore(self._per_host_limit))
+        if semaphore.locked():
+            return Postpone(self._bounce_delay(request.host, now),
+                            f"not sent: {self._per_host_limit} requests to {request.host} "
+                            "already in flight in this worker")
+        circuit = (job.tenant, request.host)
+        wait = self._breakers.wait_for(circuit)
+        if wait > 0:
+            return Postpone(wait + random.random(), f"not sent: circuit open for {request.host} "
+                                                    "after repeated failures")
+        try:
+            async with semaphore:
+                outcome = await self._send(job, request, now)
+        except BaseException:
+            self._breakers.abandon(circuit)
+            raise
+        self._breakers.record(circuit, ok=not _endpoint_failed(outcome))
+        return outcome
+
+    def _bounce_delay(self, host: str, now: float) -> float:
+        """How long a job bounced off a saturated host waits: longer the more jobs bounced in the
+        last 10 s, so a big backlog for a hung host spreads out instead of cycling through the
+        queue every second. 1 s plus up to 30 s, with jitter."""
+        start, count = self._bounces.get(host, (now, 0))
+        if now - start > 10:
+            start, count = now, 0
+        self._bounces[host] = (start, count + 1)
+        return 1 + random.random() * min(30.0, count / self._per_host_limit)
+
+    async def _send(self, job: Job, request: HttpRequest, now: float) -> Outcome:
         body = await self._body(job, request, now)
         headers = {"Content-Type": "application/json", **request.headers}
         if request.webhook_key:
@@ -115,9 +152,8 @@ class HttpRequestExecutor:
             headers.update(webhook_headers(key, message_id=f"msg_{job.id}", body=body, now=now))
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        semaphore = self._hosts.setdefault(request.host, asyncio.Semaphore(self._per_host_limit))
         try:
-            async with semaphore, asyncio.timeout(request.timeout), self._http.exchange(
+            async with asyncio.timeout(request.timeout), self._http.exchange(
                     request.method, request.uri, content=body, headers=headers,
                     timeout=request.timeout) as response:
                 excerpt = await _read_excerpt(response)
@@ -158,6 +194,12 @@ class HttpRequestExecutor:
         log.info("request job %s attempt %d to %s failed: %s", job.id, job.attempt,
                  mask_url(request.uri), error)
         return Retry(after=request.interval, error=error, detail=detail)
+
+
+def _endpoint_failed(outcome: Outcome) -> bool:
+    """What counts against a circuit: no answer, or an answer that says the endpoint is unwell."""
+    return isinstance(outcome, Retry) and (outcome.status is None or outcome.status >= 500
+                                           or outcome.status == 429)
 
 
 def mask_url(uri: str) -> str:

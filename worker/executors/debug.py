@@ -26,4 +26,15 @@ async def fail(job: Job) -> Outcome:
     return Retry(error=str(job.args.get("error", "debug.fail always fails")))
 
 
-EXECUTORS: dict[str, Executor] = {"debug.noop": noop, "debug.sleep": sleep, "debug.fail": fail}
+async def flaky(job: Job) -> Outcome:
+    """Fails until attempt `succeed_on` (default 2), then succeeds: a transient fault."""
+    succeed_on = job.args.get("succeed_on", 2)
+    if isinstance(succeed_on, bool) or not isinstance(succeed_on, int):
+        raise InvalidJob(f"debug.flaky: args.succeed_on must be an integer, got {succeed_on!r}")
+    if job.attempt < succeed_on:
+        return Retry(error=f"debug.flaky: attempt {job.attempt} of {succeed_on} fails")
+    return DONE
+
+
+EXECUTORS: dict[str, Executor] = {"debug.noop": noop, "debug.sleep": sleep, "debug.fail": fail,
+                                  "debug.flaky": flaky}

@@ -93,3 +93,28 @@ def test_breaker_and_postpone_refuse_nonsense() -> None:
         Breakers(cooldown=0)
     with pytest.raises(ValueError):
         Postpone(-1, "x")
+
+
+async def test_deadlines_time_out_like_asyncio_timeout_and_pass_other_cancellations() -> None:
+    import asyncio
+
+    from worker.executors.deadlines import Deadlines
+
+    deadlines = Deadlines(resolution=0.01)
+    with pytest.raises(TimeoutError):
+        async with deadlines.after(0.05):
+            await asyncio.sleep(5)
+    async with deadlines.after(5):
+        await asyncio.sleep(0.01)  # in time: nothing happens
+
+    async def cancelled_from_outside() -> None:
+        async with deadlines.after(5):
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(cancelled_from_outside())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert deadlines._ticker is None  # the ticker stops when nothing is due

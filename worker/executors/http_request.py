@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.executors.breakers import Breakers
+from worker.executors.deadlines import Deadlines
 from worker.executors.destinations import forbidden_cause, is_forbidden
 from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
@@ -40,6 +41,7 @@ METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 RESPONSE_EXCERPT_BYTES = 2048
 HEADERS_OF_INTEREST = ("content-type", "retry-after", "location", "x-request-id", "request-id",
                        "ratelimit-remaining", "ratelimit-reset", "x-ratelimit-remaining")
+_HEADERS_OF_INTEREST_RAW = frozenset(h.encode() for h in HEADERS_OF_INTEREST)
 _SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|sig|auth)[^=&]*=)[^&#]*")
 
 
@@ -103,6 +105,7 @@ class HttpRequestExecutor:
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._breakers = breakers or Breakers()
         self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
+        self._deadlines = Deadlines()
         self._clock = clock
 
     async def __call__(self, job: Job) -> Outcome:
@@ -153,7 +156,7 @@ class HttpRequestExecutor:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(request.timeout), self._http.exchange(
+            async with self._deadlines.after(request.timeout), self._http.exchange(
                     request.method, request.uri, content=body, headers=headers,
                     timeout=request.timeout) as response:
                 excerpt = await _read_excerpt(response)
@@ -261,8 +264,10 @@ def _detail(started: datetime, t0: float, response: httpx.Response, excerpt: str
         "started_at": started.isoformat(),
         "duration_ms": _ms(t0),
         "response_body": excerpt.replace("\x00", ""),
-        "response_headers": {k: response.headers[k] for k in HEADERS_OF_INTEREST
-                             if k in response.headers},
+        # One pass over the raw headers: httpx's Headers lookups scan the list each time.
+        "response_headers": {name.lower().decode("latin-1"): value.decode("latin-1")
+                             for name, value in response.headers.raw
+                             if name.lower() in _HEADERS_OF_INTEREST_RAW},
     }
 
 

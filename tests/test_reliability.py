@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,3 +356,48 @@ def test_a_payload_over_the_size_limit_is_refused_at_insert_even_when_it_compres
         with pytest.raises(psycopg.errors.CheckViolation, match="job_args_at_most_1mb"):
             c.execute("SELECT dispatch.send_request('POST', 'https://a.example/', repeat('b', 1100000))")
         c.execute("INSERT INTO dispatch.jobs (kind, args) VALUES ('debug.noop', jsonb_build_object('x', repeat('a', 900000)))")
+
+
+def test_each_role_connecting_as_itself_sees_only_what_it_should(db_url: str) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    logins = {role: f"pgd_{role}_{suffix}" for role in ("producer", "worker", "reader")}
+    execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) "
+                    "VALUES ('crm', 'HS256', 'key-material-DO-NOT-LEAK-0123456789abcdef')")
+    execute(db_url, "SELECT dispatch.send_request('POST', 'https://a.example/x', "
+                    "headers => '{\"Authorization\": \"Bearer tok-DO-NOT-LEAK\"}')")
+    for role, login in logins.items():
+        execute(db_url, f"CREATE ROLE {login} LOGIN PASSWORD 'pw' IN ROLE dispatch_{role}")
+
+    def connect(role: str) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(psycopg.conninfo.make_conninfo(db_url, user=logins[role], password="pw"),
+                               autocommit=True)
+
+    def refused(c: psycopg.Connection[tuple[Any, ...]], query: str) -> bool:
+        try:
+            c.execute(query)
+        except psycopg.errors.InsufficientPrivilege:
+            return True
+        return False
+
+    try:
+        with connect("producer") as c:
+            c.execute("SELECT dispatch.enqueue('debug.noop')")
+            c.execute("SELECT dispatch.send_request('GET', 'https://a.example/y')")
+            for query in ("SELECT * FROM dispatch.dead_jobs", "SELECT * FROM dispatch.request_attempts",
+                          "SELECT * FROM dispatch.signing_keys", "SELECT args FROM dispatch.jobs",
+                          "SELECT * FROM dispatch.job_history"):
+                assert refused(c, query), query
+        with connect("reader") as c:
+            seen = json.dumps([c.execute(f"SELECT * FROM dispatch.{view}").fetchall() for view in (
+                "job_list", "dead_job_list", "queue_stats", "worker_status", "recent_failures",
+                "request_attempts")], default=str)
+            assert "tok-DO-NOT-LEAK" not in seen and "***" in seen
+            for query in ("SELECT * FROM dispatch.signing_keys", "SELECT * FROM dispatch.jobs",
+                          "SELECT dispatch.enqueue('debug.noop')"):
+                assert refused(c, query), query
+        with connect("worker") as c:  # the only role that reads key material
+            assert c.execute("SELECT secret FROM dispatch.signing_keys").fetchone() == (
+                "key-material-DO-NOT-LEAK-0123456789abcdef",)
+    finally:
+        for login in logins.values():
+            execute(db_url, f"DROP ROLE IF EXISTS {login}")

@@ -288,8 +288,11 @@ async def test_hand_inserted_garbage_is_dead_invalid(db_url: str) -> None:
     assert scalar(db_url, "SELECT count(*) FROM dispatch.dead_jobs WHERE reason = 'invalid'") == 4
 
 
-async def test_secrets_never_reach_attempts_history_views_or_logs(
-        db_url: str, sink: Sink, caplog: pytest.LogCaptureFixture) -> None:
+async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
+        db_url: str, sink: Sink, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import cli
+
     caplog.set_level(logging.DEBUG)
     execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (SECRET,))
     send(db_url, f"{sink.url}/500?api_token=qs-DO-NOT-LEAK", claims=json.dumps({"sub": "x"}),
@@ -303,7 +306,18 @@ async def test_secrets_never_reach_attempts_history_views_or_logs(
             "SELECT * FROM dispatch.request_attempts", "SELECT * FROM dispatch.job_history",
             "SELECT * FROM dispatch.job_list", "SELECT * FROM dispatch.dead_job_list",
             "SELECT last_error FROM dispatch.jobs", "SELECT last_error FROM dispatch.dead_jobs")]
-    produced = "\n".join(dumps) + caplog.text
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    ids = [r[0] for r in psycopg.connect(db_url).execute(
+        "SELECT job_id FROM dispatch.dead_jobs UNION SELECT id FROM dispatch.jobs").fetchall()]
+    assert len(ids) == 2
+    for argv in (["status"], ["status", "--json"], ["dead", "list"], ["dead", "list", "--json"],
+                 ["queues", "list"], *(["dead", "show", str(i)] for i in ids),
+                 *(["dead", "show", str(i), "--json"] for i in ids),
+                 *(["request", "show", str(i)] for i in ids), *(["request", "show", str(i), "--json"] for i in ids)):
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert "qs-" in out or "***" in out  # the commands did print the requests
+    produced = "\n".join(dumps) + caplog.text + out + err
     for secret in (SECRET, BEARER, "tok-DO-NOT-LEAK", token, "qs-DO-NOT-LEAK"):
         assert secret not in produced
 

@@ -156,3 +156,15 @@ LIMIT 1;
 SELECT attempt, outcome, status, duration_ms, error_class, error_message, response_body,
        response_headers, started_at, finished_at
 FROM dispatch.request_attempts WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;
+
+-- name: jobs_dead_tuples
+SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'dispatch.jobs'::regclass;
+
+-- name: try_vacuum_lock
+SELECT pg_try_advisory_lock(hashtext('pgdispatch.vacuum_jobs'));
+
+-- name: vacuum_jobs
+VACUUM dispatch.jobs;
+
+-- name: vacuum_unlock
+SELECT pg_advisory_unlock(hashtext('pgdispatch.vacuum_jobs'));

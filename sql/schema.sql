@@ -782,3 +782,13 @@ GRANT EXECUTE ON FUNCTION dispatch.send_request(text, text, text, timestamptz, i
     integer, integer, text, text, text, jsonb, text, jsonb, text) TO dispatch_producer, dispatch_worker;
 GRANT SELECT ON dispatch.signing_keys TO dispatch_worker;
 GRANT SELECT ON dispatch.request_attempts TO dispatch_worker, dispatch_reader;
+
+-- Workers VACUUM dispatch.jobs between autovacuum runs (Engine.vacuum_jobs). PostgreSQL 17+
+-- has a MAINTAIN privilege for it; before 17 only the owner may, and workers connected as
+-- dispatch_worker leave it to autovacuum.
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::integer >= 170000 THEN
+        EXECUTE 'GRANT MAINTAIN ON dispatch.jobs TO dispatch_worker';
+    END IF;
+END $$;

@@ -249,3 +249,16 @@ def test_worker_config_refuses_nonsense() -> None:
     for bad in ({"concurrency": 0}, {"lease_seconds": 0.1}, {"queues": ()}, {"poll_interval": 0}):
         with pytest.raises(ConfigurationError):
             WorkerConfig(database_url="postgresql://x", **bad)  # type: ignore[arg-type]
+
+
+async def test_workers_vacuum_the_jobs_table_when_dead_rows_pile_up(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 3000)")
+
+    def vacuumed() -> bool:
+        return bool(scalar(db_url, "SELECT vacuum_count > 0 FROM pg_stat_user_tables "
+                                   "WHERE relid = 'dispatch.jobs'::regclass"))
+
+    assert not vacuumed()
+    async with running_worker(db_url, DEBUG, vacuum_interval=0.2, vacuum_min_dead_tuples=1000):
+        await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0, 20)
+        await wait_until(vacuumed, 30, every=0.2)  # stats reach the server within ~10 s

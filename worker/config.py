@@ -34,6 +34,10 @@ class WorkerConfig:
     # How long finished-attempt history is kept (seconds).
     history_keep_seconds: float = 14 * 86400
     pool_size: int = 4
+    # VACUUM the jobs table when it holds this many dead row versions (checked every
+    # vacuum_interval seconds); 0 leaves it all to autovacuum.
+    vacuum_min_dead_tuples: int = 10_000
+    vacuum_interval: float = 3.0
     # Requests in flight to one host per process, so one slow backend cannot take every slot.
     per_host_limit: int = 64
     # Circuit breakers per (tenant, host): this many consecutive failures open one for
@@ -59,6 +63,9 @@ class WorkerConfig:
         _require(self.breaker_failures >= 1, f"breaker_failures must be >= 1, got {self.breaker_failures}")
         _require(self.breaker_cooldown > 0, f"breaker_cooldown must be > 0, got {self.breaker_cooldown}")
         _require(self.pool_size >= 2, f"pool_size must be >= 2, got {self.pool_size}")
+        _require(self.vacuum_min_dead_tuples >= 0,
+                 f"vacuum_min_dead_tuples must be >= 0, got {self.vacuum_min_dead_tuples}")
+        _require(self.vacuum_interval > 0, f"vacuum_interval must be > 0, got {self.vacuum_interval}")
 
 
 def _require(ok: bool, message: str) -> None:

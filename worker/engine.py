@@ -99,6 +99,26 @@ class Engine:
             await conn.execute(sql.query("prune_history"), {"keep_seconds": keep_seconds})
             await conn.execute(sql.query("forget_stopped_workers"))
 
+    async def vacuum_jobs(self, *, min_dead_tuples: int) -> bool:
+        """VACUUM the jobs table once dead row versions pile up, one worker of all at a time.
+
+        A fast drain leaves a dead version per claim and per finish at the head of the claim
+        index; autovacuum wakes at most once a minute, and until then every claim steps over
+        them (a 1M-row drain fell from ~37,000 to ~27,000 jobs/s). Without the right to vacuum
+        (owner, or MAINTAIN on PostgreSQL 17+) the server skips it with a notice: harmless."""
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(sql.query("jobs_dead_tuples"))).fetchone()
+            if row is None or row[0] < min_dead_tuples:
+                return False
+            locked = await (await conn.execute(sql.query("try_vacuum_lock"))).fetchone()
+            if not locked or not locked[0]:
+                return False
+            try:
+                await conn.execute(sql.query("vacuum_jobs"))
+            finally:
+                await conn.execute(sql.query("vacuum_unlock"))
+        return True
+
     async def register(self, *, queues: list[str], slots: int) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(sql.query("register_worker"), {

@@ -108,6 +108,8 @@ class Runner:
             asyncio.create_task(self.policies.refresh_forever(), name="policy-refresh"),
             asyncio.create_task(self._maintain_forever(), name="maintenance"),
         ]
+        if cfg.vacuum_min_dead_tuples:
+            background.append(asyncio.create_task(self._vacuum_forever(), name="vacuum"))
         with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
             await asyncio.wait_for(listener.connected.wait(), timeout=5)
         self.started.set()
@@ -365,6 +367,14 @@ class Runner:
             except Exception as exc:
                 log.warning("rescue failed: %s", exc)
             await asyncio.sleep(self.config.rescue_interval)
+
+    async def _vacuum_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.vacuum_interval)
+            try:
+                await self.engine.vacuum_jobs(min_dead_tuples=self.config.vacuum_min_dead_tuples)
+            except Exception as exc:
+                log.warning("vacuum of dispatch.jobs failed: %s", exc)
 
     async def _maintain_forever(self) -> None:
         while True:

@@ -297,7 +297,8 @@ async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
     execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (SECRET,))
     send(db_url, f"{sink.url}/500?api_token=qs-DO-NOT-LEAK", claims=json.dumps({"sub": "x"}),
          signing_key="crm", headers=json.dumps({"Authorization": BEARER}), attempt_limit=1)
-    send(db_url, "http://127.0.0.1:1/x?token=qs-DO-NOT-LEAK", headers=json.dumps({"Authorization": BEARER}))
+    send(db_url, "http://user:pw-DO-NOT-LEAK@127.0.0.1:1/x?token=qs-DO-NOT-LEAK",
+         headers=json.dumps({"Authorization": BEARER}))
     await drain(db_url)
     token = sink.bodies("/500")[0]["request"]
     assert sink.received[0]["headers"]["Authorization"] == BEARER  # it was really sent
@@ -318,7 +319,7 @@ async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
     out, err = capsys.readouterr()
     assert "qs-" in out or "***" in out  # the commands did print the requests
     produced = "\n".join(dumps) + caplog.text + out + err
-    for secret in (SECRET, BEARER, "tok-DO-NOT-LEAK", token, "qs-DO-NOT-LEAK"):
+    for secret in (SECRET, BEARER, "tok-DO-NOT-LEAK", token, "qs-DO-NOT-LEAK", "pw-DO-NOT-LEAK"):
         assert secret not in produced
 
 

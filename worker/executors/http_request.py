@@ -49,6 +49,7 @@ _SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|sig|aut
 class HttpRequest:
     method: str
     uri: str
+    url: httpx.URL  # parsed once: the transport takes it as it is
     host: str
     hostname: str
     body: str | None
@@ -68,8 +69,11 @@ class HttpRequest:
         if not isinstance(method, str) or method.upper() not in METHODS:
             raise InvalidJob(f"method must be one of {', '.join(sorted(METHODS))}, got {method!r}")
         uri = args.get("uri")
-        parts = urlsplit(uri) if isinstance(uri, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            url = httpx.URL(uri) if isinstance(uri, str) else None
+        except (httpx.InvalidURL, ValueError, TypeError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
             raise InvalidJob(f"uri must be an absolute http(s) URL, got {mask_url(str(uri))[:200]!r}")
         body = args.get("body")
         claims = args.get("claims")
@@ -81,7 +85,8 @@ class HttpRequest:
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise InvalidJob("headers must be an object of strings")
         return cls(
-            method=method.upper(), uri=uri, host=parts.netloc, hostname=parts.hostname,  # type: ignore[arg-type]
+            # host: host[:port] without userinfo, the key of per-host caps and circuits.
+            method=method.upper(), uri=uri, url=url, host=url.netloc.decode("ascii"), hostname=url.host,  # type: ignore[arg-type]
             body=body,
             claims=claims, signing_key=args.get("signing_key"),
             success_code=_int(args, "success_code", 200, 100, 599),
@@ -157,7 +162,7 @@ class HttpRequestExecutor:
         t0 = time.perf_counter()
         try:
             async with self._deadlines.after(request.timeout), self._http.exchange(
-                    request.method, request.uri, content=body, headers=headers,
+                    request.method, request.url, content=body, headers=headers,
                     timeout=request.timeout) as response:
                 excerpt = await _read_excerpt(response)
         except TimeoutError as exc:

@@ -44,7 +44,7 @@ class HttpTransport:
         await self._transport.aclose()
 
     @contextlib.asynccontextmanager
-    async def exchange(self, method: str, url: str, *, content: bytes | None = None,
+    async def exchange(self, method: str, url: str | httpx.URL, *, content: bytes | None = None,
                        headers: Mapping[str, str] | None = None,
                        timeout: float = 30.0) -> AsyncIterator[httpx.Response]:
         """Send one request; the response's body is streamed and released on exit."""

@@ -154,7 +154,7 @@ class PgQueuer(Peer):
         queries, close = await self._queries_for(url)
         manager = QueueManager(queries)
 
-        @manager.entrypoint(ENTRYPOINT)
+        @manager.entrypoint(ENTRYPOINT)  # type: ignore[untyped-decorator,unused-ignore]  # typed only when installed
         async def bench(job: Job) -> None:
             await work.run(job.payload)
 
@@ -201,7 +201,7 @@ class Procrastinate(Peer):
 
     @staticmethod
     def _task(app: Any, work: Work | None) -> Any:
-        @app.task(name=ENTRYPOINT)  # type: ignore[untyped-decorator]
+        @app.task(name=ENTRYPOINT)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(payload: str) -> None:
             if work is not None:
                 await work.run(payload.encode())

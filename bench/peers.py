@@ -92,23 +92,19 @@ class Peer(abc.ABC):
     async def enqueue(self, url: str, payloads: list[bytes]) -> None: ...
 
     @abc.abstractmethod
-    def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
-        """A single-row insert, on a connection opened by `open_producer`."""
+    async def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
+        """Connect, and return a single-row insert through the peer's own API (the connection
+        lives as long as the producer process)."""
 
     @abc.abstractmethod
     async def work(self, url: str, work: Work, *, drain: bool, stop: asyncio.Event, setting: int) -> None:
         """Run the peer's worker; `setting` is its batch size or concurrency (see BEST)."""
-
-    @abc.abstractmethod
-    async def open_producer(self, url: str) -> None:
-        """Open what `producer` inserts through."""
 
 
 class PgQueuer(Peer):
     def __init__(self, driver: str) -> None:
         self.driver = driver
         self.name = f"pgqueuer-{driver}"
-        self._queries: Any = None
 
     async def _queries_for(self, url: str) -> tuple[Any, Callable[[], Awaitable[None]]]:
         from pgqueuer import Queries
@@ -139,12 +135,11 @@ class PgQueuer(Peer):
             await queries.enqueue([ENTRYPOINT] * len(chunk), list(chunk), [0] * len(chunk))
         await close()
 
-    async def open_producer(self, url: str) -> None:
-        self._queries, _ = await self._queries_for(url)
+    async def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
+        queries, _ = await self._queries_for(url)
 
-    def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
         async def insert(payload: bytes) -> None:
-            await self._queries.enqueue(ENTRYPOINT, payload)
+            await queries.enqueue(ENTRYPOINT, payload)
         return insert
 
     async def work(self, url: str, work: Work, *, drain: bool, stop: asyncio.Event, setting: int) -> None:
@@ -189,14 +184,13 @@ class Procrastinate(Peer):
             for i in range(0, len(payloads), 1000):
                 await task.batch_defer_async(*({"payload": p.decode()} for p in payloads[i:i + 1000]))
 
-    async def open_producer(self, url: str) -> None:
-        self._app_open = self._app(url)
-        self._producer_task = self._task(self._app_open, None)
-        await self._app_open.open_async()
+    async def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
+        app = self._app(url)
+        task = self._task(app, None)
+        await app.open_async()
 
-    def producer(self, url: str) -> Callable[[bytes], Awaitable[None]]:
         async def insert(payload: bytes) -> None:
-            await self._producer_task.defer_async(payload=payload.decode())
+            await task.defer_async(payload=payload.decode())
         return insert
 
     @staticmethod
@@ -240,8 +234,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await chosen.install(args.url)
         return {}
     if args.command == "produce":
-        await chosen.open_producer(args.url)
-        insert = chosen.producer(args.url)
+        insert = await chosen.producer(args.url)
         start = time.perf_counter()
         count = int(args.rate * args.seconds)
         for i in range(count):

@@ -13,7 +13,6 @@ from bench.peers import PEERS
 from bench.scenarios import BARE_CLIENT, OURS, Result
 
 SCENARIOS = ("drain", "deliver", "latency", "backlog", "memory", "enqueue")
-WITH_PEERS = ("drain", "deliver", "latency")
 
 
 def expand_peers(names: Iterable[str]) -> list[str]:

@@ -123,7 +123,9 @@ class HttpRequestExecutor:
                                       "link-local address, which this worker may not reach")
         # A job that cannot be sent now gives its slot back at once rather than waiting in it:
         # a hung host must not fill the process with jobs queueing for it (fairness).
-        semaphore = self._hosts.setdefault(request.host, asyncio.Semaphore(self._per_host_limit))
+        semaphore = self._hosts.get(request.host)
+        if semaphore is None:
+            semaphore = self._hosts[request.host] = asyncio.Semaphore(self._per_host_limit)
         if semaphore.locked():
             return Postpone(self._bounce_delay(request.host, now),
                             f"not sent: {self._per_host_limit} requests to {request.host} "

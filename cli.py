@@ -154,12 +154,13 @@ def cmd_worker(env: Env, args: argparse.Namespace) -> int:
     if args.migrate:
         migrate(url)
     config = WorkerConfig(
-        database_url=url, queues=tuple(args.queue or ["default"]), concurrency=args.concurrency,
+        database_url=url, queues=tuple(args.queue or ()), concurrency=args.concurrency,
         max_batch=args.batch, version=env.build, lease_seconds=args.lease,
         poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
         exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
         rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit,
         breaker_failures=args.breaker_failures, breaker_cooldown=args.breaker_cooldown,
+        fetch_cooldown=args.fetch_cooldown, debug_kinds=args.debug_kinds,
         allow_private_networks=(args.allow_private_networks if args.allow_private_networks is not None
                                 else not env.database_url))
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
@@ -223,10 +224,13 @@ def cmd_dead(env: Env, args: argparse.Namespace) -> int:
         elif args.dead_command == "retry":
             if args.all == bool(args.ids):
                 raise InvalidInput("give job ids or --all (not both)")
+            expire_at = None if args.expire_in is None else _db_now_plus(conn, args.expire_in)
             if args.all:
-                rows = conn.execute(sql.query("dead_retry_all"), {"queue": args.queue}).fetchall()
+                rows = conn.execute(sql.query("dead_retry_all"),
+                                    {"queue": args.queue, "expire_at": expire_at}).fetchall()
             else:
-                rows = conn.execute(sql.query("dead_retry"), {"job_ids": args.ids}).fetchall()
+                rows = conn.execute(sql.query("dead_retry"),
+                                    {"job_ids": args.ids, "expire_at": expire_at}).fetchall()
             revived = [r["job_id"] for r in rows if r["job_id"] is not None]
             missing = sorted(set(args.ids or []) - set(revived))
             emit(args, {"retried": revived, "not_found": missing},
@@ -388,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending migrations (idempotent)").set_defaults(func=cmd_migrate)
 
     w = sub.add_parser("worker", help="run the worker pool")
-    w.add_argument("--queue", action="append", help="queue to work (repeatable; default: default)")
+    w.add_argument("--queue", action="append",
+                   help="queue to work (repeatable; default: every queue, including new ones)")
     w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--concurrency", type=int, default=100, help="job slots per process (default 100)")
     w.add_argument("--batch", type=int, default=100, help="most jobs per claim (default 100)")
@@ -418,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default only with the embedded server)")
     private.add_argument("--forbid-private-networks", dest="allow_private_networks",
                          action="store_false", help="refuse them (default with DATABASE_URL)")
+    w.add_argument("--fetch-cooldown", type=duration, default=0.01,
+                   help="claim at most once per this long on NOTIFY bursts (default 10ms)")
+    w.add_argument("--debug-kinds", action="store_true",
+                   help="also run the debug.* kinds (tests and benchmarks)")
     w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     w.set_defaults(func=cmd_worker)
 
@@ -451,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("ids", type=int, nargs="*")
     dr.add_argument("--all", action="store_true")
     dr.add_argument("--queue", help="with --all: only this queue")
+    dr.add_argument("--expire-in", type=duration,
+                    help="a new expiry (e.g. 1d): required to revive jobs that died 'expired'")
     dr.add_argument("--json", action="store_true")
     dp = dsub.add_parser("purge")
     dp.add_argument("--queue")

@@ -15,6 +15,7 @@ engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(
 with engine.connect() as connection:
     # One migrator at a time, even when several workers start together.
     connection.exec_driver_sql("SELECT pg_advisory_lock(hashtext('pgdispatch.migrate'))")
+    connection.commit()  # the lock is the session's; each revision then commits on its own
     context.configure(connection=connection, transaction_per_migration=True)
     with context.begin_transaction():
         context.run_migrations()

@@ -74,7 +74,7 @@ def sink(status: int = 202, delay: float = 0.0) -> Iterator[str]:
 
 def _our_worker(url: str, *args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", *args], env=env)
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "--debug-kinds", *args], env=env)
 
 
 def _queue_noops(url: str, jobs: int) -> None:

@@ -49,7 +49,7 @@ _INPUT_ERRORS = (
 
 def translate(exc: psycopg.Error) -> PgDispatchError:
     """Map a driver error to the most specific pgdispatch error."""
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+    if _connection_lost(exc):
         return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
     if isinstance(exc, _INPUT_ERRORS):
         diag = exc.diag
@@ -70,6 +70,16 @@ def translated() -> Iterator[None]:
         yield
     except psycopg.Error as exc:
         raise translate(exc) from exc
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """No server answer at all, a connection failure (08), or the server shutting down (57P)."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,13 +23,14 @@ NotifyHandler = Callable[[str, str], None]
 class Listener:
     def __init__(self, database_url: str, channels: list[str], *, on_notify: NotifyHandler,
                  on_reconnect: Callable[[], Awaitable[None]], keepalive: float = 5.0,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, connect_timeout: int = 10) -> None:
         self._url = database_url
         self._channels = channels
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._keepalive = keepalive
         self._max_backoff = max_backoff
+        self._connect_timeout = connect_timeout
         self.connected = asyncio.Event()
         self.reconnects = 0
 
@@ -39,7 +40,8 @@ class Listener:
         first = True
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                        self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
                     for channel in self._channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self.connected.set()

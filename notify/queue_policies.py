@@ -46,6 +46,9 @@ class QueuePolicies:
     def get(self, name: str) -> QueuePolicy | None:
         return self._snapshot.get(name)
 
+    def names(self) -> list[str]:
+        return list(self._snapshot)
+
     async def reload(self) -> None:
         """Reload now; callers arriving while a load is in flight share it."""
         await asyncio.shield(self._start_loading())

@@ -4,27 +4,37 @@
 -- name: claim_jobs
 SELECT id, queue, kind, args, priority, attempt, max_attempts, tenant, run_at, expire_at,
        created_at, lease_token, expired
-FROM dispatch.claim_jobs_v1(%(worker_id)s, %(queue)s, %(kinds)s, %(version)s, %(max_jobs)s,
+FROM dispatch.claim_jobs_v2(%(worker_id)s, %(queue)s, %(kinds)s, %(version)s, %(max_jobs)s,
                             make_interval(secs => %(lease_seconds)s));
 
 -- name: finish_jobs
 -- Binary parameters (the b placeholders): text-format arrays escape every element with a regex, which cost
 -- the worker more CPU than the statement costs the server.
-SELECT dispatch.finish_jobs_v1(%(ids)b, %(tokens)b, %(outcomes)b, %(delays)b, %(reasons)b,
+SELECT dispatch.finish_jobs_v2(%(ids)b, %(tokens)b, %(outcomes)b, %(delays)b, %(reasons)b,
                                %(errors)b, %(statuses)b, %(details)b::jsonb[]);
 
 -- name: extend_leases
-SELECT lost_token FROM dispatch.extend_leases_v1(%(tokens)s,
+SELECT lost_token FROM dispatch.extend_leases_v2(%(ids)s, %(tokens)s,
                                                  make_interval(secs => %(lease_seconds)s));
 
 -- name: rescue_expired
-SELECT dispatch.rescue_expired_v1(%(max_jobs)s);
+SELECT dispatch.rescue_expired_v2(%(max_jobs)s);
 
 -- name: ensure_history_partitions
 SELECT dispatch.ensure_history_partitions();
 
--- name: prune_history
-SELECT dispatch.prune_history(make_interval(secs => %(keep_seconds)s));
+-- name: history_partitions_older_than
+SELECT partition, detach_pending
+FROM dispatch.history_partitions_older_than(make_interval(secs => %(keep_seconds)s));
+
+-- name: prune_dead
+SELECT dispatch.prune_dead_v1(make_interval(secs => %(keep_seconds)s));
+
+-- name: take_duty
+SELECT dispatch.take_duty_v1(%(duty)s, %(worker_id)s, make_interval(secs => %(lease_seconds)s));
+
+-- name: release_duties
+SELECT dispatch.release_duties_v1(%(worker_id)s);
 
 -- name: load_queues
 SELECT name, max_attempts, extract(epoch FROM backoff_base)::float8 AS backoff_base,
@@ -34,9 +44,10 @@ SELECT name, max_attempts, extract(epoch FROM backoff_base)::float8 AS backoff_b
 FROM dispatch.queues ORDER BY name;
 
 -- name: register_worker
-INSERT INTO dispatch.workers (id, host, pid, version, queues, slots)
-VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(slots)s)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL;
+INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds, lease_seconds)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(slots)s, %(kinds)s, %(lease_seconds)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, queues = excluded.queues,
+    kinds = excluded.kinds, lease_seconds = excluded.lease_seconds;
 
 -- name: worker_heartbeat
 UPDATE dispatch.workers
@@ -90,10 +101,10 @@ SELECT attempt, outcome, error, status, worker, started_at, finished_at
 FROM dispatch.job_history WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;
 
 -- name: dead_retry
-SELECT dispatch.retry_dead(%(job_ids)s) AS job_id;
+SELECT dispatch.retry_dead(%(job_ids)s, expire_at => %(expire_at)s) AS job_id;
 
 -- name: dead_retry_all
-SELECT dispatch.retry_dead(array_agg(job_id)) AS job_id FROM dispatch.dead_jobs
+SELECT dispatch.retry_dead(array_agg(job_id), expire_at => %(expire_at)s) AS job_id FROM dispatch.dead_jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s);
 
 -- name: dead_purge
@@ -160,11 +171,5 @@ FROM dispatch.request_attempts WHERE job_id = %(job_id)s ORDER BY finished_at, a
 -- name: jobs_dead_tuples
 SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'dispatch.jobs'::regclass;
 
--- name: try_vacuum_lock
-SELECT pg_try_advisory_lock(hashtext('pgdispatch.vacuum_jobs'));
-
 -- name: vacuum_jobs
-VACUUM dispatch.jobs;
-
--- name: vacuum_unlock
-SELECT pg_advisory_unlock(hashtext('pgdispatch.vacuum_jobs'));
+VACUUM (SKIP_LOCKED) dispatch.jobs;

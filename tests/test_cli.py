@@ -66,7 +66,7 @@ def test_idempotent_enqueue_returns_the_same_id(run) -> None:  # type: ignore[no
 def test_dead_list_show_retry_purge(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
     execute(db_url, "SELECT dispatch.enqueue('debug.fail', '{\"api_key\": \"sk-123\"}', max_attempts => 1)")
     execute(db_url, "SELECT dispatch.enqueue('debug.fail', max_attempts => 1)")
-    assert run("worker", "--drain")[0] == 0
+    assert run("worker", "--drain", "--debug-kinds")[0] == 0
     code, out, _ = run("dead", "list", "--json")
     rows = json.loads(out)
     assert code == 0 and [r["reason"] for r in rows] == ["exhausted", "exhausted"]
@@ -81,7 +81,7 @@ def test_dead_list_show_retry_purge(run, db_url: str) -> None:  # type: ignore[n
     assert run("dead", "retry")[0] == 2
     code, out, _ = run("dead", "retry", "--all", "--json")
     assert code == 0 and json.loads(out)["retried"] == [2]
-    assert run("worker", "--drain")[0] == 0
+    assert run("worker", "--drain", "--debug-kinds")[0] == 0
     code, _, err = run("dead", "purge")
     assert code == 2 and "--yes" in err
     code, out, _ = run("dead", "purge", "--older-than", "1d", "--yes")
@@ -134,7 +134,7 @@ def test_migrate_and_embedded_server_without_database_url(tmp_path: Path) -> Non
         assert result.returncode == 0, result.stderr
         assert "embedded PostgreSQL" in result.stdout
         assert cmd("enqueue", "debug.noop").returncode == 0
-        result = cmd("worker", "--drain")
+        result = cmd("worker", "--drain", "--debug-kinds")
         assert result.returncode == 0 and "psql" in result.stderr
         assert cmd("embedded", "url").stdout.startswith("postgresql://")
         assert '"available": 0' in cmd("status", "--json").stdout

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def start_worker(url: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", *args], env=env,
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "--debug-kinds", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

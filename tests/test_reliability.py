@@ -97,7 +97,7 @@ def send_many(db_url: str, uri_prefix: str, count: int, **kwargs: Any) -> None:
 
 def start_pool(db_url: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DATABASE_URL": db_url, "PGDISPATCH_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "--allow-private-networks", *args],
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "--allow-private-networks", "--debug-kinds", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -118,7 +118,7 @@ async def http_worker(db_url: str, *, breakers: Breakers | None = None, per_host
     """An in-process worker on the requests queue with the real executors and transport."""
     keys = SigningKeys(db_url)
     async with HttpTransport(max_connections=100) as http:
-        executors = builtin_executors(http=http, keys=keys, per_host_limit=per_host_limit, breakers=breakers)
+        executors = builtin_executors(http=http, keys=keys, per_host_limit=per_host_limit, breakers=breakers, debug_kinds=True)
         async with running_worker(db_url, executors, queues=("requests",), poll_interval=0.2,
                                   per_host_limit=per_host_limit, **settings):
             yield

@@ -51,7 +51,7 @@ def test_translate_maps_driver_errors() -> None:
 
 
 def test_named_queries_load() -> None:
-    assert "claim_jobs_v1" in sql.query("claim_jobs")
+    assert "claim_jobs_v2" in sql.query("claim_jobs")
     with pytest.raises(KeyError, match="no query named"):
         sql.query("nope")
 

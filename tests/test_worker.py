@@ -116,12 +116,13 @@ async def test_worker_that_lost_its_lease_abandons_the_job(db_url: str) -> None:
         await asyncio.wait_for(started.wait(), 5)
         # Another worker's rescue takes the job over (as if we had stalled past the lease).
         execute(db_url, "UPDATE dispatch.jobs SET lease_expires_at = now() - interval '1 second'")
-        execute(db_url, "SELECT dispatch.rescue_expired_v1()")
+        execute(db_url, "SELECT dispatch.rescue_expired_v2()")
         execute(db_url, "UPDATE dispatch.queues SET paused = true")  # nobody re-claims it
         await asyncio.wait_for(cancelled.wait(), 5)
     rows = psycopg.connect(db_url).execute("SELECT attempt, outcome FROM dispatch.job_history").fetchall()
     assert rows == [(1, "rescued")]
-    assert psycopg.connect(db_url).execute("SELECT state::text, attempt FROM dispatch.jobs").fetchall() == [("available", 1)]
+    # Rescued attempts back off like retries.
+    assert psycopg.connect(db_url).execute("SELECT state::text, attempt, run_at >= (SELECT finished_at FROM dispatch.job_history) + interval '0.9 seconds' FROM dispatch.jobs").fetchall() == [("scheduled", 1, True)]
 
 
 async def test_executor_outcomes_and_failures(db_url: str) -> None:
@@ -246,7 +247,7 @@ async def test_a_worker_survives_poisoned_jobs(db_url: str) -> None:
 def test_worker_config_refuses_nonsense() -> None:
     from db.errors import ConfigurationError
 
-    for bad in ({"concurrency": 0}, {"lease_seconds": 0.1}, {"queues": ()}, {"poll_interval": 0}):
+    for bad in ({"concurrency": 0}, {"lease_seconds": 0.1}, {"fetch_cooldown": -1}, {"poll_interval": 0}):
         with pytest.raises(ConfigurationError):
             WorkerConfig(database_url="postgresql://x", **bad)  # type: ignore[arg-type]
 

@@ -10,7 +10,8 @@ from db.errors import ConfigurationError
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     database_url: str
-    queues: tuple[str, ...] = ("default",)
+    # Queues to serve; empty: every queue in dispatch.queues, including ones created later.
+    queues: tuple[str, ...] = ()
     # Concurrent job slots per worker process.
     concurrency: int = 100
     # Most jobs one claim takes; smaller claims spread work fairly across processes.
@@ -31,8 +32,14 @@ class WorkerConfig:
     exit_on_newer: bool = False
     # Finish in-flight work and exit to be restarted when RSS exceeds this (MiB); 0: no limit.
     memory_limit_mb: int = 0
-    # How long finished-attempt history is kept (seconds).
+    # How long finished-attempt history and dead letters are kept (seconds).
     history_keep_seconds: float = 14 * 86400
+    dead_keep_seconds: float = 30 * 86400
+    # Debounce: a NOTIFY within this many seconds of the last claim waits until it has passed,
+    # so a burst of single-row inserts is claimed in batches.
+    fetch_cooldown: float = 0.01
+    # Seconds to wait for the database at start before giving up.
+    connect_timeout: float = 30.0
     pool_size: int = 4
     # VACUUM the jobs table when it holds this many dead row versions (checked every
     # vacuum_interval seconds); 0 leaves it all to autovacuum.
@@ -48,9 +55,10 @@ class WorkerConfig:
     # forbids them when DATABASE_URL is set (production) and allows them for the embedded demo.
     allow_private_networks: bool = True
     worker_name: str | None = None
+    # Run the debug.* kinds (tests, benchmarks); production workers leave them waiting.
+    debug_kinds: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.queues), "queues: give at least one queue")
         _require(self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}")
         _require(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
         _require(self.version >= 0, f"version must be >= 0, got {self.version}")
@@ -66,6 +74,9 @@ class WorkerConfig:
         _require(self.vacuum_min_dead_tuples >= 0,
                  f"vacuum_min_dead_tuples must be >= 0, got {self.vacuum_min_dead_tuples}")
         _require(self.vacuum_interval > 0, f"vacuum_interval must be > 0, got {self.vacuum_interval}")
+        _require(self.fetch_cooldown >= 0, f"fetch_cooldown must be >= 0, got {self.fetch_cooldown}")
+        _require(self.dead_keep_seconds > 0, f"dead_keep_seconds must be > 0, got {self.dead_keep_seconds}")
+        _require(self.connect_timeout > 0, f"connect_timeout must be > 0, got {self.connect_timeout}")
 
 
 def _require(ok: bool, message: str) -> None:

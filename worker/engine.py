@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Longest text we store per error: enough to diagnose, small enough to keep rows cheap.
 MAX_ERROR_CHARS = 2000
+# How long history maintenance waits for a lock before leaving the work to its next run.
+HISTORY_LOCK_TIMEOUT = pgsql.Literal("1s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +47,10 @@ class Finish:
 
 
 class Engine:
-    def __init__(self, pool: AsyncConnectionPool, *, worker_id: str, version: int,
-                 lease_seconds: float) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, database_url: str, worker_id: str,
+                 version: int, lease_seconds: float) -> None:
         self._pool = pool
+        self._conninfo = database_url
         self.worker_id = worker_id
         self.version = version
         self.lease_seconds = lease_seconds
@@ -77,13 +81,14 @@ class Engine:
             row = await cur.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    async def extend_leases(self, tokens: list[UUID]) -> set[UUID]:
-        """Extend our leases; returns the tokens we no longer hold."""
-        if not tokens:
+    async def extend_leases(self, leases: Mapping[UUID, int]) -> set[UUID]:
+        """Extend our leases (token → job id); returns the tokens we no longer hold."""
+        if not leases:
             return set()
         async with self._pool.connection() as conn:
-            cur = await conn.execute(sql.query("extend_leases"),
-                                     {"tokens": tokens, "lease_seconds": self.lease_seconds})
+            cur = await conn.execute(sql.query("extend_leases"), {
+                "ids": list(leases.values()), "tokens": list(leases),
+                "lease_seconds": self.lease_seconds})
             return {row[0] for row in await cur.fetchall()}
 
     async def rescue_expired(self, max_jobs: int = 1000) -> int:
@@ -93,37 +98,78 @@ class Engine:
         return bool(await self._scalar("newer_build_waiting",
                                        {"queues": queues, "version": self.version}))
 
-    async def maintain_history(self, keep_seconds: float) -> None:
+    async def ensure_history_partitions(self) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(sql.query("ensure_history_partitions"))
-            await conn.execute(sql.query("prune_history"), {"keep_seconds": keep_seconds})
+
+    async def take_duty(self, duty: str, lease_seconds: float) -> bool:
+        """Whether this worker holds `duty` (one of all workers does it) for the next lease."""
+        return bool(await self._scalar("take_duty", {
+            "duty": duty, "worker_id": self.worker_id, "lease_seconds": lease_seconds}))
+
+    async def maintain(self, *, history_keep_seconds: float, dead_keep_seconds: float) -> int:
+        """Partitions ahead, old history partitions dropped, old dead letters and retained
+        idempotency keys pruned, stopped workers forgotten. Returns partitions dropped.
+
+        Never queues the outcome path behind a long reader: partitions are attached (SHARE
+        UPDATE EXCLUSIVE, which writers do not wait for) a week before they are needed, and old
+        ones are detached CONCURRENTLY, then dropped, each under a short lock_timeout; what
+        cannot be done now is done by the next run."""
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("ensure_history_partitions"))
+            cur = await conn.execute(sql.query("history_partitions_older_than"),
+                                     {"keep_seconds": history_keep_seconds})
+            old = await cur.fetchall()
+            await conn.execute(sql.query("prune_dead"), {"keep_seconds": dead_keep_seconds})
             await conn.execute(sql.query("forget_stopped_workers"))
+        dropped = 0
+        for partition, detach_pending in old:
+            try:
+                await self._drop_history_partition(partition, detach_pending=detach_pending)
+                dropped += 1
+            except psycopg.errors.LockNotAvailable:
+                log.info("history partition %s is in use; the next maintenance run drops it",
+                         partition)
+        return dropped
+
+    async def _drop_history_partition(self, partition: str, *, detach_pending: bool) -> None:
+        # Its own connection: DETACH CONCURRENTLY cannot run in a transaction, and the session
+        # setting must not leak into the pool.
+        name = pgsql.Identifier("dispatch", partition)
+        async with await self._connect() as conn:
+            await conn.execute(pgsql.SQL("SET lock_timeout = {}").format(HISTORY_LOCK_TIMEOUT))
+            mode = pgsql.SQL("FINALIZE" if detach_pending else "CONCURRENTLY")
+            await conn.execute(pgsql.SQL("ALTER TABLE dispatch.job_history DETACH PARTITION {} {}")
+                               .format(name, mode))
+            await conn.execute(pgsql.SQL("DROP TABLE {}").format(name))
+
+    async def _connect(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
+                                                     connect_timeout=10)
 
     async def vacuum_jobs(self, *, min_dead_tuples: int) -> bool:
-        """VACUUM the jobs table once dead row versions pile up, one worker of all at a time.
+        """VACUUM the jobs table once dead row versions pile up. Returns whether it ran.
 
         A fast drain leaves a dead version per claim and per finish at the head of the claim
         index; autovacuum wakes at most once a minute, and until then every claim steps over
-        them (a 1M-row drain fell from ~37,000 to ~27,000 jobs/s). Without the right to vacuum
-        (owner, or MAINTAIN on PostgreSQL 17+) the server skips it with a notice: harmless."""
+        them (a 1M-row drain fell from ~37,000 to ~27,000 jobs/s). Its own connection, so a long
+        VACUUM never holds one the claim needs; SKIP_LOCKED, so it never waits for a lock.
+        Without the right to vacuum (owner, or MAINTAIN on PostgreSQL 17+) the server skips it
+        with a notice: harmless."""
         async with self._pool.connection() as conn:
             row = await (await conn.execute(sql.query("jobs_dead_tuples"))).fetchone()
-            if row is None or row[0] < min_dead_tuples:
-                return False
-            locked = await (await conn.execute(sql.query("try_vacuum_lock"))).fetchone()
-            if not locked or not locked[0]:
-                return False
-            try:
-                await conn.execute(sql.query("vacuum_jobs"))
-            finally:
-                await conn.execute(sql.query("vacuum_unlock"))
+        if row is None or row[0] < min_dead_tuples:
+            return False
+        async with await self._connect() as conn:
+            await conn.execute(sql.query("vacuum_jobs"))
         return True
 
-    async def register(self, *, queues: list[str], slots: int) -> None:
+    async def register(self, *, queues: list[str], slots: int, kinds: list[str]) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(sql.query("register_worker"), {
                 "id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "version": self.version, "queues": queues, "slots": slots})
+                "version": self.version, "queues": queues, "slots": slots, "kinds": kinds,
+                "lease_seconds": self.lease_seconds})
 
     async def heartbeat(self, *, running: int, completed: int, retried: int, dead: int) -> None:
         async with self._pool.connection() as conn:
@@ -134,6 +180,7 @@ class Engine:
     async def stopped(self) -> None:
         async with self._pool.connection(timeout=5) as conn:
             await conn.execute(sql.query("worker_stopped"), {"id": self.worker_id})
+            await conn.execute(sql.query("release_duties"), {"worker_id": self.worker_id})
 
     async def _scalar(self, name: str, params: dict[str, object]) -> int:
         async with self._pool.connection() as conn:
@@ -169,6 +216,11 @@ class OutcomeWriter:
     def pending(self) -> int:
         return len(self._pending)
 
+    def pending_leases(self) -> dict[UUID, int]:
+        """Leases of outcomes not written yet (token → job id): the heartbeat keeps them alive,
+        or a stalled writer would let a finished job be rescued and run again."""
+        return {f.token: f.job_id for f in self._pending}
+
     async def drained(self) -> None:
         """Wait until every outcome added so far is written."""
         await self._idle.wait()
@@ -176,7 +228,9 @@ class OutcomeWriter:
     async def run(self) -> None:
         failures = 0
         while True:
-            await self._wake.wait()
+            if not self._pending:
+                self._idle.set()
+                await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch = self._pending[: self._max_batch]
@@ -190,17 +244,21 @@ class OutcomeWriter:
                     await asyncio.sleep(delay)
                     continue
                 except psycopg.Error as exc:
-                    # Not the connection: something in this batch the database refuses. Write
-                    # one by one so a single bad outcome cannot block the others; a refused one
-                    # stays leased and is rescued (run again) when its lease expires.
+                    if _no_history_partition(exc):
+                        # Workers create partitions a week ahead: only a clock jump or a long
+                        # outage gets here. Create them and write again.
+                        log.warning("no job_history partition for now; creating partitions")
+                        await self._engine.ensure_history_partitions()
+                        continue
+                    # Something in this batch the database refuses. Write one by one so a
+                    # single bad outcome cannot block the others; a refused one stays leased
+                    # and is rescued (run again) when its lease expires.
                     log.error("writing %d outcomes failed (%s); writing one by one",
                               len(batch), exc)
                     counted = await self._write_singly(batch)
                 failures = 0
                 del self._pending[: len(batch)]
                 self.ignored += len(batch) - counted
-            self._idle.set()
-
 
     async def _write_singly(self, batch: list[Finish]) -> int:
         counted = 0
@@ -210,6 +268,10 @@ class OutcomeWriter:
             except psycopg.Error as exc:
                 log.error("outcome of job %s refused by the database: %s", finish.job_id, exc)
         return counted
+
+
+def _no_history_partition(exc: psycopg.Error) -> bool:
+    return isinstance(exc, psycopg.errors.CheckViolation) and "no partition of relation" in str(exc)
 
 
 def _clip(text: str | None) -> str | None:

@@ -49,6 +49,23 @@ class WorkerPool:
         self._exit_code = EXIT_OK
         self._quick_crashes = 0
 
+    def signalled(self) -> None:
+        """SIGTERM / Ctrl-C: the first stops gracefully, a second tells every worker to release
+        its running jobs at once."""
+        if self._stopping:
+            log.warning("second signal: workers release their running jobs now")
+            self._signal_children()
+            return
+        log.warning("stopping: workers finish their running jobs within %gs "
+                    "(signal again to release them now)", self.config.grace_seconds)
+        self.stop()
+
+    def _signal_children(self) -> None:
+        for child in self.children.values():
+            if child.process.is_alive() and child.process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGTERM)
+
     def stop(self, exit_code: int = EXIT_OK) -> None:
         if self._stopping:
             return
@@ -56,15 +73,12 @@ class WorkerPool:
         self._stopping = True
         self._exit_code = exit_code
         self._stop_deadline = time.monotonic() + self.config.grace_seconds + 10
-        for child in self.children.values():
-            if child.process.is_alive() and child.process.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.process.pid, signal.SIGTERM)
+        self._signal_children()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self.signalled)
+        loop.add_signal_handler(signal.SIGINT, self.signalled)
         ops = None
         if self.http_port is not None:
             from worker.ops_http import OpsServer
@@ -92,7 +106,7 @@ class WorkerPool:
         return self._exit_code
 
     def _spawn(self, slot: int) -> None:
-        process = _spawn.Process(target=child_main, args=(self.config, self.log_level),
+        process = _spawn.Process(target=child_main, args=(self.config, self.log_level, os.getpid()),
                                  name=f"pgdispatch-worker-{slot}", daemon=False)
         process.start()
         self.children[slot] = ChildState(process)

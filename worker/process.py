@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -19,27 +23,44 @@ from worker.runner import Runner
 log = logging.getLogger(__name__)
 
 
-async def run_worker(config: WorkerConfig) -> int:
-    """Run one worker in this process until drained or signalled; returns its exit code."""
+async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> int:
+    """Run one worker in this process until drained or signalled; returns its exit code.
+    With `parent_pid`, the worker also stops when that process is gone (the pool was killed)."""
     keys = SigningKeys(config.database_url)
     async with HttpTransport(max_connections=max(config.concurrency, 10),
                              allow_private_networks=config.allow_private_networks) as http:
         runner = Runner(config, builtin_executors(
             http=http, keys=keys, per_host_limit=config.per_host_limit,
             allow_private_networks=config.allow_private_networks,
-            breakers=Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown)),
+            breakers=Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown),
+            debug_kinds=config.debug_kinds),
             on_config_change=keys.invalidate)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, runner.stop)
-        loop.add_signal_handler(signal.SIGINT, runner.stop)
+        loop.add_signal_handler(signal.SIGTERM, runner.signalled)
+        loop.add_signal_handler(signal.SIGINT, runner.signalled)
         if _stop_requested_early:
             runner.stop()
+        orphan_watch = (asyncio.create_task(_stop_when_orphaned(runner, parent_pid))
+                        if parent_pid is not None else None)
         try:
             return await runner.run()
         finally:
+            if orphan_watch is not None:
+                orphan_watch.cancel()
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
             await keys.close()
+
+
+async def _stop_when_orphaned(runner: Runner, parent_pid: int) -> None:
+    # PR_SET_PDEATHSIG covers Linux at once; this covers the rest, and a parent that died before
+    # the child could ask for the signal.
+    while True:
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent_pid:
+            break
+    log.error("the worker pool (pid %d) is gone: stopping", parent_pid)
+    runner.stop()
 
 
 _stop_requested_early = False
@@ -50,14 +71,27 @@ def _remember_stop(signum: int, frame: object) -> None:
     _stop_requested_early = True
 
 
-def child_main(config: WorkerConfig, log_level: int) -> None:
+def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
     """Target of a pool child process."""
     # A SIGTERM that arrives while the process is still starting must stop it cleanly too.
     signal.signal(signal.SIGTERM, _remember_stop)
     signal.signal(signal.SIGINT, _remember_stop)
+    _term_when_parent_dies()
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    sys.exit(run_event_loop(run_worker(config)))
+    sys.exit(run_event_loop(run_worker(config, parent_pid=parent_pid)))
+
+
+def _term_when_parent_dies() -> None:
+    """Linux: the kernel sends SIGTERM when the pool process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:

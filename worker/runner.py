@@ -29,6 +29,7 @@ from worker.config import WorkerConfig
 from worker.engine import Engine, Finish, OutcomeWriter
 from worker.job import Job
 from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+from worker.services import periodic, supervised
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ Executor = Callable[[Job], Awaitable[Outcome]]
 EXIT_OK = 0
 EXIT_NEWER_BUILD = 10
 EXIT_RECYCLE = 11  # memory limit reached: finished cleanly, start me again
+
+ALL_QUEUES = "*"  # how dispatch.workers records a worker that serves every queue
+MAINTENANCE_EVERY = 3600.0
+MAINTENANCE_DUTY_LEASE = 2 * MAINTENANCE_EVERY
+VACUUM_DUTY_LEASE = 60.0
+VACUUM_MAX_BACKOFF = 60.0
 
 
 @dataclass(slots=True)
@@ -62,13 +69,17 @@ class Runner:
         self.counters = Counters()
         self.exit_code = EXIT_OK
         self._running: dict[uuid.UUID, tuple[Job, asyncio.Task[None]]] = {}
-        self._per_queue: dict[str, int] = dict.fromkeys(config.queues, 0)
+        self._per_queue: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._release_now = asyncio.Event()
         self._lost: set[uuid.UUID] = set()
+        self._last_claim = 0.0
         self.started = asyncio.Event()
         self._on_config_change = on_config_change
+        self._process = psutil.Process()
+        self._vacuum_backoff = config.vacuum_interval
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -80,6 +91,18 @@ class Runner:
             self._stopping.set()
             self._wake.set()
 
+    def signalled(self) -> None:
+        """SIGTERM / Ctrl-C: the first stops claiming and gives running jobs the grace period;
+        a second releases them at once."""
+        if not self._stopping.is_set():
+            log.warning("stopping: no new claims; waiting up to %gs for %d running jobs "
+                        "(signal again to release them now)", self.config.grace_seconds,
+                        len(self._running))
+            self.stop()
+        elif not self._release_now.is_set():
+            log.warning("second signal: releasing %d running jobs now", len(self._running))
+            self._release_now.set()
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -88,9 +111,9 @@ class Runner:
         cfg = self.config
         pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.pool_size,
                                    open=False, kwargs={"autocommit": True})
-        await pool.open(wait=True, timeout=30)
-        self.engine = Engine(pool, worker_id=self.worker_id, version=cfg.version,
-                             lease_seconds=cfg.lease_seconds)
+        await pool.open(wait=True, timeout=cfg.connect_timeout)
+        self.engine = Engine(pool, database_url=cfg.database_url, worker_id=self.worker_id,
+                             version=cfg.version, lease_seconds=cfg.lease_seconds)
         self.policies = QueuePolicies(pool)
         self.writer = OutcomeWriter(self.engine)
         await self.policies.reload()
@@ -98,18 +121,28 @@ class Runner:
         listener = Listener(cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
                             on_notify=self._on_notify, on_reconnect=self._on_reconnect)
         self.listener = listener
-        await self.engine.register(queues=list(cfg.queues), slots=cfg.concurrency)
-        await self._maintain()
+        await self.engine.register(queues=list(cfg.queues) or [ALL_QUEUES],
+                                   slots=cfg.concurrency, kinds=self.kinds)
+        if await self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE):
+            await self._maintain()
         background = [
-            asyncio.create_task(self.writer.run(), name="outcome-writer"),
-            asyncio.create_task(listener.run(), name="listener"),
-            asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
-            asyncio.create_task(self._rescue_forever(), name="rescue"),
-            asyncio.create_task(self.policies.refresh_forever(), name="policy-refresh"),
-            asyncio.create_task(self._maintain_forever(), name="maintenance"),
+            asyncio.create_task(supervised("outcome writer", self.writer.run), name="outcome-writer"),
+            asyncio.create_task(supervised("listener", listener.run), name="listener"),
+            asyncio.create_task(periodic("heartbeat", cfg.lease_seconds / 3, self._heartbeat),
+                                name="heartbeat"),
+            asyncio.create_task(periodic("rescue", cfg.rescue_interval, self._rescue,
+                                         first_delay=0 if cfg.drain else None), name="rescue"),
+            asyncio.create_task(supervised("policy refresh", self.policies.refresh_forever),
+                                name="policy-refresh"),
+            asyncio.create_task(periodic(
+                "history maintenance", MAINTENANCE_EVERY, self._maintain,
+                elect=lambda: self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE)),
+                name="maintenance"),
         ]
         if cfg.vacuum_min_dead_tuples:
-            background.append(asyncio.create_task(self._vacuum_forever(), name="vacuum"))
+            background.append(asyncio.create_task(periodic(
+                "vacuum of dispatch.jobs", cfg.vacuum_interval, self._vacuum,
+                elect=lambda: self.engine.take_duty("vacuum", VACUUM_DUTY_LEASE)), name="vacuum"))
         with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
             await asyncio.wait_for(listener.connected.wait(), timeout=5)
         self.started.set()
@@ -135,6 +168,11 @@ class Runner:
                  self.writer.ignored)
         return self.exit_code
 
+    def queues(self) -> list[str]:
+        """The queues this worker serves: those it was given, else every queue that exists
+        (a queue created later is served from the next policy reload on)."""
+        return list(self.config.queues) or self.policies.names()
+
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -142,13 +180,15 @@ class Runner:
         settled = False  # drain: every outcome written and one more claim round came back empty
         while not self._stopping.is_set():
             self._wake.clear()
-            claimed_full = claimed_any = failed = False
-            for queue in cfg.queues:
+            claimed_full = claimed_any = failed = capped = False
+            for queue in self.queues():
                 free = self._free_slots(self.policies.get(queue))
                 if free <= 0:
+                    capped = capped or self._free_slots(None) > 0
                     continue
                 want = min(free, cfg.max_batch)
                 try:
+                    self._last_claim = time.monotonic()
                     jobs = await self.engine.claim(queue, self.kinds, want)
                 except Exception as exc:  # database restarting: back off, never die
                     log.warning("claim from %s failed: %s", queue, exc)
@@ -173,7 +213,9 @@ class Runner:
             if self._free_slots(None) <= 0 or (cfg.drain and not claimed_full):
                 await self._wait_for_slot()
             elif not claimed_full:
-                await self._wait_for_wake(cfg.poll_interval)
+                # A queue at its concurrency cap gets its next claim as soon as one of its jobs
+                # finishes, not at the next poll.
+                await self._wait_for_wake(cfg.poll_interval, slot_freed=capped)
 
     def _free_slots(self, policy: QueuePolicy | None) -> int:
         free = self.config.concurrency - len(self._running)
@@ -191,9 +233,21 @@ class Runner:
             log.warning("queues %s do not exist in dispatch.queues: nothing will be claimed from "
                         "them until they are created", missing)
 
-    async def _wait_for_wake(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+    async def _wait_for_wake(self, timeout: float, *, slot_freed: bool = False) -> None:
+        self._slot_freed.clear()
+        waiters = [asyncio.ensure_future(self._wake.wait())]
+        if slot_freed:
+            waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        # Debounce (River's fetch cooldown): a burst of NOTIFYs, one per inserting
+        # transaction, becomes one claim per cooldown rather than one claim each.
+        cooldown = self._last_claim + self.config.fetch_cooldown - time.monotonic()
+        if cooldown > 0 and not self._stopping.is_set():
+            await asyncio.sleep(cooldown)
 
     async def _wait_for_slot(self) -> None:
         self._slot_freed.clear()
@@ -215,7 +269,7 @@ class Runner:
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == JOBS_CHANNEL:
-            if payload in self._per_queue:
+            if not self.config.queues or payload in self.config.queues:
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
             if _changed_table(payload) in ("queues", None):
@@ -311,7 +365,15 @@ class Runner:
         if not self._running:
             return
         tasks = [task for _, task in self._running.values()]
-        _, pending = await asyncio.wait(tasks, timeout=self.config.grace_seconds)
+        everything_done = asyncio.ensure_future(asyncio.wait(tasks))
+        release_now = asyncio.ensure_future(self._release_now.wait())
+        try:
+            await asyncio.wait([everything_done, release_now], timeout=self.config.grace_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            everything_done.cancel()
+            release_now.cancel()
+        pending = [task for task in tasks if not task.done()]
         if pending:
             log.warning("grace period over: releasing %d running jobs", len(pending))
             for task in pending:
@@ -320,23 +382,10 @@ class Runner:
 
     # -- timers ----------------------------------------------------------------------------
 
-    async def _heartbeat_forever(self) -> None:
-        interval = self.config.lease_seconds / 3
-        process = psutil.Process()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._heartbeat()
-            except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
-            limit = self.config.memory_limit_mb
-            if limit and process.memory_info().rss > limit * 1024 * 1024:
-                log.warning("memory limit %d MiB reached: finishing and exiting to be restarted",
-                            limit)
-                self.stop(EXIT_RECYCLE)
-
     async def _heartbeat(self) -> None:
-        lost = await self.engine.extend_leases(list(self._running))
+        leases = {token: job.id for token, (job, _) in self._running.items()}
+        leases.update(self.writer.pending_leases())
+        lost = await self.engine.extend_leases(leases)
         for token in lost:
             entry = self._running.get(token)
             if entry is not None:
@@ -347,45 +396,43 @@ class Runner:
                 task.cancel()
         await self._write_heartbeat()
         if self.config.exit_on_newer and not self.stopping and \
-                await self.engine.newer_build_waiting(list(self.config.queues)):
+                await self.engine.newer_build_waiting(self.queues()):
             log.warning("jobs stamped with a newer build than %d are waiting: exiting so the "
                         "supervisor starts the new code", self.config.version)
             self.stop(EXIT_NEWER_BUILD)
+        limit = self.config.memory_limit_mb
+        if limit and not self.stopping and self._process.memory_info().rss > limit * 1024 * 1024:
+            log.warning("memory limit %d MiB reached: finishing and exiting to be restarted", limit)
+            self.stop(EXIT_RECYCLE)
+        return None
 
     async def _write_heartbeat(self) -> None:
         c = self.counters
         await self.engine.heartbeat(running=len(self._running), completed=c.completed,
                                     retried=c.retried, dead=c.dead)
 
-    async def _rescue_forever(self) -> None:
-        while True:
-            try:
-                rescued = await self.engine.rescue_expired()
-                if rescued:
-                    log.warning("rescued %d jobs whose lease expired", rescued)
-                    self._wake.set()
-            except Exception as exc:
-                log.warning("rescue failed: %s", exc)
-            await asyncio.sleep(self.config.rescue_interval)
+    async def _rescue(self) -> None:
+        rescued = await self.engine.rescue_expired()
+        if rescued:
+            log.warning("rescued %d jobs whose lease expired", rescued)
+            self._wake.set()
 
-    async def _vacuum_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.vacuum_interval)
-            try:
-                await self.engine.vacuum_jobs(min_dead_tuples=self.config.vacuum_min_dead_tuples)
-            except Exception as exc:
-                log.warning("vacuum of dispatch.jobs failed: %s", exc)
-
-    async def _maintain_forever(self) -> None:
-        while True:
-            await asyncio.sleep(3600 + (time.monotonic() % 60))
-            await self._maintain()
+    async def _vacuum(self) -> float | None:
+        """Vacuum when dead rows pile up; back off (up to a minute) while they stay high after
+        a vacuum, as when a long transaction keeps them from being removed."""
+        ran = await self.engine.vacuum_jobs(min_dead_tuples=self.config.vacuum_min_dead_tuples)
+        if not ran:
+            self._vacuum_backoff = self.config.vacuum_interval
+            return None
+        delay = self._vacuum_backoff
+        self._vacuum_backoff = min(VACUUM_MAX_BACKOFF, self._vacuum_backoff * 2)
+        return delay
 
     async def _maintain(self) -> None:
-        try:
-            await self.engine.maintain_history(self.config.history_keep_seconds)
-        except Exception as exc:
-            log.warning("history maintenance failed: %s", exc)
+        dropped = await self.engine.maintain(history_keep_seconds=self.config.history_keep_seconds,
+                                             dead_keep_seconds=self.config.dead_keep_seconds)
+        if dropped:
+            log.info("dropped %d history partitions older than the retention", dropped)
 
 
 def _changed_table(payload: str) -> str | None:

@@ -6,11 +6,9 @@ the process; it never reaches logs, errors or the attempt log.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import jwt
 import psycopg
 
+from notify.cache import KeyedCache
 from worker.outcome import InvalidJob
 
 
@@ -32,29 +31,19 @@ class SigningKey:
 class SigningKeys:
     """Keys by name, cached for `ttl` seconds, loaded over one lazily opened connection.
     The worker calls invalidate() when dispatch.signing_keys changes (NOTIFY), so a rotated
-    key is used at once; the TTL is the safety net."""
+    key is used at once, even when the change lands while the old key is being loaded; the TTL
+    is the safety net."""
 
     def __init__(self, database_url: str, *, ttl: float = 30.0) -> None:
         self._url = database_url
-        self._ttl = ttl
-        self._cache: dict[str, tuple[float, SigningKey]] = {}
-        self._lock = asyncio.Lock()
+        self._cache: KeyedCache[str, SigningKey] = KeyedCache(self._load, ttl=ttl)
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
 
     async def get(self, name: str) -> SigningKey:
-        cached = self._cache.get(name)
-        if cached and time.monotonic() - cached[0] < self._ttl:
-            return cached[1]
-        async with self._lock:  # single flight: one load per name at a time
-            cached = self._cache.get(name)
-            if cached and time.monotonic() - cached[0] < self._ttl:
-                return cached[1]
-            key = await self._load(name)
-            self._cache[name] = (time.monotonic(), key)
-            return key
+        return await self._cache.get(name)
 
     def invalidate(self) -> None:
-        self._cache.clear()
+        self._cache.invalidate()
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -1,7 +1,9 @@
--- Runnable jobs no live worker can take: unknown kind, or stamped with a newer build.
+-- Runnable jobs no live worker can take: no alive worker serves the queue, knows the kind, and
+-- runs a build at least as new as the job's.
 SELECT j.queue, j.kind, j.version, count(*) AS jobs, min(j.run_at) AS oldest
 FROM dispatch.jobs j
-WHERE j.state = 'available' AND j.run_at <= now()
+WHERE j.state <> 'running' AND j.run_at <= now()
   AND NOT EXISTS (SELECT 1 FROM dispatch.worker_status w
-                  WHERE w.status = 'alive' AND j.queue = ANY (w.queues) AND w.version >= j.version)
+                  WHERE w.status = 'alive' AND ('*' = ANY (w.queues) OR j.queue = ANY (w.queues))
+                    AND j.kind = ANY (w.kinds) AND w.version >= j.version)
 GROUP BY 1, 2, 3 ORDER BY jobs DESC;

@@ -33,6 +33,7 @@ class Listener:
         self._connect_timeout = connect_timeout
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.backend_pid: int | None = None  # the server process of the LISTEN connection
 
     async def run(self) -> None:
         """Listen until cancelled."""
@@ -44,6 +45,7 @@ class Listener:
                         self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
                     for channel in self._channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    self.backend_pid = conn.info.backend_pid
                     self.connected.set()
                     if not first:
                         self.reconnects += 1

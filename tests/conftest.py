@@ -8,7 +8,6 @@ commit for real).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -116,6 +115,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
-with contextlib.suppress(Exception):
-    # Fail loudly in tests rather than silently fall back to another event loop.
-    import uvloop  # noqa: F401
+# Fail loudly in tests rather than silently fall back to another event loop: the workers run on
+# uvloop, so the tests must be able to load it too.
+import uvloop  # noqa: E402, F401

@@ -99,7 +99,7 @@ def test_kill_9_mid_job_is_rescued_and_completed_without_manual_steps(db_url: st
     rescuer.send_signal(signal.SIGTERM)
     finished(rescuer, timeout=30)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'rescued'") > 0
-    assert scalar(db_url, "SELECT count(DISTINCT job_id) FROM dispatch.job_history WHERE outcome = 'completed'") == 40
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'completed'") == 40
 
 
 @pytest.mark.chaos

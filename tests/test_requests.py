@@ -199,7 +199,15 @@ async def test_connection_refused_is_a_retry(db_url: str) -> None:
     await drain(db_url)
     state, attempt, error, _ = job_row(db_url, job_id)  # type: ignore[misc]
     assert (state, attempt) == ("scheduled", 1)
-    assert error.startswith("ConnectTimeout: could not complete the request (connect call failed"), error
+    assert error == "ConnectError: connection refused", error
+    assert scalar(db_url, "SELECT error_class FROM dispatch.request_attempts WHERE job_id = %s", (job_id,)) == "ConnectError"
+
+
+async def test_a_host_that_does_not_resolve_is_a_dns_error(db_url: str) -> None:
+    job_id = send(db_url, "http://pgdispatch-test.invalid/x", attempt_interval=5)  # RFC 6761: never resolves
+    await drain(db_url)
+    state, attempt, error, _ = job_row(db_url, job_id)  # type: ignore[misc]
+    assert (state, attempt, error) == ("scheduled", 1, "DNSError: could not resolve the host name")
 
 
 async def test_big_response_keeps_only_an_excerpt(db_url: str, sink: Sink) -> None:
@@ -310,11 +318,13 @@ async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
     ids = [r[0] for r in psycopg.connect(db_url).execute(
         "SELECT job_id FROM dispatch.dead_jobs UNION SELECT id FROM dispatch.jobs").fetchall()]
     assert len(ids) == 2
+    dead = {r[0] for r in psycopg.connect(db_url).execute("SELECT job_id FROM dispatch.dead_jobs").fetchall()}
     for argv in (["status"], ["status", "--json"], ["dead", "list"], ["dead", "list", "--json"],
                  ["queues", "list"], *(["dead", "show", str(i)] for i in ids),
                  *(["dead", "show", str(i), "--json"] for i in ids),
                  *(["request", "show", str(i)] for i in ids), *(["request", "show", str(i), "--json"] for i in ids)):
-        cli.main(argv)
+        missing = argv[:2] == ["dead", "show"] and int(argv[2]) not in dead
+        assert cli.main(argv) == (3 if missing else 0), argv
     out, err = capsys.readouterr()
     assert "qs-" in out or "***" in out  # the commands did print the requests
     produced = "\n".join(dumps) + caplog.text + out + err

@@ -55,9 +55,9 @@ async def test_listener_reconnects_and_notify_works_again(db_url: str) -> None:
         return DONE
 
     async with running_worker(db_url, {"t.mark": mark}, poll_interval=60) as runner:
-        execute(db_url, """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                           WHERE datname = current_database() AND query LIKE 'SELECT 1%%'
-                              OR query LIKE 'LISTEN%%'""")
+        # Exactly this worker's LISTEN connection: nothing of other databases or tests.
+        assert runner.listener.backend_pid is not None
+        assert scalar(db_url, "SELECT pg_terminate_backend(%s)", (runner.listener.backend_pid,)) is True
         await wait_until(lambda: runner.listener.reconnects >= 1, timeout=10)
         execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('t.mark')")
         await asyncio.wait_for(seen.wait(), 5)

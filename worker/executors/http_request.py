@@ -10,10 +10,12 @@ anything else, timeouts and network errors → Retry after attempt_interval (or 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -167,14 +169,18 @@ class HttpRequestExecutor:
                     request.method, request.url, content=body, headers=headers,
                     timeout=request.timeout) as response:
                 excerpt = await _read_excerpt(response)
-        except TimeoutError as exc:
-            return self._retry(request, job, started, t0, f"timed out after {request.timeout}s", exc)
+        except TimeoutError:
+            return self._retry(request, job, started, t0, f"timed out after {request.timeout}s",
+                               "TimeoutError")
         except httpx.HTTPError as exc:
             forbidden = forbidden_cause(exc)
             if forbidden is not None:
                 return Discard("invalid", str(forbidden))
-            error = f"timed out after {request.timeout}s" if _timed_out(exc) else _transport_error(exc)
-            return self._retry(request, job, started, t0, error, exc)
+            if _timed_out(exc):
+                return self._retry(request, job, started, t0, f"timed out after {request.timeout}s",
+                                   type(exc).__name__)
+            error_class, error = _transport_error(exc)
+            return self._retry(request, job, started, t0, error, error_class)
         detail = _detail(started, t0, response, excerpt)
         status = response.status_code
         if status == request.success_code:
@@ -198,9 +204,9 @@ class HttpRequestExecutor:
                 f'"interval":{int(request.interval)}}}}}}}').encode()
 
     def _retry(self, request: HttpRequest, job: Job, started: datetime, t0: float, error: str,
-               exc: BaseException) -> Retry:
+               error_class: str) -> Retry:
         detail = {"started_at": started.isoformat(), "duration_ms": _ms(t0),
-                  "error_class": type(exc).__name__}
+                  "error_class": error_class}
         log.info("request job %s attempt %d to %s failed: %s", job.id, job.attempt,
                  mask_url(request.uri), error)
         return Retry(after=request.interval, error=error, detail=detail)
@@ -229,15 +235,22 @@ def _timed_out(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.TimeoutException)
 
 
-def _transport_error(exc: httpx.HTTPError) -> str:
-    # httpx messages can quote the URL (and its credentials): say what failed in our own words.
+def _transport_error(exc: httpx.HTTPError) -> tuple[str, str]:
+    """(error class, message) named after what really failed: transports mislabel causes
+    (httpx-aiohttp reports a refused connection and a failed DNS lookup as ConnectTimeout).
+    httpx messages can quote the URL and its credentials: the message is in our own words."""
     cause = exc.__cause__
     os_error = getattr(cause, "os_error", cause)
+    if isinstance(os_error, socket.gaierror):
+        return "DNSError", "DNSError: could not resolve the host name"
+    if isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED:
+        return "ConnectError", "ConnectError: connection refused"
+    error_class = "ConnectError" if isinstance(exc, httpx.ConnectTimeout) else type(exc).__name__
     if isinstance(os_error, OSError) and os_error.strerror:
         reason = os_error.strerror.lower()
     else:
         reason = type(cause or exc).__name__
-    return f"{type(exc).__name__}: could not complete the request ({reason})"
+    return error_class, f"{error_class}: could not complete the request ({reason})"
 
 
 def _retry_after(response: httpx.Response, interval: int, now: float) -> float:

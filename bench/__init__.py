@@ -1,0 +1,5 @@
+"""Benchmarks: pgdispatch side by side with its peers (`pgdispatch bench`).
+
+Only the scenario names live here: the CLI lists them without importing the harness."""
+
+SCENARIOS = ("drain", "deliver", "latency", "backlog", "memory", "enqueue")

@@ -12,8 +12,6 @@ from bench import scenarios
 from bench.peers import PEERS
 from bench.scenarios import BARE_CLIENT, OURS, Result
 
-SCENARIOS = ("drain", "deliver", "latency", "backlog", "memory", "enqueue")
-
 
 def expand_peers(names: Iterable[str]) -> list[str]:
     """`pgqueuer` means both of its drivers; `none` means no peer."""

@@ -4,7 +4,8 @@
      ├── DatabaseUnavailable   the server cannot be reached (connect, restart, network)
      ├── InvalidInput          the database refused a value: the message names the constraint
      ├── NotFound              an id or name that does not exist
-     └── ConfigurationError    a setting that cannot work
+     ├── ConfigurationError    a setting that cannot work
+     └── SchemaMissing         the database lacks the schema (or this version of it): migrate
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class ConfigurationError(PgDispatchError):
     """A setting that cannot work as given."""
 
 
+class SchemaMissing(PgDispatchError):
+    """The database has no pgdispatch schema, or an older one than this code needs."""
+
+
 _INPUT_ERRORS = (
     pg_errors.IntegrityError,
     pg_errors.DataError,
@@ -51,6 +56,10 @@ def translate(exc: psycopg.Error) -> PgDispatchError:
     """Map a driver error to the most specific pgdispatch error."""
     if _connection_lost(exc):
         return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
+    if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName | pg_errors.UndefinedFunction) \
+            and "dispatch" in str(exc):
+        return SchemaMissing(f"{_first_line(exc)}: this database lacks the pgdispatch schema "
+                             "(or a newer version of it); run: pgdispatch migrate")
     if isinstance(exc, _INPUT_ERRORS):
         diag = exc.diag
         detail = f" ({diag.message_detail})" if diag.message_detail else ""

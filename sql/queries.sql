@@ -52,7 +52,7 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, queues =
 -- name: worker_heartbeat
 UPDATE dispatch.workers
 SET heartbeat_at = now(), running = %(running)s, completed = %(completed)s,
-    retried = %(retried)s, dead = %(dead)s
+    retried = %(retried)s, dead = %(dead)s, stats = %(stats)s
 WHERE id = %(id)s;
 
 -- name: worker_stopped
@@ -74,15 +74,33 @@ SELECT queue, paused, available, scheduled, running, dead, oldest_wait_seconds
 FROM dispatch.queue_stats ORDER BY queue;
 
 -- name: worker_status
-SELECT id, host, pid, version, queues, slots, running, completed, retried, dead, started_at,
-       heartbeat_at, status
+SELECT id, host, pid, version, queues, kinds, slots, running, completed, retried, dead, started_at,
+       heartbeat_at, status, stats
 FROM dispatch.worker_status ORDER BY started_at;
+
+-- name: ping
+SELECT 1;
+
+-- name: queues_without_workers
+SELECT q.name AS queue FROM dispatch.queues q
+WHERE NOT q.paused
+  AND NOT EXISTS (SELECT 1 FROM dispatch.worker_status w
+                  WHERE w.status = 'alive' AND ('*' = ANY (w.queues) OR q.name = ANY (w.queues)))
+ORDER BY 1;
+
+-- name: alive_workers
+SELECT id, pid, host FROM dispatch.worker_status WHERE status = 'alive' ORDER BY id;
 
 -- name: enqueue
 SELECT dispatch.enqueue(%(kind)s, %(args)s, queue => %(queue)s, priority => %(priority)s,
                         run_at => %(run_at)s, expire_at => %(expire_at)s,
                         max_attempts => %(max_attempts)s, idempotency_key => %(idempotency_key)s,
-                        tenant => %(tenant)s);
+                        tenant => %(tenant)s) AS id;
+
+-- name: created_by_this_transaction
+-- After dispatch.enqueue in the same transaction: false when the idempotency key was taken and
+-- the id is an existing job's (a job this transaction inserted has created_at = now()).
+SELECT EXISTS (SELECT 1 FROM dispatch.jobs WHERE id = %(id)s AND created_at = now()) AS created;
 
 -- name: dead_list
 SELECT job_id, queue, kind, tenant, attempt, reason, last_error, last_status, died_at
@@ -156,8 +174,8 @@ FROM (
            d.reason, d.last_status, d.died_at
     FROM dispatch.dead_job_list d WHERE d.job_id = %(job_id)s AND d.kind = 'http.request'
     UNION ALL
-    SELECT h.job_id, 'delivered', h.queue, NULL, h.attempt, NULL, NULL, NULL, NULL, NULL, h.status,
-           NULL
+    SELECT h.job_id, 'delivered', h.queue, h.detail -> 'request', h.attempt, NULL, NULL, NULL, NULL,
+           NULL, h.status, NULL
     FROM dispatch.job_history h
     WHERE h.job_id = %(job_id)s AND h.kind = 'http.request' AND h.outcome = 'completed'
 ) found

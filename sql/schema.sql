@@ -323,7 +323,9 @@ CREATE TABLE dispatch.workers (
     heartbeat_at  timestamptz NOT NULL DEFAULT now(),
     stopped_at    timestamptz,
     kinds         text[] NOT NULL DEFAULT '{}',
-    lease_seconds double precision NOT NULL DEFAULT 30
+    lease_seconds double precision NOT NULL DEFAULT 30,
+    -- Per-process figures (caches, open circuits) published with each heartbeat, for /stats.
+    stats         jsonb NOT NULL DEFAULT '{}'
 );
 
 -- Duties: background work one worker of all does at a time (history maintenance, vacuum).
@@ -878,7 +880,7 @@ SELECT w.id, w.host, w.pid, w.version, w.queues, w.slots, w.running, w.completed
        CASE WHEN w.stopped_at IS NOT NULL THEN 'stopped'
             WHEN w.heartbeat_at > now() - make_interval(secs => w.lease_seconds) THEN 'alive'
             ELSE 'lost' END AS status,
-       w.kinds, w.lease_seconds
+       w.kinds, w.lease_seconds, w.stats
 FROM dispatch.workers w;
 
 CREATE VIEW dispatch.job_list AS

@@ -60,7 +60,10 @@ def test_enqueue_errors(run) -> None:  # type: ignore[no-untyped-def]
 def test_idempotent_enqueue_returns_the_same_id(run) -> None:  # type: ignore[no-untyped-def]
     _, first, _ = run("enqueue", "k", "--idempotency-key", "abc", "--json")
     _, second, _ = run("enqueue", "k", "--idempotency-key", "abc", "--json")
-    assert json.loads(first) == json.loads(second)
+    assert json.loads(first) == {"id": 1, "created": True}
+    assert json.loads(second) == {"id": 1, "created": False}  # deduplicated, and says so
+    code, out, _ = run("enqueue", "k", "--idempotency-key", "abc")
+    assert code == 0 and out.strip() == "not enqueued: idempotency key 'abc' is already taken by job 1"
 
 
 def test_dead_list_show_retry_purge(run, db_url: str) -> None:  # type: ignore[no-untyped-def]

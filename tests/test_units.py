@@ -7,8 +7,8 @@ import argparse
 import psycopg
 import pytest
 
-import cli
 import sql
+from console import common
 from db.errors import DatabaseUnavailable, InvalidInput, translate
 from worker.backoff import backoff_delay
 from worker.outcome import Discard, Retry
@@ -37,12 +37,12 @@ def test_outcomes_validate_their_fields() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("30s", 30), ("5m", 300), ("2h", 7200),
                                                 ("7d", 604800), ("250ms", 0.25), ("1.5s", 1.5)])
 def test_durations(text: str, seconds: float) -> None:
-    assert cli.duration(text) == seconds
+    assert common.duration(text) == seconds
 
 
 def test_bad_duration() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.duration("tomorrow")
+        common.duration("tomorrow")
 
 
 def test_translate_maps_driver_errors() -> None:

@@ -171,11 +171,12 @@ class Engine:
                 "version": self.version, "queues": queues, "slots": slots, "kinds": kinds,
                 "lease_seconds": self.lease_seconds})
 
-    async def heartbeat(self, *, running: int, completed: int, retried: int, dead: int) -> None:
+    async def heartbeat(self, *, running: int, completed: int, retried: int, dead: int,
+                        stats: Mapping[str, Any]) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(sql.query("worker_heartbeat"), {
                 "id": self.worker_id, "running": running, "completed": completed,
-                "retried": retried, "dead": dead})
+                "retried": retried, "dead": dead, "stats": Jsonb(stats)})
 
     async def stopped(self) -> None:
         async with self._pool.connection(timeout=5) as conn:

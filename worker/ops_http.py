@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from aiohttp import web
@@ -20,9 +19,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from psycopg.rows import dict_row
 
 import sql
-
-if TYPE_CHECKING:
-    from worker.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +59,17 @@ class _Snapshot:
         yield from (jobs, wait, done, running)
 
 
+PoolInfo = Callable[[], dict[str, Any]]
+
+
 class OpsServer:
-    def __init__(self, pool: WorkerPool, *, port: int, host: str = "127.0.0.1") -> None:
-        self._pool = pool
+    """Serves what the database knows (every pool on every host reports the same truth) and
+    what `pool_info` says of this pool's processes; it knows nothing else of the pool."""
+
+    def __init__(self, database_url: str, pool_info: PoolInfo, *, port: int,
+                 host: str = "127.0.0.1") -> None:
+        self._database_url = database_url
+        self._pool_info = pool_info
         self._host = host
         self._port = port
         self._snapshot = _Snapshot()
@@ -85,29 +89,23 @@ class OpsServer:
     async def stop(self) -> None:
         await self._runner.cleanup()
 
-    def _pool_info(self) -> dict[str, Any]:
-        return {
-            "processes": self._pool.processes,
-            "alive": sum(c.process.is_alive() for c in self._pool.children.values()),
-            "pids": [c.process.pid for c in self._pool.children.values()],
-            "restarts": self._pool.restarts,
-            "uptime_seconds": round(time.monotonic() - self._pool.started_at, 3),
-        }
-
     async def _health(self, request: web.Request) -> web.Response:
+        # Cheap on purpose (load balancers poll it): one round trip, no table scan.
         info = self._pool_info()
         try:
-            await read_stats(self._pool.config.database_url)
+            async with await psycopg.AsyncConnection.connect(
+                    self._database_url, autocommit=True, connect_timeout=5) as conn:
+                await conn.execute(sql.query("ping"))
             database = "ok"
         except psycopg.Error as exc:
             database = f"unavailable: {type(exc).__name__}"
-        healthy = database == "ok" and info["alive"] == len(self._pool.children) > 0
+        healthy = database == "ok" and info["alive"] == info["processes"] > 0
         body = {"status": "ok" if healthy else "degraded", "database": database, "pool": info}
         return web.json_response(body, status=200 if healthy else 503)
 
     async def _stats(self, request: web.Request) -> web.Response:
         try:
-            stats = await read_stats(self._pool.config.database_url)
+            stats = await read_stats(self._database_url)
         except psycopg.Error as exc:
             return web.json_response({"error": f"database unavailable: {type(exc).__name__}"},
                                      status=503)
@@ -117,7 +115,7 @@ class OpsServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         try:
-            self._snapshot.stats = await read_stats(self._pool.config.database_url)
+            self._snapshot.stats = await read_stats(self._database_url)
         except psycopg.Error:
             return web.Response(status=503, text="database unavailable\n")
         return web.Response(body=generate_latest(self._registry),

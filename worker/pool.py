@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
+from db.errors import ConfigurationError
 from worker.config import WorkerConfig
 from worker.process import child_main
-from worker.runner import EXIT_NEWER_BUILD, EXIT_OK, EXIT_RECYCLE
+from worker.runner import EXIT_NEWER_BUILD, EXIT_NO_DATABASE, EXIT_OK, EXIT_RECYCLE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class WorkerPool:
     def __init__(self, config: WorkerConfig, *, processes: int = 1, time_limit: float = 0,
                  http_port: int | None = None, log_level: int = logging.INFO) -> None:
         if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
+            raise ConfigurationError(f"processes must be >= 1, got {processes}")
         self.config = config
         self.processes = processes
         self.time_limit = time_limit
@@ -83,8 +84,13 @@ class WorkerPool:
         if self.http_port is not None:
             from worker.ops_http import OpsServer
 
-            ops = OpsServer(self, port=self.http_port)
-            await ops.start()
+            ops = OpsServer(self.config.database_url, self.info, port=self.http_port)
+            try:
+                await ops.start()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"--http-port {self.http_port}: {exc.strerror or exc} "
+                    "(is another pool running? choose another port)") from None
         for slot in range(self.processes):
             self._spawn(slot)
         try:
@@ -105,6 +111,16 @@ class WorkerPool:
                 await ops.stop()
         return self._exit_code
 
+    def info(self) -> dict[str, object]:
+        """This pool's processes, for /health and /stats."""
+        return {
+            "processes": self.processes,
+            "alive": sum(c.process.is_alive() for c in self.children.values()),
+            "pids": [c.process.pid for c in self.children.values()],
+            "restarts": self.restarts,
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+        }
+
     def _spawn(self, slot: int) -> None:
         process = _spawn.Process(target=child_main, args=(self.config, self.log_level, os.getpid()),
                                  name=f"pgdispatch-worker-{slot}", daemon=False)
@@ -123,6 +139,9 @@ class WorkerPool:
                 continue
             if code == EXIT_NEWER_BUILD:
                 self.stop(EXIT_NEWER_BUILD)
+            elif code == EXIT_NO_DATABASE:
+                log.error("worker %d could not reach the database: stopping the pool", slot)
+                self.stop(EXIT_NO_DATABASE)
             elif code == EXIT_OK and self.config.drain:
                 continue
             elif code == EXIT_RECYCLE:

@@ -13,12 +13,13 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from db.errors import DatabaseUnavailable
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
 from worker.executors.breakers import Breakers
 from worker.executors.http_transport import HttpTransport
 from worker.executors.signing import SigningKeys
-from worker.runner import Runner
+from worker.runner import EXIT_NO_DATABASE, Runner
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,19 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
     """Run one worker in this process until drained or signalled; returns its exit code.
     With `parent_pid`, the worker also stops when that process is gone (the pool was killed)."""
     keys = SigningKeys(config.database_url)
+    breakers = Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown)
+
+    def stats() -> dict[str, Any]:
+        return {"signing_key_cache": keys.stats(),
+                "open_circuits": [f"{tenant or '-'} {host}" for tenant, host in breakers.open_circuits()]}
+
     async with HttpTransport(max_connections=max(config.concurrency, 10),
                              allow_private_networks=config.allow_private_networks) as http:
         runner = Runner(config, builtin_executors(
             http=http, keys=keys, per_host_limit=config.per_host_limit,
-            allow_private_networks=config.allow_private_networks,
-            breakers=Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown),
+            allow_private_networks=config.allow_private_networks, breakers=breakers,
             debug_kinds=config.debug_kinds),
-            on_config_change=keys.invalidate)
+            on_config_change=keys.invalidate, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)
@@ -79,7 +85,12 @@ def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
     _term_when_parent_dies()
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    sys.exit(run_event_loop(run_worker(config, parent_pid=parent_pid)))
+    try:
+        code = run_event_loop(run_worker(config, parent_pid=parent_pid))
+    except DatabaseUnavailable as exc:
+        log.error("%s", exc)  # one line: the pool reports it and exits with the same code
+        code = EXIT_NO_DATABASE
+    sys.exit(code)
 
 
 def _term_when_parent_dies() -> None:

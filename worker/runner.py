@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from db.errors import DatabaseUnavailable
 from notify import CONFIG_CHANNEL, JOBS_CHANNEL
 from notify.listener import Listener
 from notify.queue_policies import QueuePolicies, QueuePolicy
@@ -38,6 +40,7 @@ Executor = Callable[[Job], Awaitable[Outcome]]
 EXIT_OK = 0
 EXIT_NEWER_BUILD = 10
 EXIT_RECYCLE = 11  # memory limit reached: finished cleanly, start me again
+EXIT_NO_DATABASE = 4  # the database could not be reached at start
 
 ALL_QUEUES = "*"  # how dispatch.workers records a worker that serves every queue
 MAINTENANCE_EVERY = 3600.0
@@ -56,9 +59,11 @@ class Counters:
 
 class Runner:
     def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor], *,
-                 on_config_change: Callable[[], None] | None = None) -> None:
+                 on_config_change: Callable[[], None] | None = None,
+                 stats: Callable[[], Mapping[str, Any]] | None = None) -> None:
         """`on_config_change` runs on every NOTIFY on the config channel and after every
-        reconnect: the hook for caches the executors keep (signing keys)."""
+        reconnect: the hook for caches the executors keep (signing keys). `stats` returns the
+        executors' own figures (cache counters, open circuits), published with each heartbeat."""
         if not executors:
             raise ValueError("a worker needs at least one executor")
         self.config = config
@@ -78,6 +83,7 @@ class Runner:
         self._last_claim = 0.0
         self.started = asyncio.Event()
         self._on_config_change = on_config_change
+        self._stats = stats
         self._process = psutil.Process()
         self._vacuum_backoff = config.vacuum_interval
 
@@ -111,7 +117,12 @@ class Runner:
         cfg = self.config
         pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.pool_size,
                                    open=False, kwargs={"autocommit": True})
-        await pool.open(wait=True, timeout=cfg.connect_timeout)
+        try:
+            await pool.open(wait=True, timeout=cfg.connect_timeout)
+        except PoolTimeout:
+            await pool.close()
+            raise DatabaseUnavailable(f"database unavailable: no connection within "
+                                      f"{cfg.connect_timeout:g}s") from None
         self.engine = Engine(pool, database_url=cfg.database_url, worker_id=self.worker_id,
                              version=cfg.version, lease_seconds=cfg.lease_seconds)
         self.policies = QueuePolicies(pool)
@@ -408,8 +419,12 @@ class Runner:
 
     async def _write_heartbeat(self) -> None:
         c = self.counters
+        stats = {"released": c.released, "outcomes_pending": self.writer.pending,
+                 "outcomes_ignored": self.writer.ignored,
+                 "listener_reconnects": self.listener.reconnects,
+                 **(self._stats() if self._stats is not None else {})}
         await self.engine.heartbeat(running=len(self._running), completed=c.completed,
-                                    retried=c.retried, dead=c.dead)
+                                    retried=c.retried, dead=c.dead, stats=stats)
 
     async def _rescue(self) -> None:
         rescued = await self.engine.rescue_expired()

@@ -39,6 +39,8 @@ CREATE INDEX idempotency_keys_expires_at ON dispatch.idempotency_keys (expires_a
 -- Workers record what they can run and how long their leases are ---------------------------
 ALTER TABLE dispatch.workers ADD COLUMN kinds text[] NOT NULL DEFAULT '{}';
 ALTER TABLE dispatch.workers ADD COLUMN lease_seconds double precision NOT NULL DEFAULT 30;
+-- Per-process figures (caches, open circuits) published with each heartbeat, for /stats.
+ALTER TABLE dispatch.workers ADD COLUMN stats jsonb NOT NULL DEFAULT '{}';
 
 -- Duties: background work one worker of all does at a time (history maintenance, vacuum).
 CREATE TABLE dispatch.duties (
@@ -430,7 +432,7 @@ SELECT w.id, w.host, w.pid, w.version, w.queues, w.slots, w.running, w.completed
        CASE WHEN w.stopped_at IS NOT NULL THEN 'stopped'
             WHEN w.heartbeat_at > now() - make_interval(secs => w.lease_seconds) THEN 'alive'
             ELSE 'lost' END AS status,
-       w.kinds, w.lease_seconds
+       w.kinds, w.lease_seconds, w.stats
 FROM dispatch.workers w;
 
 CREATE OR REPLACE VIEW dispatch.job_list AS

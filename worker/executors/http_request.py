@@ -184,6 +184,9 @@ class HttpRequestExecutor:
         detail = _detail(started, t0, response, excerpt)
         status = response.status_code
         if status == request.success_code:
+            # The job row leaves on success: keep what was sent (credentials masked), so
+            # `request show` of a delivered request still says what it was.
+            detail["request"] = {"method": request.method, "uri": mask_url(request.uri)}
             return Done(status=status, detail=detail)
         error = f"HTTP {status} (expected {request.success_code})"
         if status in request.stop_codes:

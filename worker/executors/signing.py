@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +44,9 @@ class SigningKeys:
 
     def invalidate(self) -> None:
         self._cache.invalidate()
+
+    def stats(self) -> dict[str, int]:
+        return asdict(self._cache.counters)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -1,0 +1,179 @@
+"""What every command shares: the environment, argument types, the connection, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from rich.console import Console
+from rich.table import Table
+
+from db.errors import ConfigurationError, translated
+from db.server import resolve_database_url
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE = 0, 1, 2, 3, 4
+
+PROG = "pgdispatch"
+Conn = psycopg.Connection[dict[str, Any]]
+Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+@dataclass(frozen=True)
+class Env:
+    """The environment, read once (here and nowhere else), then passed explicitly."""
+
+    database_url: str | None
+    home: Path
+    build: int
+    log_level: int
+
+    @classmethod
+    def read(cls) -> Env:
+        build = os.environ.get("PGDISPATCH_BUILD", "0")
+        if not build.isdigit():
+            raise ConfigurationError(f"PGDISPATCH_BUILD must be a non-negative integer, got {build!r}")
+        level = os.environ.get("PGDISPATCH_LOG", "INFO").upper()
+        return cls(database_url=os.environ.get("DATABASE_URL") or None,
+                   home=Path(os.environ.get("PGDISPATCH_HOME", ".pgdispatch")),
+                   build=int(build), log_level=getattr(logging, level, logging.INFO))
+
+    def url(self) -> str:
+        return resolve_database_url(self.database_url, self.home)
+
+    def where(self) -> str:
+        return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL: {self.url()}"
+
+
+# -- argument types -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def duration(text: str) -> float:
+    """'90', '90s', '5m', '2h', '7d', '250ms' → seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 5m, 2h, 7d)")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--args is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--args must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# -- database -----------------------------------------------------------------------------------
+
+def connect(env: Env) -> Conn:
+    with translated():
+        return psycopg.connect(env.url(), autocommit=True, row_factory=dict_row, connect_timeout=10)
+
+
+def db_now_plus(conn: Conn, seconds: float) -> datetime:
+    row = conn.execute("SELECT now() + make_interval(secs => %s) AS t", (seconds,)).fetchone()
+    assert row is not None
+    return row["t"]  # type: ignore[no-any-return]
+
+
+# -- output -------------------------------------------------------------------------------------
+
+# Piped output (scripts, logs) is not cut to 80 columns.
+_out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+
+
+def say(text: str) -> None:
+    """One line of plain output (no markup: user data may contain brackets)."""
+    _out.print(text, markup=False)
+
+
+def emit(args: argparse.Namespace, data: Any, render: Callable[[Any], None]) -> None:
+    """JSON with --json (for scripts), else `render` it for a person."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=_json_default, indent=2))
+    else:
+        render(data)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str | None = None,
+          full: Sequence[str] = ()) -> None:
+    """A table of rows; long cells are cut, except in the `full` columns."""
+    if not rows:
+        say(f"{title}: (none)" if title else "(none)")
+        return
+    grid = Table(title=title, title_justify="left", box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        grid.add_column(column, overflow="fold")
+    for row in rows:
+        grid.add_row(*(cell(row.get(c), cut=c not in full) for c in columns))
+    _out.print(grid)
+
+
+def fields(row: dict[str, Any], *, skip: Sequence[str] = ()) -> None:
+    """A record as 'name: value' lines, nothing cut (a person reads one record whole)."""
+    for key, value in row.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict | list):
+            say(f"{key}: {json.dumps(value, default=_json_default)}")
+        else:
+            say(f"{key}: {cell(value, cut=False)}")
+
+
+def cell(value: object, *, cut: bool = True) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        value = ", ".join(map(str, value))
+    text = str(value).replace("\n", " ")
+    return text if not cut or len(text) <= 60 else text[:57] + "..."
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)

@@ -1,0 +1,76 @@
+"""Jobs: enqueue one, and the status of queues and workers at a glance."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+import sql
+from console.common import EXIT_OK, Env, connect, db_now_plus, duration, emit, json_object, say, table, warn
+from db.errors import translated
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("status", help="queues and workers at a glance")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=status)
+
+    e = sub.add_parser("enqueue", help="enqueue one job")
+    e.add_argument("kind")
+    e.add_argument("--args", type=json_object, default={}, help="JSON object (default {})")
+    e.add_argument("--queue", default="default")
+    e.add_argument("--priority", type=int, default=0, help="-100..100, lower runs first")
+    e.add_argument("--run-in", type=duration, help="schedule for later (e.g. 10m)")
+    e.add_argument("--expire-in", type=duration, help="never run after this long (e.g. 1d)")
+    e.add_argument("--max-attempts", type=int)
+    e.add_argument("--idempotency-key")
+    e.add_argument("--tenant")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=enqueue)
+
+
+def status(env: Env, args: argparse.Namespace) -> int:
+    with connect(env) as conn, translated():
+        queues = conn.execute(sql.query("queue_stats")).fetchall()
+        workers = conn.execute(sql.query("worker_status")).fetchall()
+        unserved = [r["queue"] for r in conn.execute(sql.query("queues_without_workers")).fetchall()]
+    data = {"queues": queues, "workers": workers, "queues_without_workers": unserved}
+
+    def render(d: dict[str, Any]) -> None:
+        table(d["queues"], ["queue", "paused", "available", "scheduled", "running", "dead",
+                            "oldest_wait_seconds"], title="queues")
+        say("")
+        alive = [w for w in d["workers"] if w["status"] != "stopped"]
+        table(alive, ["id", "status", "queues", "version", "running", "completed", "retried", "dead",
+                      "heartbeat_at"], title="workers")
+        waiting = {q["queue"] for q in d["queues"] if q["available"]}
+        for queue in d["queues_without_workers"]:
+            if queue in waiting:
+                warn(f"queue {queue!r} has jobs waiting and no live worker serves it "
+                     f"(start one: pgdispatch worker, or pgdispatch worker --queue {queue})")
+    emit(args, data, render)
+    return EXIT_OK
+
+
+def enqueue(env: Env, args: argparse.Namespace) -> int:
+    params = {
+        "kind": args.kind, "args": Jsonb(args.args), "queue": args.queue,
+        "priority": args.priority, "run_at": None, "expire_at": None,
+        "max_attempts": args.max_attempts, "idempotency_key": args.idempotency_key,
+        "tenant": args.tenant,
+    }
+    with connect(env) as conn, translated(), conn.transaction():
+        if args.run_in is not None:
+            params["run_at"] = db_now_plus(conn, args.run_in)
+        if args.expire_in is not None:
+            params["expire_at"] = db_now_plus(conn, args.expire_in)
+        row = conn.execute(sql.query("enqueue"), params).fetchone()
+        assert row is not None
+        fresh = conn.execute(sql.query("created_by_this_transaction"), {"id": row["id"]}).fetchone()
+    data = {"id": row["id"], "created": bool(fresh and fresh["created"])}
+    emit(args, data, lambda d: say(f"enqueued job {d['id']}" if d["created"] else
+                                   f"not enqueued: idempotency key {args.idempotency_key!r} is "
+                                   f"already taken by job {d['id']}"))
+    return EXIT_OK

@@ -1,0 +1,63 @@
+"""Queue policies: list, create, pause, resume, set."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import sql
+from console.common import EXIT_OK, PROG, Conn, Env, connect, duration, emit, say, table
+from db.errors import InvalidInput, NotFound, translated
+
+SETTINGS: dict[str, Callable[[str], Any]] = {
+    "max_attempts": int, "backoff_base": duration, "backoff_factor": float, "backoff_cap": duration,
+    "backoff_jitter": float, "job_timeout": duration, "concurrency": int, "dedupe_window": duration,
+}
+
+
+def register(sub: Any) -> None:
+    q = sub.add_parser("queues", help="queue policies: list, create, pause, resume, set")
+    qsub = q.add_subparsers(dest="queues_command", required=True)
+    ql = qsub.add_parser("list")
+    ql.add_argument("--json", action="store_true")
+    for name in ("create", "pause", "resume"):
+        qsub.add_parser(name).add_argument("name")
+    qs = qsub.add_parser("set")
+    qs.add_argument("name")
+    for setting, kind in SETTINGS.items():
+        qs.add_argument("--" + setting.replace("_", "-"), dest=setting, type=kind,
+                        help="0 removes the cap" if setting == "concurrency" else None)
+    q.set_defaults(func=queues)
+
+
+def queues(env: Env, args: argparse.Namespace) -> int:
+    with connect(env) as conn, translated():
+        if args.queues_command == "list":
+            rows = conn.execute(sql.query("load_queues")).fetchall()
+            emit(args, rows, lambda r: table(r, ["name", "paused", "max_attempts", "backoff_base",
+                                                 "backoff_factor", "backoff_cap", "job_timeout",
+                                                 "concurrency", "dedupe_window"]))
+            return EXIT_OK
+        if args.queues_command == "create":
+            cur = conn.execute(sql.query("queue_create"), {"name": args.name})
+            say(f"queue {args.name} created" if cur.rowcount else f"queue {args.name} already exists")
+            return EXIT_OK
+        _require_queue(conn, args.name)
+        if args.queues_command in ("pause", "resume"):
+            conn.execute(sql.query("queue_set_paused"),
+                         {"name": args.name, "paused": args.queues_command == "pause"})
+            say(f"queue {args.name} {args.queues_command}d")
+        elif args.queues_command == "set":
+            values = {k: getattr(args, k) for k in SETTINGS}
+            if all(v is None for v in values.values()):
+                raise InvalidInput("queues set: give at least one setting to change")
+            conn.execute(sql.query("queue_update"), {"name": args.name, **values})
+            say(f"queue {args.name} updated")
+    return EXIT_OK
+
+
+def _require_queue(conn: Conn, name: str) -> None:
+    row = conn.execute(sql.query("queue_exists"), {"name": name}).fetchone()
+    if not row or not row["exists"]:
+        raise NotFound(f"no queue named {name!r} (create it: {PROG} queues create {name})")

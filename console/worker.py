@@ -1,0 +1,95 @@
+"""The worker pool, and migrations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import sql
+from console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
+from db.schema import migrate as apply_migrations
+
+
+def register(sub: Any) -> None:
+    sub.add_parser("migrate", help="apply pending migrations (idempotent)").set_defaults(func=migrate)
+
+    w = sub.add_parser("worker", help="run the worker pool")
+    w.add_argument("--queue", action="append",
+                   help="queue to work (repeatable; default: every queue, including new ones)")
+    w.add_argument("--processes", type=positive_int, default=1, help="worker processes (default 1)")
+    w.add_argument("--concurrency", type=positive_int, default=100,
+                   help="job slots per process (default 100)")
+    w.add_argument("--batch", type=positive_int, default=100, help="most jobs per claim (default 100)")
+    w.add_argument("--drain", action="store_true", help="run what is runnable now, then exit")
+    w.add_argument("--time-limit", type=duration, default=0, help="stop after this long (e.g. 1h)")
+    w.add_argument("--memory-limit", type=int, default=0,
+                   help="restart a process whose RSS exceeds this many MiB")
+    w.add_argument("--http-port", type=port, help="serve /health /stats /metrics on this port")
+    w.add_argument("--lease", type=duration, default=30.0, help="lease length (default 30s)")
+    w.add_argument("--poll-interval", type=duration, default=1.0, help="poll when idle (default 1s)")
+    w.add_argument("--rescue-interval", type=duration, default=5.0,
+                   help="sweep expired leases this often (default 5s)")
+    w.add_argument("--grace", type=duration, default=25.0,
+                   help="on SIGTERM, wait this long for running jobs (default 25s); a second "
+                        "SIGTERM or Ctrl-C releases them at once")
+    w.add_argument("--exit-on-newer", action="store_true",
+                   help="exit with code 10 when jobs of a newer build wait")
+    w.add_argument("--per-host-limit", type=positive_int, default=64,
+                   help="HTTP requests in flight to one host per process (default 64)")
+    w.add_argument("--breaker-failures", type=positive_int, default=5,
+                   help="consecutive failures that open a (tenant, host) circuit (default 5)")
+    w.add_argument("--breaker-cooldown", type=duration, default=30.0,
+                   help="how long an open circuit sends nothing before one probe (default 30s)")
+    w.add_argument("--history-keep", type=duration, default=14 * 86400,
+                   help="keep the attempt history this long (default 14d)")
+    w.add_argument("--dead-keep", type=duration, default=30 * 86400,
+                   help="keep dead letters this long (default 30d)")
+    w.add_argument("--fetch-cooldown", type=duration, default=0.01,
+                   help="claim at most once per this long on NOTIFY bursts (default 10ms)")
+    w.add_argument("--debug-kinds", action="store_true",
+                   help="also run the debug.* kinds (tests and benchmarks)")
+    private = w.add_mutually_exclusive_group()
+    private.add_argument("--allow-private-networks", dest="allow_private_networks",
+                         action="store_true", default=None,
+                         help="let requests reach loopback/private/link-local addresses "
+                              "(default only with the embedded server)")
+    private.add_argument("--forbid-private-networks", dest="allow_private_networks",
+                         action="store_false", help="refuse them (default with DATABASE_URL)")
+    w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
+    w.set_defaults(func=worker)
+
+
+def migrate(env: Env, args: argparse.Namespace) -> int:
+    apply_migrations(env.url())
+    say(f"schema is up to date ({env.where()})")
+    return EXIT_OK
+
+
+def worker(env: Env, args: argparse.Namespace) -> int:
+    from worker.config import WorkerConfig
+    from worker.pool import WorkerPool
+    from worker.process import run_event_loop
+
+    url = env.url()
+    if not env.database_url:
+        print(f"using embedded PostgreSQL: psql '{url}'", file=sys.stderr)
+    if args.migrate:
+        apply_migrations(url)
+    # Fail here, once and in one line, rather than in every child process.
+    with connect(env) as conn:
+        conn.execute(sql.query("ping"))
+    config = WorkerConfig(
+        database_url=url, queues=tuple(args.queue or ()), concurrency=args.concurrency,
+        max_batch=args.batch, version=env.build, lease_seconds=args.lease,
+        poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
+        exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
+        rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit,
+        breaker_failures=args.breaker_failures, breaker_cooldown=args.breaker_cooldown,
+        history_keep_seconds=args.history_keep, dead_keep_seconds=args.dead_keep,
+        fetch_cooldown=args.fetch_cooldown, debug_kinds=args.debug_kinds,
+        allow_private_networks=(args.allow_private_networks if args.allow_private_networks is not None
+                                else not env.database_url))
+    pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
+                      http_port=args.http_port, log_level=env.log_level)
+    return run_event_loop(pool.run())

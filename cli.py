@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from console import bench, dead, embedded, jobs, queues, requests, worker
 from console.common import EXIT_ERROR, EXIT_NO_DATABASE, EXIT_NOT_FOUND, EXIT_USAGE, PROG, Env
@@ -31,8 +32,15 @@ from db.errors import (
 NOUNS = (worker, jobs, dead, queues, requests, bench, embedded)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line (and exit 2), not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,19 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 import sql
-from console.common import EXIT_OK, Env, connect, db_now_plus, duration, emit, json_object, say, table, warn
+from console.common import (
+    EXIT_OK,
+    PROG,
+    Env,
+    connect,
+    db_now_plus,
+    duration,
+    emit,
+    json_object,
+    say,
+    table,
+    warn,
+)
 from db.errors import translated
 
 
@@ -36,7 +48,9 @@ def status(env: Env, args: argparse.Namespace) -> int:
         queues = conn.execute(sql.query("queue_stats")).fetchall()
         workers = conn.execute(sql.query("worker_status")).fetchall()
         unserved = [r["queue"] for r in conn.execute(sql.query("queues_without_workers")).fetchall()]
-    data = {"queues": queues, "workers": workers, "queues_without_workers": unserved}
+        no_worker = conn.execute(sql.read("inspect/waiting_without_worker.sql").encode()).fetchall()
+    data = {"queues": queues, "workers": workers, "queues_without_workers": unserved,
+            "waiting_without_worker": no_worker}
 
     def render(d: dict[str, Any]) -> None:
         table(d["queues"], ["queue", "paused", "available", "scheduled", "running", "dead",
@@ -49,7 +63,12 @@ def status(env: Env, args: argparse.Namespace) -> int:
         for queue in d["queues_without_workers"]:
             if queue in waiting:
                 warn(f"queue {queue!r} has jobs waiting and no live worker serves it "
-                     f"(start one: pgdispatch worker, or pgdispatch worker --queue {queue})")
+                     f"(start one: {PROG} worker, or {PROG} worker --queue {queue})")
+        served = {q["queue"] for q in d["queues"]} - set(d["queues_without_workers"])
+        for row in d["waiting_without_worker"]:
+            if row["queue"] in served:
+                warn(f"{row['jobs']} {row['kind']} job(s) in queue {row['queue']!r} wait for a worker "
+                     f"that runs that kind at build {row['version']} or newer")
     emit(args, data, render)
     return EXIT_OK
 

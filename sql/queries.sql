@@ -78,6 +78,13 @@ SELECT id, host, pid, version, queues, kinds, slots, running, completed, retried
        heartbeat_at, status, stats
 FROM dispatch.worker_status ORDER BY started_at;
 
+-- name: kinds_waiting_unknown
+-- Runnable jobs of the given queues whose kind or build this worker cannot run.
+SELECT kind, count(*) AS jobs FROM dispatch.jobs
+WHERE state = 'available' AND queue = ANY (%(queues)s)
+  AND (NOT kind = ANY (%(kinds)s) OR version > %(version)s)
+GROUP BY kind ORDER BY kind;
+
 -- name: ping
 SELECT 1;
 

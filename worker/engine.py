@@ -91,6 +91,13 @@ class Engine:
                 "lease_seconds": self.lease_seconds})
             return {row[0] for row in await cur.fetchall()}
 
+    async def kinds_waiting_unknown(self, queues: list[str], kinds: list[str]) -> dict[str, int]:
+        """Runnable jobs this worker leaves waiting (unknown kind or newer build), by kind."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("kinds_waiting_unknown"), {
+                "queues": queues, "kinds": kinds, "version": self.version})
+            return {kind: int(n) for kind, n in await cur.fetchall()}
+
     async def rescue_expired(self, max_jobs: int = 1000) -> int:
         return await self._scalar("rescue_expired", {"max_jobs": max_jobs})
 

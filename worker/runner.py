@@ -165,6 +165,8 @@ class Runner:
             await self._claim_loop()
             await self._finish_running()
             await self.writer.drained()
+            if cfg.drain:
+                await self._report_left_waiting()
         finally:
             for task in background:
                 task.cancel()
@@ -227,6 +229,16 @@ class Runner:
                 # A queue at its concurrency cap gets its next claim as soon as one of its jobs
                 # finishes, not at the next poll.
                 await self._wait_for_wake(cfg.poll_interval, slot_freed=capped)
+
+    async def _report_left_waiting(self) -> None:
+        with contextlib.suppress(Exception):  # advice only: never fail a drain over it
+            waiting = await self.engine.kinds_waiting_unknown(self.queues(), self.kinds)
+            if waiting:
+                listed = ", ".join(f"{kind} ({n})" for kind, n in waiting.items())
+                log.warning("drained; left waiting, as this worker does not run their kind or "
+                            "build: %s%s", listed,
+                            " (debug.* kinds run only with --debug-kinds)"
+                            if any(k.startswith("debug.") for k in waiting) else "")
 
     def _free_slots(self, policy: QueuePolicy | None) -> int:
         free = self.config.concurrency - len(self._running)

@@ -43,6 +43,9 @@ SELECT name, max_attempts, extract(epoch FROM backoff_base)::float8 AS backoff_b
        extract(epoch FROM dedupe_window)::float8 AS dedupe_window
 FROM dispatch.queues ORDER BY name;
 
+-- name: unpark_jobs
+SELECT dispatch.unpark_jobs_v1(%(kinds)s, %(version)s, %(queues)s);
+
 -- name: register_worker
 INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds, lease_seconds)
 VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(queues)s, %(slots)s, %(kinds)s, %(lease_seconds)s)
@@ -65,8 +68,7 @@ WHERE coalesce(stopped_at, heartbeat_at) < now() - interval '1 day';
 -- name: newer_build_waiting
 SELECT EXISTS (
     SELECT 1 FROM dispatch.jobs
-    WHERE state = 'available' AND queue = ANY (%(queues)s) AND run_at <= now()
-      AND version > %(version)s
+    WHERE state <> 'running' AND version > %(version)s AND queue = ANY (%(queues)s)
 );
 
 -- name: queue_stats
@@ -81,7 +83,7 @@ FROM dispatch.worker_status ORDER BY started_at;
 -- name: kinds_waiting_unknown
 -- Runnable jobs of the given queues whose kind or build this worker cannot run.
 SELECT kind, count(*) AS jobs FROM dispatch.jobs
-WHERE state = 'available' AND queue = ANY (%(queues)s)
+WHERE state <> 'running' AND (run_at <= now() OR parked_at IS NOT NULL) AND queue = ANY (%(queues)s)
   AND (NOT kind = ANY (%(kinds)s) OR version > %(version)s)
 GROUP BY kind ORDER BY kind;
 

@@ -95,12 +95,28 @@ def test_claim_order_is_priority_then_run_at_then_id(conn: Conn) -> None:
 
 
 def test_claim_skips_unknown_kinds_newer_builds_and_paused_queues(conn: Conn) -> None:
+    # A live worker runs kind k at build 7; nobody runs 'unknown'.
+    conn.execute("INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds) VALUES ('w7', 'h', 1, 7, '{*}', 1, '{k}')")
     conn.execute("INSERT INTO dispatch.jobs (kind, version) VALUES ('k', 0), ('unknown', 0), ('k', 7)")
     assert [r[0] for r in claim(conn, 10, version=5)] == [1]
     assert [r[0] for r in claim(conn, 10, version=7)] == [3]
     conn.execute("INSERT INTO dispatch.jobs (kind) VALUES ('k')")
     conn.execute("UPDATE dispatch.queues SET paused = true WHERE name = 'default'")
     assert claim(conn, 10) == []
+
+
+def test_a_short_claim_parks_what_no_live_worker_runs_until_one_starts(conn: Conn) -> None:
+    conn.execute("INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds) VALUES ('w', 'h', 1, 0, '{default}', 1, '{k}')")
+    conn.execute("INSERT INTO dispatch.jobs (kind, version) VALUES ('k', 0), ('unknown', 0), ('k', 9)")
+    assert [r[0] for r in claim(conn, 10)] == [1]
+    # Idle polls no longer walk the two rows nobody can run: they are parked for a minute.
+    rows = conn.execute("SELECT id, state::text, parked_at IS NOT NULL, run_at > now() + interval '50 s' FROM dispatch.jobs ORDER BY id").fetchall()
+    assert rows == [(1, "running", False, False), (2, "scheduled", True, True), (3, "scheduled", True, True)]
+    assert conn.execute("SELECT state FROM dispatch.job_list WHERE id = 2").fetchone() == ("parked",)
+    # A worker that runs 'unknown' starts: it takes its jobs back at once; build 9 still waits.
+    assert conn.execute("SELECT dispatch.unpark_jobs_v1('{unknown}', 0, '{*}')").fetchone() == (1,)
+    assert [r[0] for r in claim(conn, 10, kinds=("unknown",))] == [2]
+    assert conn.execute("SELECT parked_at IS NOT NULL FROM dispatch.jobs WHERE id = 3").fetchone() == (True,)
 
 
 def test_version_default_comes_from_the_session_setting(conn: Conn) -> None:

@@ -183,7 +183,8 @@ async def test_version_guard_leaves_newer_jobs_and_unknown_kinds(db_url: str) ->
     runner = Runner(WorkerConfig(database_url=db_url, drain=True, version=3), DEBUG)
     assert await asyncio.wait_for(runner.run(), 30) == 0
     left = psycopg.connect(db_url).execute("SELECT kind, version, state::text, attempt FROM dispatch.jobs ORDER BY id").fetchall()
-    assert left == [("debug.noop", 5, "available", 0), ("no.such.kind", 0, "available", 0)]
+    # Left untouched (no attempt spent), and parked: idle polls no longer walk them.
+    assert left == [("debug.noop", 5, "scheduled", 0), ("no.such.kind", 0, "scheduled", 0)]
 
 
 async def test_exit_on_newer_build(db_url: str) -> None:

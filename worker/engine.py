@@ -177,6 +177,11 @@ class Engine:
                 "id": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "version": self.version, "queues": queues, "slots": slots, "kinds": kinds,
                 "lease_seconds": self.lease_seconds})
+            cur = await conn.execute(sql.query("unpark_jobs"), {
+                "kinds": kinds, "version": self.version, "queues": queues})
+            row = await cur.fetchone()
+        if row and row[0]:
+            log.info("took back %d jobs parked for want of a worker that runs their kind", row[0])
 
     async def heartbeat(self, *, running: int, completed: int, retried: int, dead: int,
                         stats: Mapping[str, Any]) -> None:

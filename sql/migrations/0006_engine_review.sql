@@ -10,6 +10,9 @@
 --  * request attempts are masked; workers record their kinds and lease; elected duties
 
 -- Scheduled jobs ---------------------------------------------------------------------------------
+-- When a job was parked for want of a worker that runs its kind and build (claim_jobs_v2).
+ALTER TABLE dispatch.jobs ADD COLUMN parked_at timestamptz;
+
 UPDATE dispatch.jobs SET state = 'scheduled' WHERE state = 'available' AND run_at > now();
 
 CREATE FUNCTION dispatch.schedule_future_job() RETURNS trigger
@@ -27,7 +30,10 @@ CREATE TRIGGER jobs_schedule_future BEFORE INSERT ON dispatch.jobs
 
 CREATE INDEX jobs_scheduled ON dispatch.jobs (queue, run_at) WHERE state = 'scheduled';
 -- newer_build_waiting: a range scan of versions above the worker's, not a walk of the backlog.
-CREATE INDEX jobs_available_version ON dispatch.jobs (version) WHERE state = 'available';
+CREATE INDEX jobs_waiting_version ON dispatch.jobs (version) WHERE state <> 'running';
+-- Parked jobs (no live worker runs their kind or build) by kind: a worker that starts with the
+-- kind takes them back at once.
+CREATE INDEX jobs_parked ON dispatch.jobs (kind) WHERE parked_at IS NOT NULL;
 
 -- Expiry in flight is not an input error ------------------------------------------------------
 ALTER TABLE dispatch.jobs DROP CONSTRAINT job_expire_at_after_created_at;
@@ -69,7 +75,10 @@ $$;
 
 -- Claim v2: promotes this queue's scheduled jobs that came due, then claims in priority, run_at,
 -- id order. Expired jobs are claimable by any worker (they die 'expired' without running, so the
--- kind and build do not matter).
+-- kind and build do not matter). A claim that comes back short has walked every runnable row of
+-- the queue: it parks the ones no live worker can run (unknown kind, newer build) for a minute,
+-- so idle polls of every process stop walking them; a worker that starts with their kind takes
+-- them back at once (unpark_jobs_v1).
 CREATE FUNCTION dispatch.claim_jobs_v2(
     worker_id text, queue_name text, kinds text[], worker_version bigint,
     max_jobs integer, lease interval
@@ -80,6 +89,8 @@ CREATE FUNCTION dispatch.claim_jobs_v2(
 )
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
+DECLARE
+    got integer;
 BEGIN
     IF (SELECT q.paused FROM dispatch.queues q WHERE q.name = queue_name) IS NOT FALSE THEN
         RETURN;  -- paused, or no such queue
@@ -102,12 +113,49 @@ BEGIN
     )
     UPDATE dispatch.jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_token = gen_random_uuid(),
-        leased_by = worker_id, leased_at = now(), lease_expires_at = now() + lease
+        leased_by = worker_id, leased_at = now(), lease_expires_at = now() + lease, parked_at = NULL
     FROM picked, dispatch.queues q
     WHERE j.id = picked.id AND q.name = j.queue
     RETURNING j.id, j.queue, j.kind, j.args, j.priority, j.attempt,
               coalesce(j.max_attempts, q.max_attempts), j.tenant, j.run_at, j.expire_at,
               j.created_at, j.lease_token, j.expire_at IS NOT NULL AND j.expire_at <= now();
+    GET DIAGNOSTICS got = ROW_COUNT;
+    IF got < max_jobs THEN
+        UPDATE dispatch.jobs j
+        SET state = 'scheduled', run_at = now() + interval '1 minute',
+            parked_at = coalesce(j.parked_at, now())
+        WHERE j.id IN (
+            SELECT a.id FROM dispatch.jobs a
+            WHERE a.state = 'available' AND a.queue = queue_name
+              AND (a.expire_at IS NULL OR a.expire_at > now())
+              AND NOT EXISTS (
+                  SELECT 1 FROM dispatch.workers w
+                  WHERE w.stopped_at IS NULL
+                    AND w.heartbeat_at > now() - make_interval(secs => w.lease_seconds)
+                    AND ('*' = ANY (w.queues) OR a.queue = ANY (w.queues))
+                    AND a.kind = ANY (w.kinds) AND w.version >= a.version)
+            LIMIT 10000
+            FOR UPDATE SKIP LOCKED);
+    END IF;
+END $$;
+
+-- A worker starting with these kinds (at this build) takes back the jobs parked for want of it.
+CREATE FUNCTION dispatch.unpark_jobs_v1(kinds text[], worker_version bigint, queues text[])
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+    woken text[];
+BEGIN
+    WITH back AS (
+        UPDATE dispatch.jobs j SET state = 'available', run_at = now(), parked_at = NULL
+        WHERE j.parked_at IS NOT NULL AND j.state = 'scheduled' AND j.kind = ANY (kinds)
+          AND j.version <= worker_version AND ('*' = ANY (queues) OR j.queue = ANY (queues))
+        RETURNING j.queue
+    )
+    SELECT count(*), array_agg(DISTINCT b.queue) INTO n, woken FROM back b;
+    PERFORM pg_notify('dispatch_jobs', q) FROM unnest(woken) q;
+    RETURN n;
 END $$;
 
 -- Finish v2: as v1, but a job coming back later is 'scheduled' (only due jobs are 'available'),
@@ -438,9 +486,10 @@ FROM dispatch.workers w;
 CREATE OR REPLACE VIEW dispatch.job_list AS
 SELECT j.id, j.queue, j.kind, dispatch.mask_secrets(j.args) AS args, j.priority,
        CASE WHEN j.state = 'running' THEN 'running'
+            WHEN j.parked_at IS NOT NULL THEN 'parked'
             WHEN j.run_at > now() THEN 'scheduled' ELSE 'available' END AS state,
        j.run_at, j.expire_at, j.attempt, j.max_attempts, j.tenant, j.version, j.created_at,
-       j.last_error, j.leased_by, j.lease_expires_at
+       j.last_error, j.leased_by, j.lease_expires_at, j.parked_at
 FROM dispatch.jobs j;
 
 -- Requests: an expire_at already past is accepted (the request dies 'expired', nothing sent).
@@ -552,6 +601,7 @@ GRANT INSERT (queue, kind, args, priority, run_at, expire_at, max_attempts, idem
     ON dispatch.jobs TO dispatch_producer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.duties TO dispatch_worker;
 REVOKE ALL ON FUNCTION dispatch.take_duty_v1(text, text, interval), dispatch.release_duties_v1(text),
+    dispatch.unpark_jobs_v1(text[], bigint, text[]),
     dispatch.claim_jobs_v2(text, text, text[], bigint, integer, interval),
     dispatch.finish_jobs_v2(bigint[], uuid[], text[], double precision[], text[], text[], integer[], jsonb[]),
     dispatch.extend_leases_v2(bigint[], uuid[], interval), dispatch.rescue_expired_v2(integer),
@@ -561,6 +611,7 @@ REVOKE ALL ON FUNCTION dispatch.take_duty_v1(text, text, interval), dispatch.rel
     dispatch.mask_text(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dispatch.mask_text(text), dispatch.mask_secrets(jsonb) TO dispatch_reader;
 GRANT EXECUTE ON FUNCTION dispatch.take_duty_v1(text, text, interval), dispatch.release_duties_v1(text),
+    dispatch.unpark_jobs_v1(text[], bigint, text[]),
     dispatch.claim_jobs_v2(text, text, text[], bigint, integer, interval),
     dispatch.finish_jobs_v2(bigint[], uuid[], text[], double precision[], text[], text[], integer[], jsonb[]),
     dispatch.extend_leases_v2(bigint[], uuid[], interval), dispatch.rescue_expired_v2(integer),

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bench import scenarios
+from bench import scale, scenarios
 from bench.peers import PEERS
 from bench.scenarios import BARE_CLIENT, OURS, Result
 
@@ -40,6 +40,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
                     lambda s: [scenarios.deliver(server_url, s, requests=requests)]),
         "latency": ([OURS, *peers], lambda s: [scenarios.latency(server_url, s)]),
         "backlog": ([OURS], lambda s: scenarios.backlog(server_url)),
+        "poll": ([OURS], lambda s: scale.poll(server_url)),
         "memory": ([OURS], lambda s: [scenarios.memory(server_url)]),
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
     }
@@ -89,7 +90,7 @@ def reduce(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def _median(values: list[float]) -> float:
-    return round(statistics.median(values), 2) if values else float("nan")
+    return round(statistics.median(values), 3) if values else float("nan")
 
 
 def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
@@ -138,7 +139,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if "error" in row:
             cells = ["failed: " + row["error"].replace("|", "/"), "", ""]
         elif "median" in row:
-            number = "{:,.0f}" if row["unit"] != "MB" else "{}"
+            number = {"MB": "{}", "ms": "{:,.3f}"}.get(row["unit"], "{:,.0f}")
             cells = [f"{number.format(row['median'])} {row['unit']}",
                      f"{number.format(row['min'])}–{number.format(row['max'])}",
                      f"{row['ours_to_this']}×" if "ours_to_this" in row else ""]

@@ -27,15 +27,15 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def migrate(database_url: str) -> None:
-    """Apply every pending migration (idempotent)."""
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Apply every pending migration up to `revision` (idempotent)."""
     from sqlalchemy.exc import DBAPIError
 
     try:
         with translated():
             from alembic import command
 
-            command.upgrade(alembic_config(database_url), "head")
+            command.upgrade(alembic_config(database_url), revision)
     except DBAPIError as exc:
         if isinstance(exc.orig, psycopg.Error):
             raise translate(exc.orig) from exc

@@ -580,9 +580,9 @@ END $$;
 -- Claim v2: promotes this queue's scheduled jobs that came due, then claims in priority, run_at,
 -- id order. Expired jobs are claimable by any worker (they die 'expired' without running, so the
 -- kind and build do not matter). A claim that comes back short has walked every runnable row of
--- the queue: it parks the ones no live worker can run (unknown kind, newer build) for a minute,
--- so idle polls of every process stop walking them; a worker that starts with their kind takes
--- them back at once (unpark_jobs_v1).
+-- the queue: it parks the ones no live worker can run (unknown kind, newer build) for five
+-- minutes, so idle polls of every process stop walking them; a worker that starts with their kind
+-- takes them back at once (unpark_jobs_v1), and the next look is five minutes on.
 CREATE FUNCTION dispatch.claim_jobs_v2(
     worker_id text, queue_name text, kinds text[], worker_version bigint,
     max_jobs integer, lease interval
@@ -599,11 +599,13 @@ BEGIN
     IF (SELECT q.paused FROM dispatch.queues q WHERE q.name = queue_name) IS NOT FALSE THEN
         RETURN;  -- paused, or no such queue
     END IF;
+    -- = ANY (ARRAY(...)): primary-key lookups whatever the statistics say (IN may hash-join
+    -- against a scan of the whole table).
     UPDATE dispatch.jobs j SET state = 'available'
-    WHERE j.id IN (SELECT s.id FROM dispatch.jobs s
-                   WHERE s.state = 'scheduled' AND s.queue = queue_name AND s.run_at <= now()
-                   ORDER BY s.run_at LIMIT max_jobs
-                   FOR UPDATE SKIP LOCKED);
+    WHERE j.id = ANY (ARRAY(SELECT s.id FROM dispatch.jobs s
+                            WHERE s.state = 'scheduled' AND s.queue = queue_name AND s.run_at <= now()
+                            ORDER BY s.run_at LIMIT max_jobs
+                            FOR UPDATE SKIP LOCKED));
     RETURN QUERY
     WITH picked AS (
         SELECT j.id FROM dispatch.jobs j
@@ -626,9 +628,9 @@ BEGIN
     GET DIAGNOSTICS got = ROW_COUNT;
     IF got < max_jobs THEN
         UPDATE dispatch.jobs j
-        SET state = 'scheduled', run_at = now() + interval '1 minute',
+        SET state = 'scheduled', run_at = now() + interval '5 minutes',
             parked_at = coalesce(j.parked_at, now())
-        WHERE j.id IN (
+        WHERE j.id = ANY (ARRAY(
             SELECT a.id FROM dispatch.jobs a
             WHERE a.state = 'available' AND a.queue = queue_name
               AND (a.expire_at IS NULL OR a.expire_at > now())
@@ -638,8 +640,9 @@ BEGIN
                     AND w.heartbeat_at > now() - make_interval(secs => w.lease_seconds)
                     AND ('*' = ANY (w.queues) OR a.queue = ANY (w.queues))
                     AND a.kind = ANY (w.kinds) AND w.version >= a.version)
+            ORDER BY a.priority, a.run_at, a.id  -- the claim index, not a scan
             LIMIT 10000
-            FOR UPDATE SKIP LOCKED);
+            FOR UPDATE SKIP LOCKED));
     END IF;
 END $$;
 
@@ -746,21 +749,6 @@ BEGIN
     PERFORM pg_notify('dispatch_jobs', w) FROM unnest(wake) w;
     RETURN counted;
 END $$;
-
--- Extend v2: matches on the primary key (v1 matched on the unindexed lease_token).
-CREATE FUNCTION dispatch.extend_leases_v2(ids bigint[], tokens uuid[], lease interval)
-RETURNS TABLE (lost_token uuid)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH given AS (
-        SELECT * FROM unnest(ids, tokens) AS g(id, token)
-    ), extended AS (
-        UPDATE dispatch.jobs j SET lease_expires_at = now() + lease
-        FROM given g
-        WHERE j.id = g.id AND j.lease_token = g.token AND j.state = 'running'
-        RETURNING j.lease_token
-    )
-    SELECT g.token FROM given g WHERE g.token NOT IN (SELECT e.lease_token FROM extended e)
-$$;
 
 -- Rescue v2: an expired lease counts as an attempt and backs off like a retry (the queue's
 -- backoff), so a job that kills its worker cannot take one down per lease period.

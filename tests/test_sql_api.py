@@ -109,8 +109,8 @@ def test_a_short_claim_parks_what_no_live_worker_runs_until_one_starts(conn: Con
     conn.execute("INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds) VALUES ('w', 'h', 1, 0, '{default}', 1, '{k}')")
     conn.execute("INSERT INTO dispatch.jobs (kind, version) VALUES ('k', 0), ('unknown', 0), ('k', 9)")
     assert [r[0] for r in claim(conn, 10)] == [1]
-    # Idle polls no longer walk the two rows nobody can run: they are parked for a minute.
-    rows = conn.execute("SELECT id, state::text, parked_at IS NOT NULL, run_at > now() + interval '50 s' FROM dispatch.jobs ORDER BY id").fetchall()
+    # Idle polls no longer walk the two rows nobody can run: they are parked for five minutes.
+    rows = conn.execute("SELECT id, state::text, parked_at IS NOT NULL, run_at > now() + interval '290 s' FROM dispatch.jobs ORDER BY id").fetchall()
     assert rows == [(1, "running", False, False), (2, "scheduled", True, True), (3, "scheduled", True, True)]
     assert conn.execute("SELECT state FROM dispatch.job_list WHERE id = 2").fetchone() == ("parked",)
     # A worker that runs 'unknown' starts: it takes its jobs back at once; build 9 still waits.

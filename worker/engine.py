@@ -81,14 +81,13 @@ class Engine:
             row = await cur.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    async def extend_leases(self, leases: Mapping[UUID, int]) -> set[UUID]:
-        """Extend our leases (token → job id); returns the tokens we no longer hold."""
-        if not leases:
+    async def extend_leases(self, tokens: list[UUID]) -> set[UUID]:
+        """Extend our leases; returns the tokens we no longer hold."""
+        if not tokens:
             return set()
         async with self._pool.connection() as conn:
             cur = await conn.execute(sql.query("extend_leases"), {
-                "ids": list(leases.values()), "tokens": list(leases),
-                "lease_seconds": self.lease_seconds})
+                "tokens": tokens, "lease_seconds": self.lease_seconds})
             return {row[0] for row in await cur.fetchall()}
 
     async def kinds_waiting_unknown(self, queues: list[str], kinds: list[str]) -> dict[str, int]:
@@ -229,10 +228,10 @@ class OutcomeWriter:
     def pending(self) -> int:
         return len(self._pending)
 
-    def pending_leases(self) -> dict[UUID, int]:
-        """Leases of outcomes not written yet (token → job id): the heartbeat keeps them alive,
-        or a stalled writer would let a finished job be rescued and run again."""
-        return {f.token: f.job_id for f in self._pending}
+    def pending_leases(self) -> list[UUID]:
+        """Leases of outcomes not written yet: the heartbeat keeps them alive, or a stalled
+        writer would let a finished job be rescued and run again."""
+        return [f.token for f in self._pending]
 
     async def drained(self) -> None:
         """Wait until every outcome added so far is written."""

@@ -406,9 +406,7 @@ class Runner:
     # -- timers ----------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        leases = {token: job.id for token, (job, _) in self._running.items()}
-        leases.update(self.writer.pending_leases())
-        lost = await self.engine.extend_leases(leases)
+        lost = await self.engine.extend_leases([*self._running, *self.writer.pending_leases()])
         for token in lost:
             entry = self._running.get(token)
             if entry is not None:

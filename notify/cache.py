@@ -53,6 +53,11 @@ class KeyedCache(Generic[K, V]):
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(pending)
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every invalidation: a reader that saw it change knows its value may be old."""
+        return self._generation
+
     def invalidate(self, key: K | None = None) -> None:
         """Forget one key, or everything; loads in flight are not kept."""
         self.counters.invalidations += 1

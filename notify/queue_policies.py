@@ -2,7 +2,7 @@
 
 Reads are plain dict lookups on an immutable snapshot swapped atomically. A NOTIFY on the config
 channel, a reconnect of the listener, or the periodic refresh reloads it; concurrent reload
-requests share one database round trip (single flight).
+requests share one database round trip (single flight, notify/cache.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 import sql
+from notify.cache import CacheCounters, KeyedCache
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,16 @@ class QueuePolicy:
 
 
 class QueuePolicies:
+    """dispatch.queues as one snapshot, kept in the shared KeyedCache (single-flight loads,
+    generation counter), read synchronously by the claim loop."""
+
     def __init__(self, pool: AsyncConnectionPool, *, refresh_every: float = 60.0) -> None:
         self._pool = pool
         self._refresh_every = refresh_every
+        self._cache: KeyedCache[str, Mapping[str, QueuePolicy]] = KeyedCache(
+            self._load, ttl=refresh_every)
         self._snapshot: Mapping[str, QueuePolicy] = MappingProxyType({})
-        self._loading: asyncio.Task[None] | None = None
-        self._stale = False
+        self._reloading: asyncio.Task[None] | None = None
 
     def get(self, name: str) -> QueuePolicy | None:
         return self._snapshot.get(name)
@@ -49,29 +54,30 @@ class QueuePolicies:
     def names(self) -> list[str]:
         return list(self._snapshot)
 
+    @property
+    def counters(self) -> CacheCounters:
+        return self._cache.counters
+
     async def reload(self) -> None:
-        """Reload now; callers arriving while a load is in flight share it."""
-        await asyncio.shield(self._start_loading())
+        """Load now. A change notified while the load runs is not lost: the snapshot is only
+        taken from a load that no invalidation overtook, else it loads again."""
+        self._cache.invalidate()
+        while True:
+            generation = self._cache.generation
+            snapshot = await self._cache.get(ALL)
+            if generation == self._cache.generation:
+                self._snapshot = snapshot
+                return
 
     def invalidate(self) -> None:
-        """Schedule a reload (called from the NOTIFY handler, which must not block)."""
-        self._start_loading()
-
-    def _start_loading(self) -> asyncio.Task[None]:
-        # A change that lands while a load is in flight may have been missed by it: mark the
-        # snapshot stale so the running loader goes round once more.
-        self._stale = True
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._load_until_fresh())
-            self._loading.add_done_callback(_log_failure)
-        return self._loading
-
-    async def _load_until_fresh(self) -> None:
-        while self._stale:
-            self._stale = False
-            await self._load()
+        """Reload soon (called from the NOTIFY handler, which must not block)."""
+        self._cache.invalidate()
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self.reload())
+            self._reloading.add_done_callback(_log_failure)
 
     async def refresh_forever(self) -> None:
+        """The safety net under NOTIFY: a full reload every `refresh_every` seconds."""
         while True:
             await asyncio.sleep(self._refresh_every)
             try:
@@ -79,12 +85,15 @@ class QueuePolicies:
             except Exception as exc:  # a failed refresh keeps the last good snapshot
                 log.warning("queue policy refresh failed: %s", exc)
 
-    async def _load(self) -> None:
+    async def _load(self, _: str) -> Mapping[str, QueuePolicy]:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(QueuePolicy))
             await cur.execute(sql.query("load_queues"))
             rows = await cur.fetchall()
-        self._snapshot = MappingProxyType({p.name: p for p in rows})
+        return MappingProxyType({p.name: p for p in rows})
+
+
+ALL = "*"
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -446,11 +446,12 @@ async def test_a_burst_of_notifies_is_claimed_in_a_few_claims(db_url: str, monke
 
 def test_production_workers_do_not_run_debug_kinds() -> None:
     from worker.executors import builtin_executors
-    from worker.executors.signing import SigningKeys
+    from worker.executors.context import ExecutorContext
+    from worker.outbound.signing import SigningKeys
 
-    keys = SigningKeys("postgresql://unused")
-    assert not [k for k in builtin_executors(http=None, keys=keys) if k.startswith("debug.")]  # type: ignore[arg-type]
-    assert "debug.noop" in builtin_executors(http=None, keys=keys, debug_kinds=True)  # type: ignore[arg-type]
+    context = ExecutorContext(http=None, keys=SigningKeys("postgresql://unused"))  # type: ignore[arg-type]
+    assert not [k for k in builtin_executors(context) if k.startswith("debug.")]
+    assert "debug.noop" in builtin_executors(context, debug_kinds=True)
 
 
 # -- new-user findings ----------------------------------------------------------------------------

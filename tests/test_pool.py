@@ -116,6 +116,9 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
         stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5))
         assert stats["pool"]["restarts"] == 1
         assert stats["queues"][0]["queue"] == "default"
+        # Per-process figures, published with each heartbeat.
+        alive = [w for w in stats["workers"] if w["status"] == "alive" and w["pid"] != pids[0]]
+        assert len(alive) == 2 and all("signing_key_cache" in w["stats"] for w in alive)
         execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 10)")
         wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -124,6 +127,43 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         finished(proc, timeout=30)
+
+
+def test_a_busy_http_port_is_one_line_and_exit_2(db_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = finished(start_worker(db_url, "--http-port", str(taken.getsockname()[1])), expect=2)
+    assert out.strip().startswith("error: --http-port") and "Traceback" not in out, out
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.workers") == 0  # no child was started
+
+
+def test_mistakes_are_one_line_with_a_documented_exit_code(db_url: str) -> None:
+    for args, code, says in ((["--processes", "0"], 2, "--processes: must be at least 1"),
+                             (["--http-port", "99999"], 2, "a port is 1-65535"),
+                             (["--lease", "soon"], 2, "not a duration")):
+        out = finished(start_worker(db_url, *args), expect=code)
+        assert len(out.strip().splitlines()) == 1 and says in out, out
+    env = {**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
+           "PGDISPATCH_LOG": "WARNING"}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "worker"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4 and proc.stderr.startswith("error: database unavailable"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.chaos
+def test_a_second_sigterm_releases_running_jobs_at_once(db_url: str) -> None:
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, args) SELECT 'debug.sleep', '{\"seconds\": 600}' FROM generate_series(1, 3)")
+    proc = start_worker(db_url, "--grace", "600s")
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout is not None
+    said = proc.stdout.readline()  # the pool says what it does: no silent grace period
+    assert "signal again to release them now" in said, said
+    proc.send_signal(signal.SIGTERM)
+    finished(proc, timeout=30)  # not 600 s
+    assert psycopg.connect(db_url).execute("SELECT state::text, attempt FROM dispatch.jobs").fetchall() == [("available", 0)] * 3
 
 
 def test_time_limit_stops_the_pool_cleanly(db_url: str) -> None:

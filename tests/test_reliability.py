@@ -31,9 +31,10 @@ from aiohttp import web
 
 from tests.helpers import execute, running_worker, scalar, wait_until
 from worker.executors import builtin_executors
-from worker.executors.breakers import Breakers
-from worker.executors.http_transport import HttpTransport
-from worker.executors.signing import SigningKeys
+from worker.executors.context import ExecutorContext
+from worker.outbound.breakers import Breakers
+from worker.outbound.signing import SigningKeys
+from worker.outbound.transport import HttpTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +119,9 @@ async def http_worker(db_url: str, *, breakers: Breakers | None = None, per_host
     """An in-process worker on the requests queue with the real executors and transport."""
     keys = SigningKeys(db_url)
     async with HttpTransport(max_connections=100) as http:
-        executors = builtin_executors(http=http, keys=keys, per_host_limit=per_host_limit, breakers=breakers, debug_kinds=True)
+        context = ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit,
+                                  breakers=breakers or Breakers())
+        executors = builtin_executors(context, debug_kinds=True)
         async with running_worker(db_url, executors, queues=("requests",), poll_interval=0.2,
                                   per_host_limit=per_host_limit, **settings):
             yield
@@ -169,7 +172,7 @@ async def test_a_server_that_never_answers_times_out_at_http_timeout(db_url: str
 
 async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.executors.breakers")
+    caplog.set_level(logging.INFO, logger="worker.outbound.breakers")
     send_many(db_url, f"{remote.url}/storm/", 40, tenant="acme", attempt_interval=1)
     breakers = Breakers(failures=3, cooldown=1.5)
 
@@ -200,7 +203,7 @@ async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
 @pytest.mark.chaos
 async def test_a_hung_tenant_neither_slows_the_others_nor_loses_anything(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.executors.breakers")
+    caplog.set_level(logging.INFO, logger="worker.outbound.breakers")
     sent: dict[str, float] = {}
 
     async def tenant_b(seconds: float, tag: str) -> list[float]:

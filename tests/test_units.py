@@ -57,7 +57,7 @@ def test_named_queries_load() -> None:
 
 
 def test_breaker_opens_after_consecutive_failures_then_one_probe_decides() -> None:
-    from worker.executors.breakers import Breakers
+    from worker.outbound.breakers import Breakers
 
     now = [100.0]
     breakers = Breakers(failures=3, cooldown=10, clock=lambda: now[0])
@@ -84,7 +84,7 @@ def test_breaker_opens_after_consecutive_failures_then_one_probe_decides() -> No
 
 
 def test_breaker_and_postpone_refuse_nonsense() -> None:
-    from worker.executors.breakers import Breakers
+    from worker.outbound.breakers import Breakers
     from worker.outcome import Postpone
 
     with pytest.raises(ValueError):
@@ -98,7 +98,7 @@ def test_breaker_and_postpone_refuse_nonsense() -> None:
 async def test_deadlines_time_out_like_asyncio_timeout_and_pass_other_cancellations() -> None:
     import asyncio
 
-    from worker.executors.deadlines import Deadlines
+    from worker.outbound.deadlines import Deadlines
 
     deadlines = Deadlines(resolution=0.01)
     with pytest.raises(TimeoutError):

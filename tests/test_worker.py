@@ -39,8 +39,8 @@ async def test_notify_wakes_an_idle_worker_long_before_the_poll(db_url: str) -> 
         done.set()
         return DONE
 
-    async with running_worker(db_url, {"t.mark": mark}, poll_interval=60):
-        await asyncio.sleep(0.2)  # idle now, waiting on NOTIFY or the 60 s poll
+    async with running_worker(db_url, {"t.mark": mark}, poll_interval=60) as runner:
+        await wait_until(lambda: runner.listener.connected.is_set())  # idle, LISTENing; next poll in 60 s
         started = time.monotonic()
         execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('t.mark')")
         await asyncio.wait_for(done.wait(), 5)

@@ -16,9 +16,10 @@ from typing import Any
 from db.errors import DatabaseUnavailable
 from worker.config import WorkerConfig
 from worker.executors import builtin_executors
-from worker.executors.breakers import Breakers
-from worker.executors.http_transport import HttpTransport
-from worker.executors.signing import SigningKeys
+from worker.executors.context import ExecutorContext
+from worker.outbound.breakers import Breakers
+from worker.outbound.signing import SigningKeys
+from worker.outbound.transport import HttpTransport
 from worker.runner import EXIT_NO_DATABASE, Runner
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
 
     async with HttpTransport(max_connections=max(config.concurrency, 10),
                              allow_private_networks=config.allow_private_networks) as http:
-        runner = Runner(config, builtin_executors(
-            http=http, keys=keys, per_host_limit=config.per_host_limit,
-            allow_private_networks=config.allow_private_networks, breakers=breakers,
-            debug_kinds=config.debug_kinds),
-            on_config_change=keys.invalidate, stats=stats)
+        context = ExecutorContext(http=http, keys=keys, breakers=breakers,
+                                  per_host_limit=config.per_host_limit,
+                                  allow_private_networks=config.allow_private_networks)
+        runner = Runner(config, builtin_executors(context, debug_kinds=config.debug_kinds),
+                        on_config_change=keys.invalidate, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)

@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import psutil
@@ -134,15 +134,17 @@ class Runner:
         self.listener = listener
         await self.engine.register(queues=list(cfg.queues) or [ALL_QUEUES],
                                    slots=cfg.concurrency, kinds=self.kinds)
-        if await self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE):
-            await self._maintain()
+        try:  # partitions ahead before the first outcome; never a reason not to start
+            if await self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE):
+                await self._maintain()
+        except Exception as exc:
+            log.warning("history maintenance failed: %s", exc)
         background = [
             asyncio.create_task(supervised("outcome writer", self.writer.run), name="outcome-writer"),
             asyncio.create_task(supervised("listener", listener.run), name="listener"),
             asyncio.create_task(periodic("heartbeat", cfg.lease_seconds / 3, self._heartbeat),
                                 name="heartbeat"),
-            asyncio.create_task(periodic("rescue", cfg.rescue_interval, self._rescue,
-                                         first_delay=0 if cfg.drain else None), name="rescue"),
+            asyncio.create_task(periodic("rescue", cfg.rescue_interval, self._rescue), name="rescue"),
             asyncio.create_task(supervised("policy refresh", self.policies.refresh_forever),
                                 name="policy-refresh"),
             asyncio.create_task(periodic(
@@ -156,6 +158,8 @@ class Runner:
                 elect=lambda: self.engine.take_duty("vacuum", VACUUM_DUTY_LEASE)), name="vacuum"))
         with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
             await asyncio.wait_for(listener.connected.wait(), timeout=5)
+        with contextlib.suppress(Exception):  # /stats has this process's figures from the start
+            await self._write_heartbeat()
         self.started.set()
         if cfg.drain:
             # Jobs of workers that died are runnable once rescued: rescue before the first look.
@@ -430,6 +434,7 @@ class Runner:
     async def _write_heartbeat(self) -> None:
         c = self.counters
         stats = {"released": c.released, "outcomes_pending": self.writer.pending,
+                 "queue_policy_cache": asdict(self.policies.counters),
                  "outcomes_ignored": self.writer.ignored,
                  "listener_reconnects": self.listener.reconnects,
                  **(self._stats() if self._stats is not None else {})}

@@ -36,12 +36,11 @@ async def supervised(name: str, run: Callable[[], Awaitable[None]], *,
 
 
 async def periodic(name: str, every: float, step: Step, *,
-                   elect: Callable[[], Awaitable[bool]] | None = None,
-                   first_delay: float | None = None) -> None:
+                   elect: Callable[[], Awaitable[bool]] | None = None) -> None:
     """Run `step` every `every` seconds, forever. A step may return the delay before its next
     run (backing off); a failed step is logged and tried again at the next tick. With `elect`,
     the step runs only while `elect()` says this worker holds the duty."""
-    delay = every if first_delay is None else first_delay
+    delay = every
     while True:
         await asyncio.sleep(delay)
         delay = every

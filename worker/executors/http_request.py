@@ -26,12 +26,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from worker.executors.breakers import Breakers
-from worker.executors.deadlines import Deadlines
-from worker.executors.destinations import forbidden_cause, is_forbidden
-from worker.executors.http_transport import HttpTransport
-from worker.executors.signing import SigningKeys, sign_jwt, webhook_headers
+from worker.executors.context import ExecutorContext
 from worker.job import Job
+from worker.outbound.deadlines import Deadlines
+from worker.outbound.destinations import forbidden_cause, is_forbidden
+from worker.outbound.signing import sign_jwt, webhook_headers
 from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
@@ -102,15 +101,13 @@ class HttpRequestExecutor:
     """Sends requests through the process's one HTTP transport; a per-host cap keeps one slow
     backend from taking every slot of the process."""
 
-    def __init__(self, http: HttpTransport, keys: SigningKeys, *, per_host_limit: int = 64,
-                 allow_private_networks: bool = True, breakers: Breakers | None = None,
-                 clock: Any = time.time) -> None:
-        self._http = http
-        self._allow_private = allow_private_networks
-        self._keys = keys
-        self._per_host_limit = per_host_limit
+    def __init__(self, context: ExecutorContext, *, clock: Any = time.time) -> None:
+        self._http = context.http
+        self._allow_private = context.allow_private_networks
+        self._keys = context.keys
+        self._per_host_limit = context.per_host_limit
         self._hosts: dict[str, asyncio.Semaphore] = {}
-        self._breakers = breakers or Breakers()
+        self._breakers = context.breakers
         self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
         self._deadlines = Deadlines()
         self._clock = clock

@@ -1,0 +1,23 @@
+"""What an executor gets from its worker process: the shared outbound machinery and settings.
+
+One per process, built by worker/process.py; a kind takes what it needs from it instead of
+being wired by hand, so a new kind (or channel adapter) needs no new plumbing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.outbound.breakers import Breakers
+from worker.outbound.signing import SigningKeys
+from worker.outbound.transport import HttpTransport
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorContext:
+    http: HttpTransport
+    keys: SigningKeys
+    breakers: Breakers = field(default_factory=Breakers)
+    # Requests in flight to one host per process, so one slow backend cannot take every slot.
+    per_host_limit: int = 64
+    # Whether requests may reach loopback, private and link-local addresses.
+    allow_private_networks: bool = True

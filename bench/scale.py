@@ -43,7 +43,7 @@ STATEMENTS: list[tuple[str, str, str]] = [
     ("/health",
      "SELECT queue, paused, available, scheduled, running, dead FROM dispatch.queue_stats",
      "SELECT 1"),
-    ("prune expired idempotency keys",
+    ("prune expired idempotency keys (now also old dead letters)",
      "DELETE FROM dispatch.idempotency_keys WHERE expires_at <= now()",
      "SELECT dispatch.prune_dead_v1('30 days')"),
 ]

@@ -146,3 +146,26 @@ def test_migrate_and_embedded_server_without_database_url(tmp_path: Path) -> Non
         import shutil
 
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_show_prints_long_errors_whole_and_delivered_requests_say_what_was_sent(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    long_error = "upstream said: " + "x" * 300 + " END"
+    execute(db_url, "SELECT dispatch.enqueue('debug.fail', jsonb_build_object('error', %s::text), max_attempts => 1)", (long_error,))
+    assert run("worker", "--drain", "--debug-kinds")[0] == 0
+    code, out, _ = run("dead", "show", "1")
+    assert code == 0 and long_error in out  # not cut to a table cell
+    # A delivered request: the job row is gone, its attempt keeps what was sent (masked).
+    execute(db_url, """INSERT INTO dispatch.job_history (job_id, attempt, queue, kind, outcome, status, detail)
+                       VALUES (7, 1, 'requests', 'http.request', 'completed', 200,
+                               '{"request": {"method": "POST", "uri": "https://crm.example/x?token=***"}}')""")
+    code, out, _ = run("request", "show", "7", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["state"] == "delivered"
+    assert shown["args"] == {"method": "POST", "uri": "https://crm.example/x?token=***"}
+
+
+def test_a_worker_with_no_schema_says_to_migrate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_db_url: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run: pgdispatch migrate" in err

@@ -45,8 +45,8 @@ def register(sub: Any) -> None:
                    help="keep the attempt history this long (default 14d)")
     w.add_argument("--dead-keep", type=duration, default=30 * 86400,
                    help="keep dead letters this long (default 30d)")
-    w.add_argument("--fetch-cooldown", type=duration, default=0.01,
-                   help="claim at most once per this long on NOTIFY bursts (default 10ms)")
+    w.add_argument("--fetch-cooldown", type=duration, default=0.002,
+                   help="claim at most once per this long on NOTIFY bursts (default 2ms)")
     w.add_argument("--debug-kinds", action="store_true",
                    help="also run the debug.* kinds (tests and benchmarks)")
     private = w.add_mutually_exclusive_group()

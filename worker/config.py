@@ -37,7 +37,7 @@ class WorkerConfig:
     dead_keep_seconds: float = 30 * 86400
     # Debounce: a NOTIFY within this many seconds of the last claim waits until it has passed,
     # so a burst of single-row inserts is claimed in batches.
-    fetch_cooldown: float = 0.01
+    fetch_cooldown: float = 0.002
     # Seconds to wait for the database at start before giving up.
     connect_timeout: float = 30.0
     pool_size: int = 4

@@ -220,6 +220,8 @@ def _endpoint_failed(outcome: Outcome) -> bool:
 
 def mask_url(uri: str) -> str:
     """The URL without credentials: userinfo and secret-looking query values are masked."""
+    if "@" not in uri and "?" not in uri and "&" not in uri:
+        return uri  # nothing to mask (the common case; this runs once per delivery)
     parts = urlsplit(uri)
     if parts.username or parts.password:
         uri = uri.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)

@@ -26,7 +26,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE = 0, 1, 2, 3, 
 
 PROG = "pgdispatch"
 Conn = psycopg.Connection[dict[str, Any]]
-Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 @dataclass(frozen=True)

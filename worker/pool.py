@@ -55,17 +55,17 @@ class WorkerPool:
         its running jobs at once."""
         if self._stopping:
             log.warning("second signal: workers release their running jobs now")
-            self._signal_children()
+            self._signal_children(signal.SIGUSR1)
             return
         log.warning("stopping: workers finish their running jobs within %gs "
                     "(signal again to release them now)", self.config.grace_seconds)
         self.stop()
 
-    def _signal_children(self) -> None:
+    def _signal_children(self, signum: int = signal.SIGTERM) -> None:
         for child in self.children.values():
             if child.process.is_alive() and child.process.pid:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.process.pid, signal.SIGTERM)
+                    os.kill(child.process.pid, signum)
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
         if self._stopping:

@@ -45,6 +45,9 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)
+        # From the pool on its second signal: a second SIGTERM sent right after the first could
+        # merge with it (the kernel does not queue standard signals).
+        loop.add_signal_handler(signal.SIGUSR1, runner.release_now)
         if _stop_requested_early:
             runner.stop()
         orphan_watch = (asyncio.create_task(_stop_when_orphaned(runner, parent_pid))
@@ -54,8 +57,8 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
         finally:
             if orphan_watch is not None:
                 orphan_watch.cancel()
-            loop.remove_signal_handler(signal.SIGTERM)
-            loop.remove_signal_handler(signal.SIGINT)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                loop.remove_signal_handler(signum)
             await keys.close()
 
 
@@ -83,6 +86,7 @@ def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
     # A SIGTERM that arrives while the process is still starting must stop it cleanly too.
     signal.signal(signal.SIGTERM, _remember_stop)
     signal.signal(signal.SIGINT, _remember_stop)
+    signal.signal(signal.SIGUSR1, _remember_stop)
     _term_when_parent_dies()
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")

@@ -105,8 +105,14 @@ class Runner:
                         "(signal again to release them now)", self.config.grace_seconds,
                         len(self._running))
             self.stop()
-        elif not self._release_now.is_set():
-            log.warning("second signal: releasing %d running jobs now", len(self._running))
+        else:
+            self.release_now()
+
+    def release_now(self) -> None:
+        """Stop, and release running jobs at once instead of waiting for the grace period."""
+        self.stop()
+        if not self._release_now.is_set():
+            log.warning("releasing %d running jobs now", len(self._running))
             self._release_now.set()
 
     @property

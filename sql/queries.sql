@@ -28,7 +28,7 @@ SELECT partition, detach_pending
 FROM dispatch.history_partitions_older_than(make_interval(secs => %(keep_seconds)s));
 
 -- name: prune_dead
-SELECT dispatch.prune_dead_v1(make_interval(secs => %(keep_seconds)s));
+SELECT dispatch.prune_dead_v1(make_interval(secs => %(keep_seconds)s), %(batch)s);
 
 -- name: take_duty
 SELECT dispatch.take_duty_v1(%(duty)s, %(worker_id)s, make_interval(secs => %(lease_seconds)s));

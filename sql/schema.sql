@@ -832,16 +832,20 @@ END $$;
 CREATE FUNCTION dispatch.prune_dead_v1(keep interval, max_rows integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    n integer;
+    dead integer;
+    keys integer;
 BEGIN
+    -- One batch of each; returns the larger count: the caller runs it again while that is
+    -- max_rows, so each transaction stays short however much has piled up.
     DELETE FROM dispatch.dead_jobs d
     WHERE d.job_id IN (SELECT x.job_id FROM dispatch.dead_jobs x WHERE x.died_at < now() - keep
                        ORDER BY x.died_at LIMIT max_rows);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    GET DIAGNOSTICS dead = ROW_COUNT;
     DELETE FROM dispatch.idempotency_keys k
     WHERE (k.queue, k.key) IN (SELECT x.queue, x.key FROM dispatch.idempotency_keys x
                                WHERE x.expires_at <= now() ORDER BY x.expires_at LIMIT max_rows);
-    RETURN n;
+    GET DIAGNOSTICS keys = ROW_COUNT;
+    RETURN greatest(dead, keys);
 END $$;
 
 

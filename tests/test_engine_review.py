@@ -480,3 +480,25 @@ async def test_waiting_without_worker_names_kinds_no_live_worker_knows(db_url: s
         with psycopg.connect(db_url) as c:
             rows = c.execute(sql.read("inspect/waiting_without_worker.sql")).fetchall()
     assert [(r[0], r[1], r[3]) for r in rows] == [("default", "x.unknown", 1)]
+
+
+async def test_maintenance_prunes_old_dead_letters_and_keys_batch_by_batch(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.engine
+
+    monkeypatch.setattr(worker.engine, "PRUNE_BATCH", 10)  # 25 old rows: three batches
+    execute(db_url, """INSERT INTO dispatch.dead_jobs (job_id, queue, kind, args, priority, version, attempt,
+                           reason, created_at, died_at)
+                       SELECT i, 'default', 'k', '{}', 0, 0, 1, 'discarded', now() - interval '60 days',
+                              CASE WHEN i <= 25 THEN now() - interval '40 days' ELSE now() END
+                       FROM generate_series(1, 26) i""")
+    execute(db_url, """INSERT INTO dispatch.idempotency_keys (queue, key, job_id, expires_at)
+                       SELECT 'default', 'k' || i, i, now() - interval '1 s' FROM generate_series(1, 25) i""")
+    pool = AsyncConnectionPool(db_url, open=False, kwargs={"autocommit": True})
+    await pool.open()
+    try:
+        engine = Engine(pool, database_url=db_url, worker_id="w", version=0, lease_seconds=30)
+        await engine.maintain(history_keep_seconds=14 * 86400, dead_keep_seconds=30 * 86400)
+    finally:
+        await pool.close()
+    assert scalar(db_url, "SELECT array_agg(job_id) FROM dispatch.dead_jobs") == [26]  # the recent one stays
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.idempotency_keys") == 0

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 # How long history maintenance waits for a lock before leaving the work to its next run.
 HISTORY_LOCK_TIMEOUT = pgsql.Literal("1s")
+# Dead letters and retained idempotency keys deleted per statement when pruning.
+PRUNE_BATCH = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,12 @@ class Engine:
             cur = await conn.execute(sql.query("history_partitions_older_than"),
                                      {"keep_seconds": history_keep_seconds})
             old = await cur.fetchall()
-            await conn.execute(sql.query("prune_dead"), {"keep_seconds": dead_keep_seconds})
+            while True:  # batch by batch: each a short transaction
+                cur = await conn.execute(sql.query("prune_dead"), {
+                    "keep_seconds": dead_keep_seconds, "batch": PRUNE_BATCH})
+                row = await cur.fetchone()
+                if not row or row[0] < PRUNE_BATCH:
+                    break
             await conn.execute(sql.query("forget_stopped_workers"))
         dropped = 0
         for partition, detach_pending in old:

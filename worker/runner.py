@@ -141,7 +141,7 @@ class Runner:
         await self.engine.register(queues=list(cfg.queues) or [ALL_QUEUES],
                                    slots=cfg.concurrency, kinds=self.kinds)
         try:  # partitions ahead before the first outcome; never a reason not to start
-            if await self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE):
+            if await self._hold_maintenance():
                 await self._maintain()
         except Exception as exc:
             log.warning("history maintenance failed: %s", exc)
@@ -155,7 +155,7 @@ class Runner:
                                 name="policy-refresh"),
             asyncio.create_task(periodic(
                 "history maintenance", MAINTENANCE_EVERY, self._maintain,
-                elect=lambda: self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE)),
+                elect=self._hold_maintenance),
                 name="maintenance"),
         ]
         if cfg.vacuum_min_dead_tuples:
@@ -190,6 +190,9 @@ class Runner:
                  self.counters.retried, self.counters.dead, self.counters.released,
                  self.writer.ignored)
         return self.exit_code
+
+    async def _hold_maintenance(self) -> bool:
+        return await self.engine.take_duty("maintenance", MAINTENANCE_DUTY_LEASE)
 
     def queues(self) -> list[str]:
         """The queues this worker serves: those it was given, else every queue that exists
@@ -248,7 +251,8 @@ class Runner:
                 log.warning("drained; left waiting, as this worker does not run their kind or "
                             "build: %s%s", listed,
                             " (debug.* kinds run only with --debug-kinds)"
-                            if any(k.startswith("debug.") for k in waiting) else "")
+                            if not self.config.debug_kinds and any(k.startswith("debug.") for k in waiting)
+                            else "")
 
     def _free_slots(self, policy: QueuePolicy | None) -> int:
         free = self.config.concurrency - len(self._running)
@@ -435,7 +439,6 @@ class Runner:
         if limit and not self.stopping and self._process.memory_info().rss > limit * 1024 * 1024:
             log.warning("memory limit %d MiB reached: finishing and exiting to be restarted", limit)
             self.stop(EXIT_RECYCLE)
-        return None
 
     async def _write_heartbeat(self) -> None:
         c = self.counters
@@ -449,9 +452,8 @@ class Runner:
 
     async def _rescue(self) -> None:
         rescued = await self.engine.rescue_expired()
-        if rescued:
+        if rescued:  # they come back after their backoff, like retries: nothing to claim now
             log.warning("rescued %d jobs whose lease expired", rescued)
-            self._wake.set()
 
     async def _vacuum(self) -> float | None:
         """Vacuum when dead rows pile up; back off (up to a minute) while they stay high after

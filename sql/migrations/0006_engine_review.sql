@@ -329,16 +329,20 @@ END $$;
 CREATE FUNCTION dispatch.prune_dead_v1(keep interval, max_rows integer DEFAULT 10000) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    n integer;
+    dead integer;
+    keys integer;
 BEGIN
+    -- One batch of each; returns the larger count: the caller runs it again while that is
+    -- max_rows, so each transaction stays short however much has piled up.
     DELETE FROM dispatch.dead_jobs d
     WHERE d.job_id IN (SELECT x.job_id FROM dispatch.dead_jobs x WHERE x.died_at < now() - keep
                        ORDER BY x.died_at LIMIT max_rows);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    GET DIAGNOSTICS dead = ROW_COUNT;
     DELETE FROM dispatch.idempotency_keys k
     WHERE (k.queue, k.key) IN (SELECT x.queue, x.key FROM dispatch.idempotency_keys x
                                WHERE x.expires_at <= now() ORDER BY x.expires_at LIMIT max_rows);
-    RETURN n;
+    GET DIAGNOSTICS keys = ROW_COUNT;
+    RETURN greatest(dead, keys);
 END $$;
 
 -- History partitions ---------------------------------------------------------------------------
@@ -588,22 +592,7 @@ REVOKE INSERT ON dispatch.jobs FROM dispatch_producer;
 GRANT INSERT (queue, kind, args, priority, run_at, expire_at, max_attempts, idempotency_key, tenant)
     ON dispatch.jobs TO dispatch_producer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.duties TO dispatch_worker;
-REVOKE ALL ON FUNCTION dispatch.take_duty_v1(text, text, interval), dispatch.release_duties_v1(text),
-    dispatch.unpark_jobs_v1(text[], bigint, text[]),
-    dispatch.claim_jobs_v2(text, text, text[], bigint, integer, interval),
-    dispatch.finish_jobs_v2(bigint[], uuid[], text[], double precision[], text[], text[], integer[], jsonb[]),
-    dispatch.rescue_expired_v2(integer),
-    dispatch.retry_dead(bigint[], timestamptz), dispatch.prune_dead_v1(interval, integer),
-    dispatch.create_history_partition(date), dispatch.ensure_history_partitions(integer),
-    dispatch.history_partitions_older_than(interval), dispatch.schedule_future_job(),
-    dispatch.mask_text(text) FROM PUBLIC;
+-- New functions: EXECUTE for nobody but the worker (and the reader's masking), as schema.sql says.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dispatch.mask_text(text), dispatch.mask_secrets(jsonb) TO dispatch_reader;
-GRANT EXECUTE ON FUNCTION dispatch.take_duty_v1(text, text, interval), dispatch.release_duties_v1(text),
-    dispatch.unpark_jobs_v1(text[], bigint, text[]),
-    dispatch.claim_jobs_v2(text, text, text[], bigint, integer, interval),
-    dispatch.finish_jobs_v2(bigint[], uuid[], text[], double precision[], text[], text[], integer[], jsonb[]),
-    dispatch.rescue_expired_v2(integer),
-    dispatch.retry_dead(bigint[], timestamptz), dispatch.prune_dead_v1(interval, integer),
-    dispatch.create_history_partition(date), dispatch.ensure_history_partitions(integer),
-    dispatch.history_partitions_older_than(interval), dispatch.mask_text(text),
-    dispatch.schedule_future_job() TO dispatch_worker;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;

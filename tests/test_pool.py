@@ -112,7 +112,10 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
         assert health["status"] == "ok" and health["pool"]["alive"] == 2
         pids = [r[0] for r in psycopg.connect(db_url).execute("SELECT pid FROM dispatch.workers").fetchall()]
         os.kill(pids[0], signal.SIGKILL)
-        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL AND pid <> %s", (pids[0],)) >= 2)
+        # The restarted child registers first and publishes its figures with its first
+        # heartbeat, once LISTEN is up: wait for both.
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL"
+                                " AND pid <> %s AND stats ? 'signing_key_cache'", (pids[0],)) >= 2)
         stats = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5))
         assert stats["pool"]["restarts"] == 1
         assert stats["queues"][0]["queue"] == "default"

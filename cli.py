@@ -1,77 +1,9 @@
-"""pgdispatch command line: maintenance and the worker entry point.
+"""`python cli.py ...` in a checkout: the same as the installed `pgdispatch` command
+(pgdispatch.console.main), for operators who run the tool from the repository."""
 
-Environment (read here and nowhere else):
-  DATABASE_URL      the PostgreSQL to use; unset: an embedded server under $PGDISPATCH_HOME
-  PGDISPATCH_HOME   where the embedded server keeps its data (default ./.pgdispatch)
-  PGDISPATCH_BUILD  this code's build number (version guard), default 0
-  PGDISPATCH_LOG    log level (default INFO)
-
-Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 not found, 4 database unavailable,
-10 worker saw jobs of a newer build (--exit-on-newer), 130 interrupted.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
 
-from console import bench, dead, embedded, jobs, queues, requests, worker
-from console.common import EXIT_ERROR, EXIT_NO_DATABASE, EXIT_NOT_FOUND, EXIT_USAGE, PROG, Env
-from db.errors import (
-    ConfigurationError,
-    DatabaseUnavailable,
-    InvalidInput,
-    NotFound,
-    PgDispatchError,
-)
-
-# One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, requests, bench, embedded)
-
-
-class _Parser(argparse.ArgumentParser):
-    """A usage mistake is one line (and exit 2), not the whole usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for noun in NOUNS:
-        noun.register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad usage: argparse prints one line, exit 2
-    try:
-        env = Env.read()
-        logging.basicConfig(level=env.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return int(args.func(env, args))
-    except DatabaseUnavailable as exc:
-        return _fail(exc, EXIT_NO_DATABASE)
-    except NotFound as exc:
-        return _fail(exc, EXIT_NOT_FOUND)
-    except (InvalidInput, ConfigurationError) as exc:
-        return _fail(exc, EXIT_USAGE)
-    except PgDispatchError as exc:
-        return _fail(exc, EXIT_ERROR)
-    except KeyboardInterrupt:
-        return 130
-
-
-def _fail(exc: Exception, code: int) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return code
-
+from pgdispatch.console.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

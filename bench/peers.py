@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.outbound.transport import HttpTransport
+    from pgdispatch.worker.outbound.transport import HttpTransport
 
 PEERS = ("pgqueuer-psycopg", "pgqueuer-asyncpg", "procrastinate")
 # Each peer's best setting per scenario, from sweeps on this machine kind (README "Performance"):
@@ -58,7 +58,7 @@ class Work:
 
     async def __aenter__(self) -> Work:
         if self.target:
-            from worker.outbound.transport import HttpTransport
+            from pgdispatch.worker.outbound.transport import HttpTransport
 
             self.http = HttpTransport(max_connections=HTTP_CONCURRENCY)
         return self

@@ -8,9 +8,9 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bench import scale, scenarios
-from bench.peers import PEERS
-from bench.scenarios import BARE_CLIENT, OURS, Result
+from pgdispatch.bench import scale, scenarios
+from pgdispatch.bench.peers import PEERS
+from pgdispatch.bench.scenarios import BARE_CLIENT, OURS, Result
 
 
 def expand_peers(names: Iterable[str]) -> list[str]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from bench.scenarios import OURS, Result, fresh_database
-from db.schema import migrate
+from pgdispatch.bench.scenarios import OURS, Result, fresh_database
+from pgdispatch.db.schema import migrate
 
 BEFORE = "before review (0004)"
 WORKER = "bench-worker"

@@ -19,16 +19,15 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 from psycopg import sql as pgsql
 
-from db.schema import migrate
+from pgdispatch.db.schema import migrate
 
-ROOT = Path(__file__).resolve().parent.parent
+PEERS = (sys.executable, "-m", "pgdispatch.bench.peers")  # each peer in a process of its own
 OURS = "pgdispatch"
 BARE_CLIENT = "bare client"
 Result = dict[str, Any]
@@ -58,8 +57,8 @@ def sink(status: int = 202, delay: float = 0.0) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(port), "--status",
-                             str(status), "--delay", str(delay)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "pgdispatch.bench.sink", "--port", str(port), "--status",
+                             str(status), "--delay", str(delay)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()  # "sink listening ..."
@@ -74,7 +73,7 @@ def sink(status: int = 202, delay: float = 0.0) -> Iterator[str]:
 
 def _our_worker(url: str, *args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": url, "PGDISPATCH_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "--debug-kinds", *args], env=env)
+    return subprocess.Popen([sys.executable, "-m", "pgdispatch", "worker", "--debug-kinds", *args], env=env)
 
 
 def _queue_noops(url: str, jobs: int) -> None:
@@ -99,8 +98,8 @@ def _our_drain_rate(url: str, *worker_args: str) -> tuple[int, float]:
 # -- peers ----------------------------------------------------------------------------------------
 
 def _peer(system: str, command: str, url: str, *args: str) -> Result:
-    out = subprocess.run([sys.executable, "-m", "bench.peers", system, command, "--url", url, *args],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([*PEERS, system, command, "--url", url, *args],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{system} {command} failed: {out.stderr.strip().splitlines()[-1:]}")
     result: Result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,8 +107,8 @@ def _peer(system: str, command: str, url: str, *args: str) -> Result:
 
 
 def _peer_drain_rate(system: str, url: str, processes: int, *args: str) -> tuple[int, float]:
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.peers", system, "drain", "--url", url, *args],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs = [subprocess.Popen([*PEERS, system, "drain", "--url", url, *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for _ in range(processes)]
     results = []
     for proc in procs:
@@ -158,7 +157,7 @@ def deliver(server_url: str, system: str = OURS, *, requests: int = 20_000,
 
 async def _bare_client(url: str, requests: int, concurrency: int) -> float:
     """The same HTTP transport the workers use, posting straight to the sink: the ceiling."""
-    from worker.outbound.transport import HttpTransport
+    from pgdispatch.worker.outbound.transport import HttpTransport
 
     async with HttpTransport(max_connections=concurrency) as http:
         queue = iter(range(requests))
@@ -214,9 +213,9 @@ def _our_latency(url: str, rate: int, seconds: float) -> list[tuple[float, float
 
 def _peer_latency(system: str, url: str, rate: int, seconds: float) -> list[tuple[float, float]]:
     _peer(system, "install", url)
-    server = subprocess.Popen([sys.executable, "-m", "bench.peers", system, "serve", "--url", url,
+    server = subprocess.Popen([*PEERS, system, "serve", "--url", url,
                                "--scenario", "latency"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert server.stdout is not None
     try:
         server.stdout.readline()  # "ready"

@@ -10,9 +10,9 @@ from typing import Any
 
 import psycopg
 
-from bench import SCENARIOS
-from console.common import EXIT_OK, Env, say
-from db.errors import ConfigurationError, InvalidInput, translated
+from pgdispatch.bench import SCENARIOS
+from pgdispatch.console.common import EXIT_OK, Env, say
+from pgdispatch.db.errors import ConfigurationError, InvalidInput, translated
 
 
 def register(sub: Any) -> None:
@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 def bench(env: Env, args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from bench import report
+    from pgdispatch.bench import report
 
     url = env.url()
     try:

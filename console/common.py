@@ -19,8 +19,8 @@ from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
 
-from db.errors import ConfigurationError, translated
-from db.server import resolve_database_url
+from pgdispatch.db.errors import ConfigurationError, translated
+from pgdispatch.db.server import resolve_database_url
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE = 0, 1, 2, 3, 4
 

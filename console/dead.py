@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import sql
-from console.common import (
+from pgdispatch import sql
+from pgdispatch.console.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     Env,
@@ -18,7 +18,7 @@ from console.common import (
     say,
     table,
 )
-from db.errors import InvalidInput, NotFound, translated
+from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 
 def register(sub: Any) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 
 import psycopg
 
-import sql
-from console.common import EXIT_OK, Env, say
-from db.errors import ConfigurationError
-from db.server import embedded_running, stop_embedded
+from pgdispatch import sql
+from pgdispatch.console.common import EXIT_OK, Env, say
+from pgdispatch.db.errors import ConfigurationError
+from pgdispatch.db.server import embedded_running, stop_embedded
 
 
 def register(sub: Any) -> None:

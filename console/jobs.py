@@ -7,8 +7,8 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-import sql
-from console.common import (
+from pgdispatch import sql
+from pgdispatch.console.common import (
     EXIT_OK,
     PROG,
     Env,
@@ -21,7 +21,7 @@ from console.common import (
     table,
     warn,
 )
-from db.errors import translated
+from pgdispatch.db.errors import translated
 
 
 def register(sub: Any) -> None:

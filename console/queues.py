@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-import sql
-from console.common import EXIT_OK, PROG, Conn, Env, connect, duration, emit, say, table
-from db.errors import InvalidInput, NotFound, translated
+from pgdispatch import sql
+from pgdispatch.console.common import EXIT_OK, PROG, Conn, Env, connect, duration, emit, say, table
+from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 SETTINGS: dict[str, Callable[[str], Any]] = {
     "max_attempts": int, "backoff_base": duration, "backoff_factor": float, "backoff_cap": duration,

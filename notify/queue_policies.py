@@ -16,8 +16,8 @@ from types import MappingProxyType
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
-import sql
-from notify.cache import CacheCounters, KeyedCache
+from pgdispatch import sql
+from pgdispatch.notify.cache import CacheCounters, KeyedCache
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql as pgsql
 
-from db.schema import apply_schema_sql
+from pgdispatch.db.schema import apply_schema_sql
 
 
 def _docker_answers() -> bool:

@@ -10,8 +10,8 @@ from typing import Any
 
 import psycopg
 
-from worker.config import WorkerConfig
-from worker.runner import Executor, Runner
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.runner import Executor, Runner
 
 
 def scalar(url: str, query: str, params: Any = None) -> Any:

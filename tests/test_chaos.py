@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from db.schema import apply_schema_sql
+from pgdispatch.db.schema import apply_schema_sql
 from tests.helpers import execute, scalar
 from tests.test_pool import start_worker, wait_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from pgdispatch.console import main as cli
 from tests.helpers import execute, scalar
 
 ROOT = Path(__file__).resolve().parent.parent

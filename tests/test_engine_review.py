@@ -23,14 +23,14 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-import sql
-from notify.cache import KeyedCache
-from notify.listener import Listener
+from pgdispatch import sql
+from pgdispatch.notify.cache import KeyedCache
+from pgdispatch.notify.listener import Listener
+from pgdispatch.worker.engine import Engine
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import DONE, Outcome
 from tests.helpers import execute, running_worker, scalar, wait_until
 from tests.test_sql_api import claim, finish
-from worker.engine import Engine
-from worker.job import Job
-from worker.outcome import DONE, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -377,7 +377,7 @@ async def test_the_listener_gives_up_on_a_server_that_never_answers(caplog: pyte
 
     listener = Listener(f"postgresql://u@127.0.0.1:{port}/db", ["c"], on_notify=lambda c, p: None,
                         on_reconnect=nothing, connect_timeout=1)
-    caplog.set_level(logging.WARNING, logger="notify.listener")
+    caplog.set_level(logging.WARNING, logger="pgdispatch.notify.listener")
     task = asyncio.create_task(listener.run())
     try:
         await wait_until(lambda: "listener connection lost" in caplog.text, timeout=10)
@@ -445,9 +445,9 @@ async def test_a_burst_of_notifies_is_claimed_in_a_few_claims(db_url: str, monke
 
 
 def test_production_workers_do_not_run_debug_kinds() -> None:
-    from worker.executors import builtin_executors
-    from worker.executors.context import ExecutorContext
-    from worker.outbound.signing import SigningKeys
+    from pgdispatch.worker.executors import builtin_executors
+    from pgdispatch.worker.executors.context import ExecutorContext
+    from pgdispatch.worker.outbound.signing import SigningKeys
 
     context = ExecutorContext(http=None, keys=SigningKeys("postgresql://unused"))  # type: ignore[arg-type]
     assert not [k for k in builtin_executors(context) if k.startswith("debug.")]
@@ -483,9 +483,8 @@ async def test_waiting_without_worker_names_kinds_no_live_worker_knows(db_url: s
 
 
 async def test_maintenance_prunes_old_dead_letters_and_keys_batch_by_batch(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.engine
-
-    monkeypatch.setattr(worker.engine, "PRUNE_BATCH", 10)  # 25 old rows: three batches
+    import pgdispatch.worker.engine as engine_module
+    monkeypatch.setattr(engine_module, "PRUNE_BATCH", 10)  # 25 old rows: three batches
     execute(db_url, """INSERT INTO dispatch.dead_jobs (job_id, queue, kind, args, priority, version, attempt,
                            reason, created_at, died_at)
                        SELECT i, 'default', 'k', '{}', 0, 0, 1, 'discarded', now() - interval '60 days',

@@ -8,8 +8,8 @@ import warnings
 
 import psycopg
 
-import sql
-from db.schema import apply_schema_sql, current_revision, migrate
+from pgdispatch import sql
+from pgdispatch.db.schema import apply_schema_sql, current_revision, migrate
 
 
 def pg_dump_schema(url: str) -> str:

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.executors.debug import EXECUTORS as DEBUG
+from pgdispatch.worker.executors.http_request import HttpRequest
+from pgdispatch.worker.outcome import InvalidJob
+from pgdispatch.worker.runner import Runner
 from tests.helpers import execute, scalar
-from worker.config import WorkerConfig
-from worker.executors.debug import EXECUTORS as DEBUG
-from worker.executors.http_request import HttpRequest
-from worker.outcome import InvalidJob
-from worker.runner import Runner
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)

@@ -29,12 +29,12 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from pgdispatch.worker.executors import builtin_executors
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.signing import SigningKeys
+from pgdispatch.worker.outbound.transport import HttpTransport
 from tests.helpers import execute, running_worker, scalar, wait_until
-from worker.executors import builtin_executors
-from worker.executors.context import ExecutorContext
-from worker.outbound.breakers import Breakers
-from worker.outbound.signing import SigningKeys
-from worker.outbound.transport import HttpTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,7 +172,7 @@ async def test_a_server_that_never_answers_times_out_at_http_timeout(db_url: str
 
 async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.outbound.breakers")
+    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.breakers")
     send_many(db_url, f"{remote.url}/storm/", 40, tenant="acme", attempt_interval=1)
     breakers = Breakers(failures=3, cooldown=1.5)
 
@@ -203,7 +203,7 @@ async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
 @pytest.mark.chaos
 async def test_a_hung_tenant_neither_slows_the_others_nor_loses_anything(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="worker.outbound.breakers")
+    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.breakers")
     sent: dict[str, float] = {}
 
     async def tenant_b(seconds: float, tag: str) -> list[float]:
@@ -333,7 +333,7 @@ INJECTIONS = ["'; DROP TABLE dispatch.jobs; --", "\" OR 1=1 --", "x'); DELETE FR
 
 def test_sql_injection_through_every_field_is_just_data(db_url: str, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    import cli
+    from pgdispatch.console import main as cli
 
     monkeypatch.setenv("DATABASE_URL", db_url)
     for payload in INJECTIONS:

@@ -18,13 +18,13 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.executors import builtin_executors
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.signing import SigningKeys
+from pgdispatch.worker.outbound.transport import HttpTransport
+from pgdispatch.worker.runner import Runner
 from tests.helpers import execute, scalar, wait_until
-from worker.config import WorkerConfig
-from worker.executors import builtin_executors
-from worker.executors.context import ExecutorContext
-from worker.outbound.signing import SigningKeys
-from worker.outbound.transport import HttpTransport
-from worker.runner import Runner
 
 SECRET = "hs-secret-DO-NOT-LEAK-8c1f-0123456789abcdef"
 BEARER = "Bearer tok-DO-NOT-LEAK-77aa"
@@ -298,7 +298,7 @@ async def test_hand_inserted_garbage_is_dead_invalid(db_url: str) -> None:
 async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
         db_url: str, sink: Sink, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import cli
+    from pgdispatch.console import main as cli
 
     caplog.set_level(logging.DEBUG)
     execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (SECRET,))
@@ -333,7 +333,7 @@ async def test_secrets_never_reach_attempts_history_views_logs_or_cli_output(
 
 
 def test_cli_request_send_and_show(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import cli
+    from pgdispatch.console import main as cli
 
     monkeypatch.setenv("DATABASE_URL", db_url)
     assert cli.main(["request", "send", "--method", "PATCH", "--uri", "https://a.example/cdr",

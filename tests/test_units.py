@@ -7,11 +7,11 @@ import argparse
 import psycopg
 import pytest
 
-import sql
-from console import common
-from db.errors import DatabaseUnavailable, InvalidInput, translate
-from worker.backoff import backoff_delay
-from worker.outcome import Discard, Retry
+from pgdispatch import sql
+from pgdispatch.console import common
+from pgdispatch.db.errors import DatabaseUnavailable, InvalidInput, translate
+from pgdispatch.worker.backoff import backoff_delay
+from pgdispatch.worker.outcome import Discard, Retry
 
 
 def test_backoff_grows_exponentially_and_caps() -> None:
@@ -57,7 +57,7 @@ def test_named_queries_load() -> None:
 
 
 def test_breaker_opens_after_consecutive_failures_then_one_probe_decides() -> None:
-    from worker.outbound.breakers import Breakers
+    from pgdispatch.worker.outbound.breakers import Breakers
 
     now = [100.0]
     breakers = Breakers(failures=3, cooldown=10, clock=lambda: now[0])
@@ -84,8 +84,8 @@ def test_breaker_opens_after_consecutive_failures_then_one_probe_decides() -> No
 
 
 def test_breaker_and_postpone_refuse_nonsense() -> None:
-    from worker.outbound.breakers import Breakers
-    from worker.outcome import Postpone
+    from pgdispatch.worker.outbound.breakers import Breakers
+    from pgdispatch.worker.outcome import Postpone
 
     with pytest.raises(ValueError):
         Breakers(failures=0)
@@ -98,7 +98,7 @@ def test_breaker_and_postpone_refuse_nonsense() -> None:
 async def test_deadlines_time_out_like_asyncio_timeout_and_pass_other_cancellations() -> None:
     import asyncio
 
-    from worker.outbound.deadlines import Deadlines
+    from pgdispatch.worker.outbound.deadlines import Deadlines
 
     deadlines = Deadlines(resolution=0.01)
     with pytest.raises(TimeoutError):

@@ -9,12 +9,12 @@ from collections import Counter
 import psycopg
 import pytest
 
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.executors.debug import EXECUTORS as DEBUG
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import DONE, Discard, InvalidJob, Outcome, Retry
+from pgdispatch.worker.runner import EXIT_NEWER_BUILD, Runner
 from tests.helpers import execute, running_worker, scalar, wait_until
-from worker.config import WorkerConfig
-from worker.executors.debug import EXECUTORS as DEBUG
-from worker.job import Job
-from worker.outcome import DONE, Discard, InvalidJob, Outcome, Retry
-from worker.runner import EXIT_NEWER_BUILD, Runner
 
 
 async def test_drain_runs_everything_runnable_and_accounts_for_every_job(db_url: str) -> None:
@@ -246,7 +246,7 @@ async def test_a_worker_survives_poisoned_jobs(db_url: str) -> None:
 
 
 def test_worker_config_refuses_nonsense() -> None:
-    from db.errors import ConfigurationError
+    from pgdispatch.db.errors import ConfigurationError
 
     for bad in ({"concurrency": 0}, {"lease_seconds": 0.1}, {"fetch_cooldown": -1}, {"poll_interval": 0}):
         with pytest.raises(ConfigurationError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from db.errors import ConfigurationError
+from pgdispatch.db.errors import ConfigurationError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,8 +21,8 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-import sql
-from worker.job import Job
+from pgdispatch import sql
+from pgdispatch.worker.job import Job
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from psycopg.rows import dict_row
 
-import sql
+from pgdispatch import sql
 
 log = logging.getLogger(__name__)
 

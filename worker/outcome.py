@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from db.errors import PgDispatchError
+from pgdispatch.db.errors import PgDispatchError
 
 DISCARD_REASONS = frozenset({"discarded", "invalid", "expired", "stop_code", "exhausted"})
 

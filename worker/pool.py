@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
-from db.errors import ConfigurationError
-from worker.config import WorkerConfig
-from worker.process import child_main
-from worker.runner import EXIT_NEWER_BUILD, EXIT_NO_DATABASE, EXIT_OK, EXIT_RECYCLE
+from pgdispatch.db.errors import ConfigurationError
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.process import child_main
+from pgdispatch.worker.runner import EXIT_NEWER_BUILD, EXIT_NO_DATABASE, EXIT_OK, EXIT_RECYCLE
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class WorkerPool:
         loop.add_signal_handler(signal.SIGINT, self.signalled)
         ops = None
         if self.http_port is not None:
-            from worker.ops_http import OpsServer
+            from pgdispatch.worker.ops_http import OpsServer
 
             ops = OpsServer(self.config.database_url, self.info, port=self.http_port)
             try:

@@ -13,14 +13,14 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from db.errors import DatabaseUnavailable
-from worker.config import WorkerConfig
-from worker.executors import builtin_executors
-from worker.executors.context import ExecutorContext
-from worker.outbound.breakers import Breakers
-from worker.outbound.signing import SigningKeys
-from worker.outbound.transport import HttpTransport
-from worker.runner import EXIT_NO_DATABASE, Runner
+from pgdispatch.db.errors import DatabaseUnavailable
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.executors import builtin_executors
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.signing import SigningKeys
+from pgdispatch.worker.outbound.transport import HttpTransport
+from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner
 
 log = logging.getLogger(__name__)
 

@@ -22,16 +22,16 @@ from typing import Any
 import psutil
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from db.errors import DatabaseUnavailable
-from notify import CONFIG_CHANNEL, JOBS_CHANNEL
-from notify.listener import Listener
-from notify.queue_policies import QueuePolicies, QueuePolicy
-from worker.backoff import backoff_delay
-from worker.config import WorkerConfig
-from worker.engine import Engine, Finish, OutcomeWriter
-from worker.job import Job
-from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
-from worker.services import periodic, supervised
+from pgdispatch.db.errors import DatabaseUnavailable
+from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL
+from pgdispatch.notify.listener import Listener
+from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
+from pgdispatch.worker.backoff import backoff_delay
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.engine import Engine, Finish, OutcomeWriter
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+from pgdispatch.worker.services import periodic, supervised
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0001"
 down_revision = None

@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0002"
 down_revision = "0001"

@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0003"
 down_revision = "0002"

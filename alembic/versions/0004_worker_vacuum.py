@@ -4,7 +4,7 @@ Revision ID: 0004
 Revises: 0003
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0004"
 down_revision = "0003"

@@ -4,7 +4,7 @@ Revision ID: 0005
 Revises: 0004
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0005"
 down_revision = "0004"

@@ -4,7 +4,7 @@ Revision ID: 0006
 Revises: 0005
 """
 
-from db.schema import apply_migration
+from pgdispatch.db.schema import apply_migration
 
 revision = "0006"
 down_revision = "0005"

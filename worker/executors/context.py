@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.outbound.breakers import Breakers
-from worker.outbound.signing import SigningKeys
-from worker.outbound.transport import HttpTransport
+from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.signing import SigningKeys
+from pgdispatch.worker.outbound.transport import HttpTransport
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from worker.executors.context import ExecutorContext
-from worker.job import Job
-from worker.outbound.deadlines import Deadlines
-from worker.outbound.destinations import forbidden_cause, is_forbidden
-from worker.outbound.signing import sign_jwt, webhook_headers
-from worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outbound.deadlines import Deadlines
+from pgdispatch.worker.outbound.destinations import forbidden_cause, is_forbidden
+from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
+from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
 # httpx logs every request line with its full URL at INFO, credentials in the query string

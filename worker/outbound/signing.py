@@ -16,8 +16,8 @@ from typing import Any
 import jwt
 import psycopg
 
-from notify.cache import KeyedCache
-from worker.outcome import InvalidJob
+from pgdispatch.notify.cache import KeyedCache
+from pgdispatch.worker.outcome import InvalidJob
 
 
 @dataclass(frozen=True)

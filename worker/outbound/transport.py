@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from worker.outbound.destinations import PublicOnlyResolver
+from pgdispatch.worker.outbound.destinations import PublicOnlyResolver
 
 USER_AGENT = "pgdispatch"
 

@@ -1,0 +1,1 @@
+"""pgdispatch: reliable outbound integrations, straight from PostgreSQL."""

@@ -1,0 +1,7 @@
+"""`python -m pgdispatch ...`: the same as the `pgdispatch` command."""
+
+import sys
+
+from pgdispatch.console.main import main
+
+sys.exit(main())

@@ -19,8 +19,9 @@ from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
 
-from pgdispatch.db.errors import ConfigurationError, translated
+from pgdispatch.db.errors import translated
 from pgdispatch.db.server import resolve_database_url
+from pgdispatch.worker.build import build_number, read_stamp
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE = 0, 1, 2, 3, 4
 
@@ -33,25 +34,35 @@ class Env:
     """The environment, read once (here and nowhere else), then passed explicitly."""
 
     database_url: str | None
+    listen_url: str | None
     home: Path
     build: int
+    app: str | None
     log_level: int
 
     @classmethod
     def read(cls) -> Env:
-        build = os.environ.get("PGDISPATCH_BUILD", "0")
-        if not build.isdigit():
-            raise ConfigurationError(f"PGDISPATCH_BUILD must be a non-negative integer, got {build!r}")
         level = os.environ.get("PGDISPATCH_LOG", "INFO").upper()
         return cls(database_url=os.environ.get("DATABASE_URL") or None,
+                   listen_url=os.environ.get("PGDISPATCH_LISTEN_URL") or None,
                    home=Path(os.environ.get("PGDISPATCH_HOME", ".pgdispatch")),
-                   build=int(build), log_level=getattr(logging, level, logging.INFO))
+                   build=_build(), app=os.environ.get("PGDISPATCH_APP") or None,
+                   log_level=getattr(logging, level, logging.INFO))
 
     def url(self) -> str:
         return resolve_database_url(self.database_url, self.home)
 
     def where(self) -> str:
         return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL: {self.url()}"
+
+
+def _build() -> int:
+    """PGDISPATCH_BUILD (a number or a stamp), else the stamp in PGDISPATCH_BUILD_FILE, else 0."""
+    if build := os.environ.get("PGDISPATCH_BUILD"):
+        return build_number(build, source="PGDISPATCH_BUILD")
+    if path := os.environ.get("PGDISPATCH_BUILD_FILE"):
+        return build_number(read_stamp(Path(path)), source=f"the build stamp in {path}")
+    return 0
 
 
 # -- argument types -----------------------------------------------------------------------------

@@ -59,16 +59,15 @@ def status(env: Env, args: argparse.Namespace) -> int:
         alive = [w for w in d["workers"] if w["status"] != "stopped"]
         table(alive, ["id", "status", "queues", "version", "running", "completed", "retried", "dead",
                       "heartbeat_at"], title="workers")
-        waiting = {q["queue"] for q in d["queues"] if q["available"]}
-        for queue in d["queues_without_workers"]:
-            if queue in waiting:
-                warn(f"queue {queue!r} has jobs waiting and no live worker serves it "
-                     f"(start one: {PROG} worker, or {PROG} worker --queue {queue})")
-        served = {q["queue"] for q in d["queues"]} - set(d["queues_without_workers"])
+        unserved = set(d["queues_without_workers"])
         for row in d["waiting_without_worker"]:
-            if row["queue"] in served:
-                warn(f"{row['jobs']} {row['kind']} job(s) in queue {row['queue']!r} wait for a worker "
-                     f"that runs that kind at build {row['version']} or newer")
+            jobs = f"{row['jobs']} {row['kind']} job(s) in queue {row['queue']!r}"
+            if row["queue"] in unserved:
+                warn(f"{jobs} wait and no live worker serves that queue "
+                     f"(start one: {PROG} worker, or {PROG} worker --queue {row['queue']})")
+            else:
+                warn(f"{jobs} wait for a worker that runs that kind at build {row['version']} "
+                     f"or newer (your own kinds: {PROG} worker --app module:app)")
     emit(args, data, render)
     return EXIT_OK
 

@@ -3,7 +3,10 @@
 Environment (read here and nowhere else):
   DATABASE_URL      the PostgreSQL to use; unset: an embedded server under $PGDISPATCH_HOME
   PGDISPATCH_HOME   where the embedded server keeps its data (default ./.pgdispatch)
-  PGDISPATCH_BUILD  this code's build number (version guard), default 0
+  PGDISPATCH_BUILD  this code's build (version guard): a number or a stamp sha-YYYYMMDDHHMMSS;
+                    default: the stamp in $PGDISPATCH_BUILD_FILE, else 0
+  PGDISPATCH_APP    the worker's --app (module:attribute)
+  PGDISPATCH_LISTEN_URL  the worker's --listen-url
   PGDISPATCH_LOG    log level (default INFO)
 
 Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 not found, 4 database unavailable,
@@ -18,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pgdispatch.console import bench, dead, embedded, jobs, queues, requests, worker
+from pgdispatch.console import bench, build, dead, embedded, jobs, queues, requests, worker
 from pgdispatch.console.common import EXIT_ERROR, EXIT_NO_DATABASE, EXIT_NOT_FOUND, EXIT_USAGE, PROG, Env
 from pgdispatch.db.errors import (
     ConfigurationError,
@@ -29,7 +32,7 @@ from pgdispatch.db.errors import (
 )
 
 # One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, requests, bench, embedded)
+NOUNS = (worker, jobs, dead, queues, requests, build, bench, embedded)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,8 +6,11 @@ import argparse
 import sys
 from typing import Any
 
+import psycopg
+
 from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
+from pgdispatch.db.errors import DatabaseUnavailable, translate
 from pgdispatch.db.schema import migrate as apply_migrations
 
 
@@ -47,6 +50,11 @@ def register(sub: Any) -> None:
                    help="keep dead letters this long (default 30d)")
     w.add_argument("--fetch-cooldown", type=duration, default=0.002,
                    help="claim at most once per this long on NOTIFY bursts (default 2ms)")
+    w.add_argument("--app", metavar="MODULE:ATTR",
+                   help="your pgdispatch.App, imported in every process (default $PGDISPATCH_APP)")
+    w.add_argument("--listen-url", metavar="URL",
+                   help="a direct URL for LISTEN when DATABASE_URL goes through a pooler in "
+                        "transaction mode (default $PGDISPATCH_LISTEN_URL, else DATABASE_URL)")
     w.add_argument("--debug-kinds", action="store_true",
                    help="also run the debug.* kinds (tests and benchmarks)")
     private = w.add_mutually_exclusive_group()
@@ -67,6 +75,7 @@ def migrate(env: Env, args: argparse.Namespace) -> int:
 
 
 def worker(env: Env, args: argparse.Namespace) -> int:
+    from pgdispatch.worker.app import load_app
     from pgdispatch.worker.config import WorkerConfig
     from pgdispatch.worker.pool import WorkerPool
     from pgdispatch.worker.process import run_event_loop
@@ -77,11 +86,20 @@ def worker(env: Env, args: argparse.Namespace) -> int:
     if args.migrate:
         apply_migrations(url)
     # Fail here, once and in one line, rather than in every child process.
+    app = args.app or env.app
+    if app is not None:
+        load_app(app)
+    listen_url = args.listen_url or env.listen_url
     with connect(env) as conn:
         conn.execute(sql.query("ping"))
+    if listen_url is not None:
+        try:
+            psycopg.connect(listen_url, connect_timeout=10).close()
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"--listen-url: {translate(exc)}") from None
     config = WorkerConfig(
-        database_url=url, queues=tuple(args.queue or ()), concurrency=args.concurrency,
-        max_batch=args.batch, version=env.build, lease_seconds=args.lease,
+        database_url=url, listen_url=listen_url, app=app, queues=tuple(args.queue or ()),
+        concurrency=args.concurrency, max_batch=args.batch, version=env.build, lease_seconds=args.lease,
         poll_interval=args.poll_interval, grace_seconds=args.grace, drain=args.drain,
         exit_on_newer=args.exit_on_newer, memory_limit_mb=args.memory_limit,
         rescue_interval=args.rescue_interval, per_host_limit=args.per_host_limit,

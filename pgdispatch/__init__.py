@@ -1,1 +1,49 @@
-"""pgdispatch: reliable outbound integrations, straight from PostgreSQL."""
+"""pgdispatch: reliable outbound integrations, straight from PostgreSQL.
+
+The public API, and all of it (everything else in the package is internal):
+
+    App                 register executors for your own kinds; app.drain(conn) runs them inline
+    Job                 what an executor receives (job.args, job.attempt, job.connection(), ...)
+    Done, Retry, Discard, Postpone, Outcome     what an executor returns (None counts as Done)
+    InvalidJob          raise it when a job's args can never run: dead-lettered as 'invalid'
+    enqueue, enqueue_many, NewJob               insert jobs in the caller's transaction
+    DrainResult, KindOptions
+    PgDispatchError     the root of every error pgdispatch raises (InvalidInput,
+                        DatabaseUnavailable, ConfigurationError, NotFound, SchemaMissing)
+"""
+
+from pgdispatch.db.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    PgDispatchError,
+    SchemaMissing,
+)
+from pgdispatch.db.producer import NewJob, enqueue, enqueue_many
+from pgdispatch.worker.app import App, KindOptions
+from pgdispatch.worker.inline import DrainResult
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+
+__all__ = [
+    "App",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "Discard",
+    "Done",
+    "DrainResult",
+    "InvalidInput",
+    "InvalidJob",
+    "Job",
+    "KindOptions",
+    "NewJob",
+    "NotFound",
+    "Outcome",
+    "PgDispatchError",
+    "Postpone",
+    "Retry",
+    "SchemaMissing",
+    "enqueue",
+    "enqueue_many",
+]

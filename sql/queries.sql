@@ -200,3 +200,37 @@ SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'dispatch.
 
 -- name: vacuum_jobs
 VACUUM (SKIP_LOCKED) dispatch.jobs;
+
+-- name: enqueue_many
+-- Many jobs in one statement (one round trip; the statement trigger sends one NOTIFY per queue).
+-- A row whose idempotency key is taken is skipped by the duplicate-key trigger: RETURNING leaves
+-- it out, with its position, so the caller can line ids up with what it asked for.
+INSERT INTO dispatch.jobs (kind, args, queue, priority, run_at, expire_at, max_attempts,
+                           idempotency_key, tenant)
+SELECT u.kind, u.args, coalesce(u.queue, 'default'), coalesce(u.priority, 0), coalesce(u.run_at, now()),
+       u.expire_at, u.max_attempts, u.idempotency_key, u.tenant
+FROM unnest(%(kinds)s::text[], %(args)s::jsonb[], %(queues)s::text[], %(priorities)s::integer[],
+            %(run_ats)s::timestamptz[], %(expire_ats)s::timestamptz[], %(max_attempts)s::integer[],
+            %(keys)s::text[], %(tenants)s::text[])
+     AS u(kind, args, queue, priority, run_at, expire_at, max_attempts, idempotency_key, tenant)
+RETURNING id;
+
+-- name: claim_inline
+-- App.drain: the next job of the App's kinds, in claim order, in the caller's transaction.
+-- Paused queues and build stamps do not apply: the caller's own code runs it, now.
+UPDATE dispatch.jobs j
+SET state = 'running', attempt = j.attempt + 1, lease_token = gen_random_uuid(),
+    leased_by = %(worker_id)s, leased_at = now(), lease_expires_at = now() + interval '1 hour',
+    parked_at = NULL
+FROM dispatch.queues q
+WHERE j.id = (SELECT s.id FROM dispatch.jobs s
+              WHERE s.kind = ANY (%(kinds)s) AND s.state <> 'running'
+                AND (%(queues)s::text[] IS NULL OR s.queue = ANY (%(queues)s::text[]))
+                AND (s.run_at <= now() OR %(with_scheduled)s)
+              ORDER BY s.priority, s.run_at, s.id
+              LIMIT 1
+              FOR UPDATE SKIP LOCKED)
+  AND q.name = j.queue
+RETURNING j.id, j.queue, j.kind, j.args, j.priority, j.attempt,
+          coalesce(j.max_attempts, q.max_attempts) AS max_attempts, j.tenant, j.run_at, j.expire_at,
+          j.created_at, j.lease_token, j.expire_at IS NOT NULL AND j.expire_at <= now() AS expired;

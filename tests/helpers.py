@@ -10,8 +10,9 @@ from typing import Any
 
 import psycopg
 
+from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.config import WorkerConfig
-from pgdispatch.worker.runner import Executor, Runner
+from pgdispatch.worker.runner import Runner
 
 
 def scalar(url: str, query: str, params: Any = None) -> Any:

@@ -10,6 +10,12 @@ from pgdispatch.db.errors import ConfigurationError
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     database_url: str
+    # Where the LISTEN connection goes when claims go through a pooler in transaction mode
+    # (PgBouncer), which delivers no notifications: a direct URL to the same server. None: the
+    # database_url.
+    listen_url: str | None = None
+    # The user's App, as module:attribute; imported in every worker process.
+    app: str | None = None
     # Queues to serve; empty: every queue in dispatch.queues, including ones created later.
     queues: tuple[str, ...] = ()
     # Concurrent job slots per worker process.

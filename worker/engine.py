@@ -68,18 +68,8 @@ class Engine:
 
     async def finish(self, batch: list[Finish]) -> int:
         """Write a batch of outcomes in one statement; returns how many still held their lease."""
-        params = {
-            "ids": [f.job_id for f in batch],
-            "tokens": [f.token for f in batch],
-            "outcomes": [f.outcome for f in batch],
-            "delays": [f.delay for f in batch],
-            "reasons": [f.reason for f in batch],
-            "errors": [_clip(f.error) for f in batch],
-            "statuses": [f.status for f in batch],
-            "details": [None if f.detail is None else Jsonb(f.detail) for f in batch],
-        }
         async with self._pool.connection() as conn:
-            cur = await conn.execute(sql.query("finish_jobs"), params)
+            cur = await conn.execute(sql.query("finish_jobs"), finish_params(batch))
             row = await cur.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
@@ -263,7 +253,7 @@ class OutcomeWriter:
                     await asyncio.sleep(delay)
                     continue
                 except psycopg.Error as exc:
-                    if _no_history_partition(exc):
+                    if no_history_partition(exc):
                         # Workers create partitions a week ahead: only a clock jump or a long
                         # outage gets here. Create them and write again.
                         log.warning("no job_history partition for now; creating partitions")
@@ -289,7 +279,21 @@ class OutcomeWriter:
         return counted
 
 
-def _no_history_partition(exc: psycopg.Error) -> bool:
+def finish_params(batch: list[Finish]) -> dict[str, list[Any]]:
+    """A batch of outcomes as the arrays dispatch.finish_jobs_v2 takes."""
+    return {
+        "ids": [f.job_id for f in batch],
+        "tokens": [f.token for f in batch],
+        "outcomes": [f.outcome for f in batch],
+        "delays": [f.delay for f in batch],
+        "reasons": [f.reason for f in batch],
+        "errors": [_clip(f.error) for f in batch],
+        "statuses": [f.status for f in batch],
+        "details": [None if f.detail is None else Jsonb(f.detail) for f in batch],
+    }
+
+
+def no_history_partition(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.errors.CheckViolation) and "no partition of relation" in str(exc)
 
 

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
+
+from psycopg import AsyncConnection
+
+from pgdispatch.db.errors import PgDispatchError
+
+ConnectionSource = Callable[[], AbstractAsyncContextManager[AsyncConnection[Any]]]
+
+# Set for the task running an App's executor: the worker's pool for the App, or the connection
+# of an inline drain. A context variable, so each job's task sees its own.
+job_connections: ContextVar[ConnectionSource | None] = ContextVar("pgdispatch_job_connections",
+                                                                  default=None)
 
 
 @dataclass(slots=True)
@@ -23,3 +37,13 @@ class Job:
     created_at: datetime
     lease_token: UUID
     expired: bool
+
+    def connection(self) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A database connection for this job's own work, in a transaction of its own that
+        commits when the block ends without an exception (`async with job.connection() as
+        conn:`). In a worker it comes from a small per-process pool; under App.drain it is the
+        drain's connection, inside a savepoint."""
+        source = job_connections.get()
+        if source is None:
+            raise PgDispatchError("job.connection() is for executors registered on a pgdispatch.App")
+        return source()

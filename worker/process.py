@@ -13,7 +13,10 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
+
 from pgdispatch.db.errors import DatabaseUnavailable
+from pgdispatch.worker.app import load_app
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import ExecutorContext
@@ -40,8 +43,17 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
         context = ExecutorContext(http=http, keys=keys, breakers=breakers,
                                   per_host_limit=config.per_host_limit,
                                   allow_private_networks=config.allow_private_networks)
-        runner = Runner(config, builtin_executors(context, debug_kinds=config.debug_kinds),
-                        on_config_change=keys.invalidate, stats=stats)
+        executors = builtin_executors(context, debug_kinds=config.debug_kinds)
+        app_pool = None
+        if config.app is not None:
+            app = load_app(config.app)
+            # job.connection() for the App's executors: connections of their own, so claims and
+            # outcomes never wait behind the user's queries. Opened in the background.
+            app_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=app.pool_size,
+                                           open=False, name="app")
+            await app_pool.open(wait=False)
+            executors.update(app.executors(app_pool.connection))
+        runner = Runner(config, executors, on_config_change=keys.invalidate, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)
@@ -60,6 +72,8 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
             await keys.close()
+            if app_pool is not None:
+                await app_pool.close()
 
 
 async def _stop_when_orphaned(runner: Runner, parent_pid: int) -> None:

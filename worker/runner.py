@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,16 +26,13 @@ from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL
 from pgdispatch.notify.listener import Listener
 from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
-from pgdispatch.worker.backoff import backoff_delay
+from pgdispatch.worker.attempt import Executor, finish_for, run_attempt, settles_as
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.engine import Engine, Finish, OutcomeWriter
 from pgdispatch.worker.job import Job
-from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 from pgdispatch.worker.services import periodic, supervised
 
 log = logging.getLogger(__name__)
-
-Executor = Callable[[Job], Awaitable[Outcome]]
 
 EXIT_OK = 0
 EXIT_NEWER_BUILD = 10
@@ -135,7 +132,7 @@ class Runner:
         self.writer = OutcomeWriter(self.engine)
         await self.policies.reload()
         self._warn_unknown_queues()
-        listener = Listener(cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
+        listener = Listener(cfg.listen_url or cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
                             on_notify=self._on_notify, on_reconnect=self._on_reconnect)
         self.listener = listener
         await self.engine.register(queues=list(cfg.queues) or [ALL_QUEUES],
@@ -331,7 +328,8 @@ class Runner:
     async def _execute(self, job: Job) -> None:
         policy = self.policies.get(job.queue)
         try:
-            outcome = await self._outcome_of(job, policy)
+            outcome = await run_attempt(self.executors[job.kind], job,
+                                        policy.job_timeout if policy else None)
         except asyncio.CancelledError:
             # Shutdown past the grace period, or our lease was taken over.
             if job.lease_token not in self._lost:
@@ -343,55 +341,15 @@ class Runner:
             self._slot_freed.set()
         if job.lease_token in self._lost:
             return  # another worker owns this job now; the database would ignore us anyway
-        self._record(job, self._finish_for(job, outcome, policy))
-
-    async def _outcome_of(self, job: Job, policy: QueuePolicy | None) -> Outcome:
-        if job.expired:
-            return Discard("expired", "expire_at passed before the job could run")
-        executor = self.executors[job.kind]
-        timeout = policy.job_timeout if policy else None
-        try:
-            if timeout is None:  # asyncio.timeout(None) still costs ~4% of a delivery's CPU
-                outcome = await executor(job)
-            else:
-                async with asyncio.timeout(timeout):
-                    outcome = await executor(job)
-        except InvalidJob as exc:
-            return Discard("invalid", str(exc))
-        except TimeoutError:
-            return Retry(error=f"timed out after {timeout:g}s (queue job_timeout)")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a poisoned job never kills the worker
-            return Retry(error=f"{type(exc).__name__}: {exc}")
-        if not isinstance(outcome, Done | Retry | Discard | Postpone):
-            return Retry(error=f"executor for {job.kind!r} returned {outcome!r}, not an Outcome")
-        return outcome
-
-    def _finish_for(self, job: Job, outcome: Outcome, policy: QueuePolicy | None) -> Finish:
-        if isinstance(outcome, Done):
-            return Finish(job.id, job.lease_token, "completed", status=outcome.status,
-                          detail=outcome.detail)
-        if isinstance(outcome, Discard):
-            return Finish(job.id, job.lease_token, "dead", reason=outcome.reason,
-                          error=outcome.error, status=outcome.status, detail=outcome.detail)
-        if isinstance(outcome, Postpone):
-            return Finish(job.id, job.lease_token, "release", delay=outcome.after, error=outcome.reason)
-        delay = outcome.after
-        if delay is None:
-            delay = (backoff_delay(job.attempt, base=policy.backoff_base,
-                                   factor=policy.backoff_factor, cap=policy.backoff_cap,
-                                   jitter=policy.backoff_jitter)
-                     if policy else 1.0)
-        return Finish(job.id, job.lease_token, "retry", delay=delay, error=outcome.error,
-                      status=outcome.status, detail=outcome.detail)
+        self._record(job, finish_for(job, outcome, policy))
 
     def _record(self, job: Job, finish: Finish) -> None:
-        if finish.outcome == "completed":
+        settled = settles_as(job, finish)
+        if settled == "completed":
             self.counters.completed += 1
-        elif finish.outcome == "retry":
+        elif settled == "retry":
             self.counters.retried += 1
-        elif finish.outcome == "dead":
+        elif settled == "dead":
             self.counters.dead += 1
         else:
             self.counters.released += 1

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.executors import debug
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.executors.http_request import HttpRequestExecutor
-from pgdispatch.worker.runner import Executor
 
 
 def builtin_executors(context: ExecutorContext, *, debug_kinds: bool = False) -> dict[str, Executor]:

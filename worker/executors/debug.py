@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outcome import DONE, InvalidJob, Outcome, Retry
-from pgdispatch.worker.runner import Executor
 
 
 async def noop(job: Job) -> Outcome:

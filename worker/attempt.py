@@ -1,0 +1,74 @@
+"""One attempt of one job: run its executor, turn what came back into the row the engine writes.
+Shared by the worker's runner and the inline drain, so both treat outcomes the same way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from pgdispatch.notify.queue_policies import QueuePolicy
+from pgdispatch.worker.backoff import backoff_delay
+from pgdispatch.worker.engine import Finish
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import DONE, Discard, Done, InvalidJob, Outcome, Postpone, Retry
+
+# An executor returns an Outcome; None counts as Done (a function that returned normally).
+Executor = Callable[[Job], Awaitable[Outcome | None]]
+
+
+async def run_attempt(executor: Executor, job: Job, timeout: float | None) -> Outcome:
+    """The outcome of one run of `executor`: a raised exception is a retry with the error
+    recorded, InvalidJob a discard, a run past `timeout` (the queue's job_timeout) a retry."""
+    if job.expired:
+        return Discard("expired", "expire_at passed before the job could run")
+    try:
+        if timeout is None:  # asyncio.timeout(None) still costs ~4% of a delivery's CPU
+            outcome = await executor(job)
+        else:
+            async with asyncio.timeout(timeout):
+                outcome = await executor(job)
+    except InvalidJob as exc:
+        return Discard("invalid", str(exc))
+    except TimeoutError:
+        return Retry(error=f"timed out after {timeout:g}s (queue job_timeout)")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a poisoned job never kills the worker
+        return Retry(error=f"{type(exc).__name__}: {exc}")
+    if outcome is None:
+        return DONE
+    if not isinstance(outcome, Done | Retry | Discard | Postpone):
+        return Retry(error=f"executor for {job.kind!r} returned {outcome!r}, not an Outcome")
+    return outcome
+
+
+def finish_for(job: Job, outcome: Outcome, policy: QueuePolicy | None) -> Finish:
+    """The finish_jobs row for `outcome`; a retry without its own delay takes the queue's backoff."""
+    if isinstance(outcome, Done):
+        return Finish(job.id, job.lease_token, "completed", status=outcome.status, detail=outcome.detail)
+    if isinstance(outcome, Discard):
+        return Finish(job.id, job.lease_token, "dead", reason=outcome.reason,
+                      error=outcome.error, status=outcome.status, detail=outcome.detail)
+    if isinstance(outcome, Postpone):
+        return Finish(job.id, job.lease_token, "release", delay=outcome.after, error=outcome.reason)
+    delay = outcome.after
+    if delay is None:
+        delay = (backoff_delay(job.attempt, base=policy.backoff_base, factor=policy.backoff_factor,
+                               cap=policy.backoff_cap, jitter=policy.backoff_jitter)
+                 if policy else 1.0)
+    return Finish(job.id, job.lease_token, "retry", delay=delay, error=outcome.error,
+                  status=outcome.status, detail=outcome.detail)
+
+
+def settles_as(job: Job, finish: Finish) -> str:
+    """What finish_jobs will make of `finish`: a retry with no attempt left, or one that would
+    come due after the job's expiry, is dead (counters then agree with the database)."""
+    if finish.outcome != "retry":
+        return finish.outcome
+    if job.attempt >= job.max_attempts:
+        return "dead"
+    if job.expire_at is not None and (
+            datetime.now(UTC) + timedelta(seconds=finish.delay or 0)) > job.expire_at:
+        return "dead"
+    return "retry"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,9 @@ def alembic_config(database_url: str) -> Config:
 def migrate(database_url: str, revision: str = "head") -> None:
     """Apply every pending migration up to `revision` (idempotent)."""
     from sqlalchemy.exc import DBAPIError
+
+    # Each revision's INFO line is noise next to the one-line result the CLI prints.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     try:
         with translated():

@@ -324,3 +324,29 @@ def _wait_for(check: object, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.05)
+
+
+# -- deploy/ ----------------------------------------------------------------------------------------
+
+def test_the_deploy_examples_parse_and_stop_after_the_grace_period() -> None:
+    import configparser
+    import shlex
+
+    from pgdispatch.console.main import build_parser
+
+    parser = build_parser()
+    unit = (ROOT / "deploy" / "systemd" / "pgdispatch@.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    argv = shlex.split(settings["ExecStart"].replace("$WORKER_ARGS", "--queue source_download"))[1:]
+    args = parser.parse_args(argv)
+    assert args.exit_on_newer and int(settings["TimeoutStopSec"]) > args.grace
+    assert settings["Restart"] == "always" and settings["KillMode"] == "mixed"
+    supervisor = configparser.ConfigParser(interpolation=None)
+    supervisor.read(ROOT / "deploy" / "supervisor" / "pgdispatch.conf")
+    programs = [s for s in supervisor.sections() if s.startswith("program:")]
+    assert len(programs) == 3
+    for section in programs:
+        program = supervisor[section]
+        args = parser.parse_args(shlex.split(program["command"])[1:])
+        assert args.app == "myproject.jobs:app" and args.exit_on_newer
+        assert int(program["stopwaitsecs"]) > args.grace and program["stopasgroup"] == "false"

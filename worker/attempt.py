@@ -17,11 +17,15 @@ from pgdispatch.worker.outcome import DONE, Discard, Done, InvalidJob, Outcome, 
 Executor = Callable[[Job], Awaitable[Outcome | None]]
 
 
-async def run_attempt(executor: Executor, job: Job, timeout: float | None) -> Outcome:
+async def run_attempt(executor: Executor | None, job: Job, timeout: float | None) -> Outcome:
     """The outcome of one run of `executor`: a raised exception is a retry with the error
-    recorded, InvalidJob a discard, a run past `timeout` (the queue's job_timeout) a retry."""
+    recorded, InvalidJob a discard, a run past `timeout` (the queue's job_timeout) a retry.
+    An expired job is dead without running; that is why any worker may claim one, whatever its
+    kind (`executor` None)."""
     if job.expired:
         return Discard("expired", "expire_at passed before the job could run")
+    if executor is None:
+        return Postpone(60.0, f"this worker has no executor for kind {job.kind!r}")
     try:
         if timeout is None:  # asyncio.timeout(None) still costs ~4% of a delivery's CPU
             outcome = await executor(job)

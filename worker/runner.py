@@ -328,7 +328,7 @@ class Runner:
     async def _execute(self, job: Job) -> None:
         policy = self.policies.get(job.queue)
         try:
-            outcome = await run_attempt(self.executors[job.kind], job,
+            outcome = await run_attempt(self.executors.get(job.kind), job,
                                         policy.job_timeout if policy else None)
         except asyncio.CancelledError:
             # Shutdown past the grace period, or our lease was taken over.

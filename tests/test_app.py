@@ -244,6 +244,7 @@ def test_app_mistakes_are_one_line_and_exit_2(db_url: str, tmp_path: Path) -> No
         "not_an_app:app": "app is a dict, not a pgdispatch.App",
         "not_an_app:missing": "module not_an_app has no attribute 'missing'",
         "not_an_app": "must be module:attribute",
+        "./sub/not_an_app.py:app": "give a module name, not a file path (--app sub.not_an_app:app)",
     }
     for spec, message in cases.items():
         out = run_cli(db_url, "worker", "--app", spec, cwd=tmp_path)

@@ -182,6 +182,11 @@ def load_app(spec: str) -> App:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(f"--app {spec!r} must be module:attribute, e.g. myproject.jobs:app")
+    if "/" in module_name or module_name.endswith(".py"):
+        parts = [p for p in module_name.removesuffix(".py").split("/") if p not in ("", ".")]
+        dotted = ".".join(parts)
+        raise ConfigurationError(f"--app {spec!r}: give a module name, not a file path "
+                                 f"(--app {dotted}:{attribute})")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

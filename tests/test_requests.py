@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from pgdispatch.worker.config import WorkerConfig
-from pgdispatch.worker.executors import builtin_executors
+from pgdispatch.worker.executors import builtin_executors, http_request
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
@@ -36,6 +36,8 @@ class Sink:
 
     url: str = ""
     received: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
         return [json.loads(r["body"]) for r in self.received if r["path"] == path]
@@ -49,9 +51,21 @@ async def sink() -> AsyncIterator[Sink]:
         body = await request.text()
         state.received.append({"path": request.path, "method": request.method, "body": body,
                                "headers": dict(request.headers)})
+        state.in_flight += 1
+        state.most_in_flight = max(state.most_in_flight, state.in_flight)
+        try:
+            return await answer(request, body)
+        finally:
+            state.in_flight -= 1
+
+    async def answer(request: web.Request, body: str) -> web.StreamResponse:
         name = request.match_info["name"]
         if name == "slow":
             await asyncio.sleep(5)
+        if name == "lag":
+            await asyncio.sleep(0.4)
+        if name == "brief":  # long enough for requests to overlap
+            await asyncio.sleep(0.01)
         if name == "busy":
             return web.Response(status=429, headers={"Retry-After": "7"}, text="slow down")
         if name == "big":
@@ -72,11 +86,11 @@ async def sink() -> AsyncIterator[Sink]:
     await runner.cleanup()
 
 
-async def drain(db_url: str, *, allow_private_networks: bool = True) -> Runner:
+async def drain(db_url: str, *, allow_private_networks: bool = True, per_host_limit: int = 64) -> Runner:
     keys = SigningKeys(db_url)
-    async with HttpTransport(max_connections=20, allow_private_networks=allow_private_networks) as http:
+    async with HttpTransport(max_connections=100, allow_private_networks=allow_private_networks) as http:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
-                        builtin_executors(ExecutorContext(http=http, keys=keys,
+                        builtin_executors(ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit,
                                                           allow_private_networks=allow_private_networks)))
         await asyncio.wait_for(runner.run(), 60)
     await keys.close()
@@ -390,3 +404,29 @@ async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) ->
     first, second = (b["request"] for b in sink.bodies("/200"))
     assert jwt.decode(first, old, algorithms=["HS256"])["n"] == 1
     assert jwt.decode(second, new, algorithms=["HS256"])["n"] == 2
+
+
+async def test_jobs_wait_for_a_fast_host_at_its_cap_instead_of_bouncing(db_url: str, sink: Sink) -> None:
+    # The acceptance: 20,000 requests to one host, a drain with the defaults (100 slots,
+    # 64 per host). Only claims made before the host has answered once bounce what exceeds the cap.
+    execute(db_url, f"SELECT dispatch.send_request('POST', '{sink.url}/brief', '{{}}') FROM generate_series(1, 20000)")
+    runner = await drain(db_url)
+    assert runner.counters.completed == 20000 and runner.counters.released <= 0.05 * 20000
+    assert sink.most_in_flight == 64
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
+
+
+async def test_a_slow_host_bounces_jobs_and_the_drain_still_delivers_them(
+        db_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_request._Host, "SLOW", 0.2)  # the sink's /lag answers in 0.4 s
+    monkeypatch.setattr(http_request._Host, "MAX_WAIT", 0.5)
+    execute(db_url, f"SELECT dispatch.send_request('POST', '{sink.url}/lag', '{{}}') FROM generate_series(1, 4)")
+    runner = await drain(db_url, per_host_limit=1)
+    # Slow answers: jobs gave their slots back instead of queueing for the host, and the drain
+    # waited for the ones it had put back.
+    assert runner.counters.completed == 4 and runner.counters.released >= 1
+    assert sink.most_in_flight == 1
+    errors = [r[0] for r in psycopg.connect(db_url).execute(
+        "SELECT error FROM dispatch.job_history WHERE outcome = 'released'").fetchall()]
+    assert errors and all(e.startswith("not sent: 1 requests to 127.0.0.1:") and "answering in 0." in e for e in errors)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0

@@ -78,6 +78,7 @@ class Runner:
         self._release_now = asyncio.Event()
         self._lost: set[uuid.UUID] = set()
         self._last_claim = 0.0
+        self._released: dict[int, float] = {}  # drain: jobs this worker put back, and when due
         self.started = asyncio.Event()
         self._on_config_change = on_config_change
         self._stats = stats
@@ -229,6 +230,10 @@ class Runner:
                     # Outcomes just written may make retries runnable now: look once more.
                     await self.writer.drained()
                     settled = True
+                elif self._released_due():
+                    # Jobs this drain put back (a host at its cap, an open circuit) are runnable
+                    # work: wait for the first to come due, then claim again.
+                    await self._sleep_or_stop(self._released_due())
                 else:
                     return
                 continue
@@ -250,6 +255,16 @@ class Runner:
                             " (debug.* kinds run only with --debug-kinds)"
                             if not self.config.debug_kinds and any(k.startswith("debug.") for k in waiting)
                             else "")
+
+    def _released_due(self) -> float:
+        """Seconds until the first job this worker released comes due again (0: none left).
+        One due well before the last claim that did not get it was taken by another worker (the
+        margin covers the database's clock, which set its run_at)."""
+        self._released = {job_id: due for job_id, due in self._released.items()
+                          if due + 1.0 > self._last_claim}
+        if not self._released:
+            return 0.0
+        return max(min(self._released.values()) - time.monotonic(), 0.0) + 0.05
 
     def _free_slots(self, policy: QueuePolicy | None) -> int:
         free = self.config.concurrency - len(self._running)
@@ -321,6 +336,7 @@ class Runner:
     # -- running jobs ----------------------------------------------------------------------
 
     def _start(self, job: Job) -> None:
+        self._released.pop(job.id, None)
         task = asyncio.create_task(self._execute(job))
         self._running[job.lease_token] = (job, task)
         self._per_queue[job.queue] = self._per_queue.get(job.queue, 0) + 1
@@ -353,6 +369,8 @@ class Runner:
             self.counters.dead += 1
         else:
             self.counters.released += 1
+            if self.config.drain and finish.delay:
+                self._released[job.id] = time.monotonic() + finish.delay
         self.writer.add(finish)
 
     async def _finish_running(self) -> None:

@@ -97,6 +97,60 @@ class HttpRequest:
             headers=headers, webhook_key=args.get("webhook_key"))
 
 
+class _Host:
+    """Requests in flight to one host in this process, and how fast it answers lately.
+
+    At the cap, a job waits for a slot while the host is answering fast: it has answered
+    before, in under SLOW seconds on average, and nothing in flight is older than that. Then
+    the wait is a fraction of a second, and one host is the common case: bouncing such jobs
+    back to the queue costs a claim, a release and a history row each. A host that is slow,
+    hung or not yet heard from gets no waiters: the job gives its worker slot back at once,
+    so one host cannot fill the process with jobs queueing for it (fairness)."""
+
+    SLOW = 1.0  # seconds: an answer slower than this, on average or in flight, stops the waiting
+    MAX_WAIT = 5.0  # the longest a job waits in its worker slot for a host slot
+
+    def __init__(self, limit: int) -> None:
+        self._semaphore = asyncio.Semaphore(limit)
+        self._in_flight: dict[int, float] = {}  # request number -> when it started
+        self._sent = 0
+        self._answers = 0
+        self.latency = 0.0  # moving average of answer times, in seconds
+
+    async def acquire(self) -> int | None:
+        """A slot (a number for release), or None when the job should not wait for one."""
+        deadline = time.monotonic() + self.MAX_WAIT
+        while self._semaphore.locked():
+            now = time.monotonic()
+            allowed = min(self._fast_for(now), deadline - now)
+            if allowed <= 0:
+                return None
+            try:
+                async with asyncio.timeout(allowed):
+                    await self._semaphore.acquire()
+                break
+            except TimeoutError:
+                continue  # look again: the oldest request may have finished meanwhile
+        else:
+            await self._semaphore.acquire()  # free: returns at once
+        self._sent += 1
+        self._in_flight[self._sent] = time.monotonic()
+        return self._sent
+
+    def release(self, number: int) -> None:
+        seconds = time.monotonic() - self._in_flight.pop(number)
+        self._semaphore.release()
+        self._answers += 1
+        self.latency += (seconds - self.latency) * max(0.2, 1 / self._answers)
+
+    def _fast_for(self, now: float) -> float:
+        """How much longer the host counts as answering fast (0: it does not)."""
+        if not self._answers or self.latency > self.SLOW:
+            return 0.0
+        oldest = min(self._in_flight.values(), default=now)
+        return oldest + self.SLOW - now
+
+
 class HttpRequestExecutor:
     """Sends requests through the process's one HTTP transport; a per-host cap keeps one slow
     backend from taking every slot of the process."""
@@ -106,7 +160,7 @@ class HttpRequestExecutor:
         self._allow_private = context.allow_private_networks
         self._keys = context.keys
         self._per_host_limit = context.per_host_limit
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._hosts: dict[str, _Host] = {}
         self._breakers = context.breakers
         self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
         self._deadlines = Deadlines()
@@ -120,26 +174,30 @@ class HttpRequestExecutor:
         if not self._allow_private and is_forbidden(request.hostname):
             return Discard("invalid", f"destination {request.hostname} is a private, loopback or "
                                       "link-local address, which this worker may not reach")
-        # A job that cannot be sent now gives its slot back at once rather than waiting in it:
-        # a hung host must not fill the process with jobs queueing for it (fairness).
-        semaphore = self._hosts.get(request.host)
-        if semaphore is None:
-            semaphore = self._hosts[request.host] = asyncio.Semaphore(self._per_host_limit)
-        if semaphore.locked():
-            return Postpone(self._bounce_delay(request.host, now),
-                            f"not sent: {self._per_host_limit} requests to {request.host} "
-                            "already in flight in this worker")
         circuit = (job.tenant, request.host)
         wait = self._breakers.wait_for(circuit)
         if wait > 0:
             return Postpone(wait + random.random(), f"not sent: circuit open for {request.host} "
                                                     "after repeated failures")
+        host = self._hosts.get(request.host)
+        if host is None:
+            host = self._hosts[request.host] = _Host(self._per_host_limit)
+        slot = await host.acquire()
+        if slot is None:
+            # A slow or hung host: the job gives its worker slot back rather than waiting in
+            # it, so one host cannot fill the process with jobs queueing for it (fairness).
+            self._breakers.abandon(circuit)
+            return Postpone(self._bounce_delay(request.host, now),
+                            f"not sent: {self._per_host_limit} requests to {request.host} "
+                            f"already in flight in this worker, answering in "
+                            f"{host.latency:.1f}s on average")
         try:
-            async with semaphore:
-                outcome = await self._send(job, request, now)
+            outcome = await self._send(job, request, now)
         except BaseException:
             self._breakers.abandon(circuit)
             raise
+        finally:
+            host.release(slot)
         self._breakers.record(circuit, ok=not _endpoint_failed(outcome))
         return outcome
 

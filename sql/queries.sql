@@ -234,3 +234,61 @@ WHERE j.id = (SELECT s.id FROM dispatch.jobs s
 RETURNING j.id, j.queue, j.kind, j.args, j.priority, j.attempt,
           coalesce(j.max_attempts, q.max_attempts) AS max_attempts, j.tenant, j.run_at, j.expire_at,
           j.created_at, j.lease_token, j.expire_at IS NOT NULL AND j.expire_at <= now() AS expired;
+
+-- Shared limits (worker/outbound/limits.py) ------------------------------------------------------
+
+-- name: load_limits
+SELECT key, rate, burst, concurrency, breaker_failures,
+       extract(epoch FROM breaker_cooldown)::float8 AS breaker_cooldown
+FROM dispatch.limits;
+
+-- name: blocked_limits
+SELECT key, greatest(0, extract(epoch FROM paused_until - now()))::float8 AS paused_for, pause_reason,
+       greatest(0, extract(epoch FROM open_until - now()))::float8 AS open_for, open_reason
+FROM dispatch.limit_state
+WHERE paused_until > now() OR open_until IS NOT NULL;
+
+-- name: take_tokens
+SELECT granted, wait_seconds FROM dispatch.take_tokens_v1(%(key)s, %(rate)s, %(burst)s, %(want)s);
+
+-- name: acquire_slots
+SELECT dispatch.acquire_slots_v1(%(key)s, %(holder)s, %(cap)s, %(want)s, %(lease)s);
+
+-- name: release_slots
+SELECT dispatch.release_slots_v1(%(key)s, %(holder)s, %(n)s);
+
+-- name: renew_slots
+SELECT dispatch.renew_slots_v1(%(holder)s, %(lease)s);
+
+-- name: release_all_slots
+SELECT dispatch.release_all_slots_v1(%(holder)s);
+
+-- name: open_breaker
+SELECT dispatch.open_breaker_v1(%(key)s, %(cooldown)s, %(reason)s);
+
+-- name: take_probe
+SELECT dispatch.take_probe_v1(%(key)s, %(holder)s, %(lease)s);
+
+-- name: drop_probe
+SELECT dispatch.drop_probe_v1(%(key)s, %(holder)s);
+
+-- name: close_breaker
+SELECT dispatch.close_breaker_v1(%(key)s);
+
+-- name: pause_limit
+SELECT dispatch.pause_limit_v1(%(key)s, now() + %(seconds)s, %(reason)s);
+
+-- name: park_requests
+SELECT dispatch.park_requests_v1(%(host)s, %(tenant)s, now() + %(others_in)s, now() + %(first_in)s,
+                                 %(reason)s);
+
+-- name: unpark_requests
+SELECT dispatch.unpark_requests_v1(%(host)s, %(tenant)s);
+
+-- name: limit_status
+SELECT key, rate, burst, concurrency, tokens, in_flight, breaker, paused_until, why
+FROM dispatch.limit_status ORDER BY key;
+
+-- name: limit_rules
+SELECT key, rate, burst, concurrency, breaker_failures, breaker_cooldown, note, updated_at
+FROM dispatch.limits ORDER BY key;

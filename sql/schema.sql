@@ -1138,3 +1138,286 @@ BEGIN
         EXECUTE 'GRANT MAINTAIN ON dispatch.jobs TO dispatch_worker';
     END IF;
 END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Shared limits: rate limits, concurrency caps, circuit breakers and pauses that hold across
+-- every worker process and host (worker/outbound/limits.py).
+--
+-- A job resolves to limit keys: host:<host[:port]>, tenant:<tenant>, and tenant:<t>|host:<h>.
+-- A row of dispatch.limits applies to a key by name, or by a pattern with * for a part
+-- (host:* is "each host on its own", tenant:*|host:* "each tenant at each host").
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE dispatch.limits (
+    key              text PRIMARY KEY
+        CONSTRAINT limit_key_format CHECK (key ~ '^(tenant:[^|[:space:]]+\|host:[^|[:space:]]+|tenant:[^|[:space:]]+|host:[^|[:space:]]+)$'),
+    rate             double precision
+        CONSTRAINT limit_rate_positive CHECK (rate > 0),
+    burst            integer
+        CONSTRAINT limit_burst_at_least_1 CHECK (burst >= 1),
+    concurrency      integer
+        CONSTRAINT limit_concurrency_at_least_1 CHECK (concurrency >= 1),
+    breaker_failures integer
+        CONSTRAINT limit_breaker_failures_at_least_1 CHECK (breaker_failures >= 1),
+    breaker_cooldown interval
+        CONSTRAINT limit_breaker_cooldown_positive CHECK (breaker_cooldown > '0'),
+    note             text,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT limit_burst_needs_a_rate CHECK (burst IS NULL OR rate IS NOT NULL)
+);
+COMMENT ON TABLE dispatch.limits IS
+    'Limits shared by every worker: rate (requests per second, bucket of burst, default one second''s worth), concurrency (requests in flight across all workers), breaker thresholds (default: the workers'' --breaker-failures / --breaker-cooldown).';
+
+CREATE TRIGGER limits_notify_change AFTER INSERT OR UPDATE OR DELETE ON dispatch.limits
+    FOR EACH STATEMENT EXECUTE FUNCTION dispatch.notify_config_change();
+CREATE TRIGGER limits_touch_updated_at BEFORE UPDATE ON dispatch.limits
+    FOR EACH ROW EXECUTE FUNCTION dispatch.touch_updated_at();
+
+-- The live state of each key in use. Unlogged: it is rebuilt as workers go (a crash of the
+-- server resets buckets to full and closes breakers), and it takes the writes of every worker.
+CREATE UNLOGGED TABLE dispatch.limit_state (
+    key              text PRIMARY KEY,
+    tokens           double precision NOT NULL DEFAULT 0,
+    refilled_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    paused_until     timestamptz,
+    pause_reason     text,
+    open_until       timestamptz,
+    open_reason      text,
+    probe_holder     text,
+    probe_expires_at timestamptz
+);
+
+-- Concurrency slots: each worker process holds a count per key, as a lease it renews; a worker
+-- killed with slots in hand loses them when the lease runs out.
+CREATE UNLOGGED TABLE dispatch.limit_slots (
+    key        text NOT NULL,
+    holder     text NOT NULL,
+    slots      integer NOT NULL CONSTRAINT limit_slots_not_negative CHECK (slots >= 0),
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (key, holder)
+);
+
+-- Tokens in a block: a worker takes up to `want` at once and spends them within a second, so
+-- the hot row sees one update per block, not one per request.
+CREATE FUNCTION dispatch.take_tokens_v1(limit_key text, rate double precision, burst integer, want integer)
+RETURNS TABLE (granted integer, wait_seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    available double precision;
+    given integer;
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key, tokens) VALUES (limit_key, burst)
+    ON CONFLICT (key) DO NOTHING;
+    SELECT least(burst::double precision,
+                 s.tokens + greatest(0, extract(epoch FROM clock_timestamp() - s.refilled_at)) * rate)
+    INTO available FROM dispatch.limit_state s WHERE s.key = limit_key FOR UPDATE;
+    given := least(want, floor(available))::integer;
+    UPDATE dispatch.limit_state s SET tokens = available - given, refilled_at = clock_timestamp()
+    WHERE s.key = limit_key;
+    RETURN QUERY SELECT given, CASE WHEN given > 0 THEN 0::double precision
+                                    ELSE (1 - available) / rate END;
+END $$;
+
+-- Up to `want` more slots for `holder`, never more than `cap` held by live leases in all.
+-- Returns how many were granted.
+CREATE FUNCTION dispatch.acquire_slots_v1(limit_key text, holder text, cap integer, want integer,
+                                          lease interval)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    in_use integer;
+    given integer;
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key) VALUES (limit_key) ON CONFLICT (key) DO NOTHING;
+    PERFORM 1 FROM dispatch.limit_state s WHERE s.key = limit_key FOR UPDATE;  -- one at a time per key
+    SELECT coalesce(sum(l.slots), 0) INTO in_use FROM dispatch.limit_slots l
+    WHERE l.key = limit_key AND l.expires_at > now();
+    given := greatest(0, least(want, cap - in_use));
+    IF given > 0 THEN
+        INSERT INTO dispatch.limit_slots AS l (key, holder, slots, expires_at)
+        VALUES (limit_key, holder, given, now() + lease)
+        ON CONFLICT (key, holder) DO UPDATE
+            SET slots = CASE WHEN l.expires_at > now() THEN l.slots ELSE 0 END + excluded.slots,
+                expires_at = excluded.expires_at;
+    END IF;
+    RETURN given;
+END $$;
+
+CREATE FUNCTION dispatch.release_slots_v1(limit_key text, holder text, n integer)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE dispatch.limit_slots l SET slots = greatest(0, l.slots - n)
+    WHERE l.key = limit_key AND l.holder = release_slots_v1.holder;
+    DELETE FROM dispatch.limit_slots l
+    WHERE l.key = limit_key AND l.holder = release_slots_v1.holder AND l.slots = 0;
+$$;
+
+-- The heartbeat of a holder's slots; also forgets leases that ran out (killed workers).
+CREATE FUNCTION dispatch.renew_slots_v1(holder text, lease interval)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE dispatch.limit_slots l SET expires_at = now() + lease WHERE l.holder = renew_slots_v1.holder;
+    DELETE FROM dispatch.limit_slots l WHERE l.expires_at < now() - interval '1 minute';
+$$;
+
+-- Breakers and pauses: written on transitions only, announced on dispatch_config.
+CREATE FUNCTION dispatch.notify_limit_state(limit_key text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_notify('dispatch_config', json_build_object(
+        'table', 'limit_state', 'key', s.key,
+        'paused_for', greatest(0, extract(epoch FROM s.paused_until - now())), 'pause_reason', s.pause_reason,
+        'open_for', greatest(0, extract(epoch FROM s.open_until - now())), 'open_reason', s.open_reason)::text)
+    FROM dispatch.limit_state s WHERE s.key = limit_key;
+$$;
+
+-- Open (or keep open) a key's breaker until now + cooldown. Returns false when it was already
+-- open (another worker saw the failures first): nothing to announce then.
+CREATE FUNCTION dispatch.open_breaker_v1(limit_key text, cooldown interval, reason text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key) VALUES (limit_key) ON CONFLICT (key) DO NOTHING;
+    UPDATE dispatch.limit_state s
+    SET open_until = now() + cooldown, open_reason = reason, probe_holder = NULL, probe_expires_at = NULL
+    WHERE s.key = limit_key AND (s.open_until IS NULL OR s.open_until <= now() OR s.probe_holder IS NOT NULL);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM dispatch.notify_limit_state(limit_key);
+    RETURN true;
+END $$;
+
+-- After the cooldown, exactly one worker of all gets to send the probe (compare-and-set).
+CREATE FUNCTION dispatch.take_probe_v1(limit_key text, holder text, probe_lease interval)
+RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE dispatch.limit_state s SET probe_holder = holder, probe_expires_at = now() + probe_lease
+    WHERE s.key = limit_key AND s.open_until <= now()
+      AND (s.probe_holder IS NULL OR s.probe_expires_at <= now())
+    RETURNING true;
+$$;
+
+CREATE FUNCTION dispatch.close_breaker_v1(limit_key text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE dispatch.limit_state s
+    SET open_until = NULL, open_reason = NULL, probe_holder = NULL, probe_expires_at = NULL
+    WHERE s.key = limit_key AND s.open_until IS NOT NULL;
+    IF FOUND THEN
+        PERFORM dispatch.notify_limit_state(limit_key);
+    END IF;
+END $$;
+
+-- A 429/503 with Retry-After: the key sends nothing until then, in any worker.
+CREATE FUNCTION dispatch.pause_limit_v1(limit_key text, until timestamptz, reason text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key) VALUES (limit_key) ON CONFLICT (key) DO NOTHING;
+    UPDATE dispatch.limit_state s SET paused_until = until, pause_reason = reason
+    WHERE s.key = limit_key AND (s.paused_until IS NULL OR s.paused_until < until);
+    IF FOUND THEN
+        PERFORM dispatch.notify_limit_state(limit_key);
+    END IF;
+END $$;
+
+-- The host a request goes to, as limit keys name it: host[:port], lower case, no userinfo.
+CREATE FUNCTION dispatch.request_host(args jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT lower(substring(args ->> 'uri' FROM '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]+)'))
+$$;
+
+-- Requests waiting for a key that sends nothing until `until` leave the claim's way: scheduled
+-- then, except the first (by claim order), which comes at `first_at` to carry the probe. A key
+-- that opens again moves them on; one that closes brings them back (unpark_requests_v1).
+CREATE FUNCTION dispatch.park_requests_v1(host text, tenant text, until timestamptz,
+                                          first_at timestamptz, reason text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH waiting AS (
+        SELECT j.id, row_number() OVER (ORDER BY j.priority, j.run_at, j.id) AS nth
+        FROM dispatch.jobs j
+        WHERE j.kind = 'http.request' AND j.state <> 'running' AND j.run_at < until
+          AND dispatch.request_host(j.args) = park_requests_v1.host
+          AND (park_requests_v1.tenant IS NULL OR j.tenant = park_requests_v1.tenant)
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE dispatch.jobs j
+    SET state = 'scheduled', run_at = CASE WHEN w.nth = 1 THEN first_at ELSE until END,
+        last_error = reason
+    FROM waiting w WHERE j.id = w.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+CREATE FUNCTION dispatch.unpark_requests_v1(host text, tenant text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+    woken text[];
+BEGIN
+    WITH back AS (
+        UPDATE dispatch.jobs j SET state = 'available', run_at = now()
+        WHERE j.kind = 'http.request' AND j.state = 'scheduled' AND j.run_at > now()
+          AND j.last_error LIKE 'not sent: %'
+          AND dispatch.request_host(j.args) = unpark_requests_v1.host
+          AND (unpark_requests_v1.tenant IS NULL OR j.tenant = unpark_requests_v1.tenant)
+        RETURNING j.queue
+    )
+    SELECT count(*), array_agg(DISTINCT b.queue) INTO n, woken FROM back b;
+    PERFORM pg_notify('dispatch_jobs', q) FROM unnest(woken) q;
+    RETURN n;
+END $$;
+
+-- What each key does now: its rule (by name or pattern), tokens, requests in flight across all
+-- workers, breaker, pause, and why.
+CREATE VIEW dispatch.limit_status AS
+SELECT coalesce(s.key, l.key) AS key,
+       l.rate, coalesce(l.burst, ceil(l.rate)::integer) AS burst, l.concurrency,
+       CASE WHEN s.key IS NULL OR l.rate IS NULL THEN NULL
+            ELSE round(least(coalesce(l.burst, ceil(l.rate))::double precision,
+                             s.tokens + extract(epoch FROM clock_timestamp() - s.refilled_at) * l.rate)::numeric, 1)
+       END AS tokens,
+       coalesce((SELECT sum(x.slots) FROM dispatch.limit_slots x
+                 WHERE x.key = s.key AND x.expires_at > now()), 0)::integer AS in_flight,
+       CASE WHEN s.open_until IS NULL THEN 'closed'
+            WHEN s.open_until > now() THEN 'open'
+            ELSE 'half-open' END AS breaker,
+       CASE WHEN s.paused_until > now() THEN s.paused_until END AS paused_until,
+       CASE WHEN s.paused_until > now() THEN s.pause_reason
+            WHEN s.open_until IS NOT NULL THEN s.open_reason END AS why
+FROM dispatch.limit_state s
+FULL JOIN dispatch.limits l ON l.key = s.key;
+
+REVOKE ALL ON dispatch.limit_state, dispatch.limit_slots FROM PUBLIC;
+GRANT SELECT ON dispatch.limits TO dispatch_worker, dispatch_reader;
+GRANT SELECT ON dispatch.limit_state, dispatch.limit_slots TO dispatch_worker;
+GRANT SELECT ON dispatch.limit_status TO dispatch_worker, dispatch_reader;
+GRANT EXECUTE ON FUNCTION dispatch.take_tokens_v1(text, double precision, integer, integer),
+    dispatch.acquire_slots_v1(text, text, integer, integer, interval),
+    dispatch.release_slots_v1(text, text, integer), dispatch.renew_slots_v1(text, interval),
+    dispatch.open_breaker_v1(text, interval, text), dispatch.take_probe_v1(text, text, interval),
+    dispatch.close_breaker_v1(text), dispatch.pause_limit_v1(text, timestamptz, text),
+    dispatch.park_requests_v1(text, text, timestamptz, timestamptz, text),
+    dispatch.unpark_requests_v1(text, text), dispatch.request_host(jsonb) TO dispatch_worker;
+
+CREATE FUNCTION dispatch.drop_probe_v1(limit_key text, holder text)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE dispatch.limit_state s SET probe_holder = NULL, probe_expires_at = NULL
+    WHERE s.key = limit_key AND s.probe_holder = drop_probe_v1.holder;
+$$;
+
+CREATE FUNCTION dispatch.release_all_slots_v1(holder text)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM dispatch.limit_slots l WHERE l.holder = release_all_slots_v1.holder;
+$$;
+
+GRANT EXECUTE ON FUNCTION dispatch.drop_probe_v1(text, text), dispatch.release_all_slots_v1(text)
+    TO dispatch_worker;

@@ -449,7 +449,7 @@ def test_production_workers_do_not_run_debug_kinds() -> None:
     from pgdispatch.worker.executors.context import ExecutorContext
     from pgdispatch.worker.outbound.signing import SigningKeys
 
-    context = ExecutorContext(http=None, keys=SigningKeys("postgresql://unused"))  # type: ignore[arg-type]
+    context = ExecutorContext(http=None, keys=SigningKeys("postgresql://unused"), limits=None)  # type: ignore[arg-type]
     assert not [k for k in builtin_executors(context) if k.startswith("debug.")]
     assert "debug.noop" in builtin_executors(context, debug_kinds=True)
 

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import ExecutorContext
-from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from tests.helpers import execute, running_worker, scalar, wait_until
@@ -114,13 +114,13 @@ def accounted(db_url: str) -> tuple[int, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def http_worker(db_url: str, *, breakers: Breakers | None = None, per_host_limit: int = 64,
-                      **settings: Any) -> AsyncIterator[None]:
+async def http_worker(db_url: str, *, breaker_failures: int = 5, breaker_cooldown: float = 30.0,
+                      per_host_limit: int = 64, **settings: Any) -> AsyncIterator[None]:
     """An in-process worker on the requests queue with the real executors and transport."""
     keys = SigningKeys(db_url)
-    async with HttpTransport(max_connections=100) as http:
-        context = ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit,
-                                  breakers=breakers or Breakers())
+    async with HttpTransport(max_connections=100) as http, Limits.open(
+            db_url, breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown) as limits:
+        context = ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit, limits=limits)
         executors = builtin_executors(context, debug_kinds=True)
         async with running_worker(db_url, executors, queues=("requests",), poll_interval=0.2,
                                   per_host_limit=per_host_limit, **settings):
@@ -172,15 +172,14 @@ async def test_a_server_that_never_answers_times_out_at_http_timeout(db_url: str
 
 async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.breakers")
+    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.limits")
     send_many(db_url, f"{remote.url}/storm/", 40, tenant="acme", attempt_interval=1)
-    breakers = Breakers(failures=3, cooldown=1.5)
 
     def transitions() -> list[tuple[str, float]]:
         return [(word, r.created) for r in caplog.records for word in ("open after", "half-open", "closed")
                 if word in r.getMessage()]
 
-    async with http_worker(db_url, breakers=breakers, concurrency=5, per_host_limit=5):
+    async with http_worker(db_url, breaker_failures=3, breaker_cooldown=1.5, concurrency=5, per_host_limit=5):
         await wait_until(lambda: [w for w, _ in transitions()].count("half-open") >= 2, 20)
         remote.healthy.add("storm")  # the endpoint recovers
         await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0, 30)
@@ -203,7 +202,7 @@ async def test_a_5xx_storm_opens_the_circuit_and_a_probe_closes_it(
 @pytest.mark.chaos
 async def test_a_hung_tenant_neither_slows_the_others_nor_loses_anything(
         db_url: str, remote: Remote, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.breakers")
+    caplog.set_level(logging.INFO, logger="pgdispatch.worker.outbound.limits")
     sent: dict[str, float] = {}
 
     async def tenant_b(seconds: float, tag: str) -> list[float]:
@@ -217,7 +216,7 @@ async def test_a_hung_tenant_neither_slows_the_others_nor_loses_anything(
         await wait_until(lambda: sum(p.startswith(f"/ok/{tag}-") for p, _ in remote.arrivals) == int(seconds * 20), 30)
         return sorted((t - sent[p]) * 1000 for p, t in remote.arrivals if p.startswith(f"/ok/{tag}-"))
 
-    async with http_worker(db_url, breakers=Breakers(failures=3, cooldown=3), concurrency=20, per_host_limit=8):
+    async with http_worker(db_url, breaker_failures=3, breaker_cooldown=3, concurrency=20, per_host_limit=8):
         baseline = await tenant_b(3, "base")
         send_many(db_url, f"{remote.other_url}/hang/", 300, tenant="a", http_timeout=2, attempt_interval=1)
         during = await tenant_b(6, "hung")

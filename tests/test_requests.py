@@ -21,6 +21,7 @@ from aiohttp import web
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors, http_request
 from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
@@ -88,9 +89,11 @@ async def sink() -> AsyncIterator[Sink]:
 
 async def drain(db_url: str, *, allow_private_networks: bool = True, per_host_limit: int = 64) -> Runner:
     keys = SigningKeys(db_url)
-    async with HttpTransport(max_connections=100, allow_private_networks=allow_private_networks) as http:
+    async with HttpTransport(max_connections=100, allow_private_networks=allow_private_networks) as http, \
+            Limits.open(db_url) as limits:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
                         builtin_executors(ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit,
+                                                          limits=limits,
                                                           allow_private_networks=allow_private_networks)))
         await asyncio.wait_for(runner.run(), 60)
     await keys.close()
@@ -387,9 +390,10 @@ async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) ->
     old, new = "old-secret-0123456789abcdef0123456789", "new-secret-0123456789abcdef0123456789"
     execute(db_url, "INSERT INTO dispatch.signing_keys (name, algorithm, secret) VALUES ('crm', 'HS256', %s)", (old,))
     keys = SigningKeys(db_url, ttl=3600)  # only the NOTIFY can refresh it within this test
-    async with HttpTransport(max_connections=5) as http:
+    async with HttpTransport(max_connections=5) as http, Limits.open(db_url) as limits:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), poll_interval=0.2),
-                        builtin_executors(ExecutorContext(http=http, keys=keys)), on_config_change=keys.invalidate)
+                        builtin_executors(ExecutorContext(http=http, keys=keys, limits=limits)),
+                        on_config_change=lambda _: keys.invalidate())
         task = asyncio.create_task(runner.run())
         await asyncio.wait_for(runner.started.wait(), 30)
         send(db_url, f"{sink.url}/200", claims=json.dumps({"n": 1}), signing_key="crm")

@@ -56,41 +56,14 @@ def test_named_queries_load() -> None:
         sql.query("nope")
 
 
-def test_breaker_opens_after_consecutive_failures_then_one_probe_decides() -> None:
-    from pgdispatch.worker.outbound.breakers import Breakers
-
-    now = [100.0]
-    breakers = Breakers(failures=3, cooldown=10, clock=lambda: now[0])
-    key, other = ("acme", "crm.example"), ("globex", "crm.example")
-    for _ in range(2):
-        assert breakers.wait_for(key) == 0
-        breakers.record(key, ok=False)
-    breakers.record(key, ok=True)  # a success resets the count
-    for _ in range(3):
-        breakers.record(key, ok=False)
-    assert breakers.wait_for(key) == 10 and breakers.wait_for(other) == 0  # per (tenant, host)
-    assert breakers.open_circuits() == [key]
-    now[0] += 10
-    assert breakers.wait_for(key) == 0  # half-open: this caller is the probe
-    assert 0 < breakers.wait_for(key) <= 1  # everyone else keeps waiting
-    breakers.record(key, ok=False)  # the probe failed: open again for a full cooldown
-    assert breakers.wait_for(key) == 10
-    now[0] += 10
-    assert breakers.wait_for(key) == 0
-    breakers.abandon(key)  # the probe was cancelled: another may go
-    assert breakers.wait_for(key) == 0
-    breakers.record(key, ok=True)
-    assert breakers.wait_for(key) == 0 and breakers.open_circuits() == []
-
-
 def test_breaker_and_postpone_refuse_nonsense() -> None:
-    from pgdispatch.worker.outbound.breakers import Breakers
+    from pgdispatch.worker.outbound.limits import Limits
     from pgdispatch.worker.outcome import Postpone
 
     with pytest.raises(ValueError):
-        Breakers(failures=0)
+        Limits(None, breaker_failures=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        Breakers(cooldown=0)
+        Limits(None, breaker_cooldown=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Postpone(-1, "x")
 

@@ -16,11 +16,12 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch.db.errors import DatabaseUnavailable
+from pgdispatch.notify import config_message
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import ExecutorContext
-from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner
@@ -32,19 +33,27 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
     """Run one worker in this process until drained or signalled; returns its exit code.
     With `parent_pid`, the worker also stops when that process is gone (the pool was killed)."""
     keys = SigningKeys(config.database_url)
-    breakers = Breakers(failures=config.breaker_failures, cooldown=config.breaker_cooldown)
+    async with contextlib.AsyncExitStack() as stack:
+        limits = await stack.enter_async_context(Limits.open(
+            config.database_url, breaker_failures=config.breaker_failures,
+            breaker_cooldown=config.breaker_cooldown))
+        http = await stack.enter_async_context(HttpTransport(
+            max_connections=max(config.concurrency, 10),
+            allow_private_networks=config.allow_private_networks))
+        stack.push_async_callback(keys.close)
 
-    def stats() -> dict[str, Any]:
-        return {"signing_key_cache": keys.stats(),
-                "open_circuits": [f"{tenant or '-'} {host}" for tenant, host in breakers.open_circuits()]}
+        def stats() -> dict[str, Any]:
+            return {"signing_key_cache": keys.stats(), "limits": limits.stats()}
 
-    async with HttpTransport(max_connections=max(config.concurrency, 10),
-                             allow_private_networks=config.allow_private_networks) as http:
-        context = ExecutorContext(http=http, keys=keys, breakers=breakers,
+        def on_config_change(payload: str | None) -> None:
+            if config_message(payload).get("table") in ("signing_keys", None):
+                keys.invalidate()
+            limits.on_notify(payload)
+
+        context = ExecutorContext(http=http, keys=keys, limits=limits,
                                   per_host_limit=config.per_host_limit,
                                   allow_private_networks=config.allow_private_networks)
         executors = builtin_executors(context, debug_kinds=config.debug_kinds)
-        app_pool = None
         if config.app is not None:
             app = load_app(config.app)
             # job.connection() for the App's executors: connections of their own, so claims and
@@ -52,8 +61,9 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             app_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=app.pool_size,
                                            open=False, name="app")
             await app_pool.open(wait=False)
+            stack.push_async_callback(app_pool.close)
             executors.update(app.executors(app_pool.connection))
-        runner = Runner(config, executors, on_config_change=keys.invalidate, stats=stats)
+        runner = Runner(config, executors, on_config_change=on_config_change, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)
@@ -71,9 +81,6 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 orphan_watch.cancel()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
-            await keys.close()
-            if app_pool is not None:
-                await app_pool.close()
 
 
 async def _stop_when_orphaned(runner: Runner, parent_pid: int) -> None:

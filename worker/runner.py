@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -23,7 +22,7 @@ import psutil
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgdispatch.db.errors import DatabaseUnavailable
-from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL
+from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL, config_message
 from pgdispatch.notify.listener import Listener
 from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
 from pgdispatch.worker.attempt import Executor, finish_for, run_attempt, settles_as
@@ -56,7 +55,7 @@ class Counters:
 
 class Runner:
     def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor], *,
-                 on_config_change: Callable[[], None] | None = None,
+                 on_config_change: Callable[[str | None], None] | None = None,
                  stats: Callable[[], Mapping[str, Any]] | None = None) -> None:
         """`on_config_change` runs on every NOTIFY on the config channel and after every
         reconnect: the hook for caches the executors keep (signing keys). `stats` returns the
@@ -321,16 +320,16 @@ class Runner:
             if not self.config.queues or payload in self.config.queues:
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
-            if _changed_table(payload) in ("queues", None):
+            if config_message(payload).get("table") in ("queues", None):
                 self.policies.invalidate()
             if self._on_config_change is not None:
-                self._on_config_change()
+                self._on_config_change(payload)
             self._wake.set()
 
     async def _on_reconnect(self) -> None:
         await self.policies.reload()
         if self._on_config_change is not None:
-            self._on_config_change()
+            self._on_config_change(None)
         self._wake.set()
 
     # -- running jobs ----------------------------------------------------------------------
@@ -447,11 +446,3 @@ class Runner:
                                              dead_keep_seconds=self.config.dead_keep_seconds)
         if dropped:
             log.info("dropped %d history partitions older than the retention", dropped)
-
-
-def _changed_table(payload: str) -> str | None:
-    try:
-        table = json.loads(payload).get("table")
-    except (ValueError, AttributeError):
-        return None
-    return table if isinstance(table, str) else None

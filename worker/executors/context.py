@@ -5,9 +5,9 @@ being wired by hand, so a new kind (or channel adapter) needs no new plumbing.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pgdispatch.worker.outbound.breakers import Breakers
+from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 
@@ -16,7 +16,8 @@ from pgdispatch.worker.outbound.transport import HttpTransport
 class ExecutorContext:
     http: HttpTransport
     keys: SigningKeys
-    breakers: Breakers = field(default_factory=Breakers)
+    # Rate limits, caps, breakers and pauses shared with every other worker (dispatch.limits).
+    limits: Limits
     # Requests in flight to one host per process, so one slow backend cannot take every slot.
     per_host_limit: int = 64
     # Whether requests may reach loopback, private and link-local addresses.

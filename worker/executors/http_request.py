@@ -30,6 +30,7 @@ from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.deadlines import Deadlines
 from pgdispatch.worker.outbound.destinations import forbidden_cause, is_forbidden
+from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
 from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
@@ -161,7 +162,7 @@ class HttpRequestExecutor:
         self._keys = context.keys
         self._per_host_limit = context.per_host_limit
         self._hosts: dict[str, _Host] = {}
-        self._breakers = context.breakers
+        self._limits = context.limits
         self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
         self._deadlines = Deadlines()
         self._clock = clock
@@ -174,11 +175,6 @@ class HttpRequestExecutor:
         if not self._allow_private and is_forbidden(request.hostname):
             return Discard("invalid", f"destination {request.hostname} is a private, loopback or "
                                       "link-local address, which this worker may not reach")
-        circuit = (job.tenant, request.host)
-        wait = self._breakers.wait_for(circuit)
-        if wait > 0:
-            return Postpone(wait + random.random(), f"not sent: circuit open for {request.host} "
-                                                    "after repeated failures")
         host = self._hosts.get(request.host)
         if host is None:
             host = self._hosts[request.host] = _Host(self._per_host_limit)
@@ -186,19 +182,23 @@ class HttpRequestExecutor:
         if slot is None:
             # A slow or hung host: the job gives its worker slot back rather than waiting in
             # it, so one host cannot fill the process with jobs queueing for it (fairness).
-            self._breakers.abandon(circuit)
             return Postpone(self._bounce_delay(request.host, now),
                             f"not sent: {self._per_host_limit} requests to {request.host} "
                             f"already in flight in this worker, answering in "
                             f"{host.latency:.1f}s on average")
         try:
-            outcome = await self._send(job, request, now)
-        except BaseException:
-            self._breakers.abandon(circuit)
-            raise
+            permit = await self._limits.admit(job.tenant, request.host)
+            if isinstance(permit, Wait):
+                return Postpone(permit.seconds, permit.reason)
+            try:
+                outcome = await self._send(job, request, now)
+            except BaseException:
+                self._limits.cancel(permit)
+                raise
         finally:
             host.release(slot)
-        self._breakers.record(circuit, ok=not _endpoint_failed(outcome))
+        await self._limits.settle(permit, failed=_endpoint_failed(outcome),
+                                  retry_after=_paused_for(outcome), reason=_why(outcome))
         return outcome
 
     def _bounce_delay(self, host: str, now: float) -> float:
@@ -246,8 +246,12 @@ class HttpRequestExecutor:
         error = f"HTTP {status} (expected {request.success_code})"
         if status in request.stop_codes:
             return Discard("stop_code", error, status=status, detail=detail)
-        return Retry(after=_retry_after(response, request.interval, now), error=error, status=status,
-                     detail=detail)
+        # Retry-After wins over the interval; it also pauses the key for every worker.
+        pause = _retry_after(response, now)
+        if pause is not None:
+            detail["retry_after"] = pause
+        return Retry(after=pause if pause is not None else float(request.interval), error=error,
+                     status=status, detail=detail)
 
     async def _body(self, job: Job, request: HttpRequest, now: float) -> bytes:
         payload = request.body
@@ -268,6 +272,17 @@ class HttpRequestExecutor:
         log.info("request job %s attempt %d to %s failed: %s", job.id, job.attempt,
                  mask_url(request.uri), error)
         return Retry(after=request.interval, error=error, detail=detail)
+
+
+def _paused_for(outcome: Outcome) -> float | None:
+    """A 429 or 503 that said when to come back: every worker waits that long for the key."""
+    if isinstance(outcome, Retry) and outcome.status in (429, 503) and outcome.detail is not None:
+        return outcome.detail.get("retry_after")
+    return None
+
+
+def _why(outcome: Outcome) -> str:
+    return getattr(outcome, "error", None) or type(outcome).__name__
 
 
 def _endpoint_failed(outcome: Outcome) -> bool:
@@ -313,19 +328,19 @@ def _transport_error(exc: httpx.HTTPError) -> tuple[str, str]:
     return error_class, f"{error_class}: could not complete the request ({reason})"
 
 
-def _retry_after(response: httpx.Response, interval: int, now: float) -> float:
-    """Retry-After on 429/503 wins over the interval (seconds or an HTTP date)."""
+def _retry_after(response: httpx.Response, now: float) -> float | None:
+    """The Retry-After of a 429/503 in seconds (given as seconds or an HTTP date), if any."""
     if response.status_code not in (429, 503):
-        return float(interval)
+        return None
     value = response.headers.get("retry-after", "").strip()
     if not value:
-        return float(interval)
+        return None
     if value.isdigit():
         return float(min(int(value), 86400))
     try:
         when = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):
-        return float(interval)
+        return None
     return max(0.0, min(when - now, 86400.0))
 
 

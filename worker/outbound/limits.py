@@ -1,0 +1,478 @@
+"""Limits shared by every worker process and host: rate limits, concurrency caps, circuit
+breakers and Retry-After pauses, kept in PostgreSQL (dispatch.limits, dispatch.limit_state,
+dispatch.limit_slots; sql/schema.sql).
+
+What keeps it cheap: rules are a snapshot in memory, reloaded on NOTIFY; tokens are taken in
+blocks (one update of the bucket row per block, not per request) and spent within a second;
+slots are held while this process has requests waiting for them and returned when it has none;
+breakers count failures in the process and write only their transitions, with a compare-and-
+set for the one probe per cooldown; pauses and breaker transitions are announced with
+pg_notify, and the jobs of a key that sends nothing are moved out of the claim's way (parked)
+instead of being claimed and put back one by one. With no rule and nothing blocked, a request
+costs a dictionary lookup.
+
+Keys: host:<host[:port]>, tenant:<tenant>, tenant:<tenant>|host:<host[:port]>. A rule applies
+to a key by name, or by a pattern with * in place of a part (host:*, tenant:*|host:*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgdispatch import sql
+from pgdispatch.notify import config_message
+
+log = logging.getLogger(__name__)
+
+SLOT_LEASE = 15.0  # a killed worker's slots come back after this
+TOKENS_LAST = 1.0  # tokens taken in a block are spent within this, or dropped
+MAX_WAIT = 2.0  # the longest a job waits in its worker slot for a token or a slot
+PROBE_LEASE = 60.0  # a probe whose worker died is given to another after this
+BLOCK_SHARE = 0.1  # a token block is this share of a second's rate
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    key: str
+    rate: float | None
+    burst: int | None
+    concurrency: int | None
+    breaker_failures: int | None
+    breaker_cooldown: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing may be sent now: try again after `seconds` (no attempt is spent)."""
+
+    seconds: float
+    reason: str
+
+
+@dataclass(slots=True)
+class Permit:
+    """What a request holds while it is sent; give it back with Limits.settle."""
+
+    tenant: str | None
+    host: str
+    slots: list[str] = field(default_factory=list)
+    probe: str | None = None  # the breaker key this request probes
+
+
+@dataclass(slots=True)
+class _Blocked:
+    until: float  # monotonic
+    reason: str
+    breaker: bool
+
+
+@dataclass(slots=True)
+class _Slots:
+    held: int = 0
+    in_use: int = 0
+    waiting: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(slots=True)
+class _Tokens:
+    count: int = 0
+    expires: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(slots=True)
+class LimitCounters:
+    admitted: int = 0
+    waited_for_tokens: int = 0
+    waited_for_slots: int = 0
+    postponed: int = 0
+    token_blocks: int = 0
+    slot_round_trips: int = 0
+    breakers_opened: int = 0
+    probes: int = 0
+    pauses: int = 0
+    parked: int = 0
+
+
+class Limits:
+    def __init__(self, pool: AsyncConnectionPool, *, breaker_failures: int = 5,
+                 breaker_cooldown: float = 30.0, holder: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if breaker_failures < 1 or breaker_cooldown <= 0:
+            raise ValueError("breaker failures must be >= 1 and cooldown > 0")
+        self._pool = pool
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown = breaker_cooldown
+        self.holder = holder or f"limits:{uuid.uuid4().hex[:12]}"
+        self._clock = clock
+        self._rules: dict[str, Rule] = {}
+        self._blocked: dict[str, _Blocked] = {}
+        self._failures: dict[str, int] = {}
+        self._slots: dict[str, _Slots] = {}
+        self._tokens: dict[str, _Tokens] = {}
+        self._reloading: asyncio.Task[None] | None = None
+        self.counters = LimitCounters()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, database_url: str, **kwargs: Any) -> AsyncIterator[Limits]:
+        """Limits on a small pool of their own, loaded, with the slot-lease heartbeat running."""
+        pool = AsyncConnectionPool(database_url, min_size=1, max_size=4, open=False, name="limits",
+                                   kwargs={"autocommit": True})
+        await pool.open(wait=False)
+        limits = cls(pool, **kwargs)
+        heartbeat = None
+        try:
+            try:
+                await limits.reload()
+            except Exception as exc:  # the runner reports an unreachable database
+                log.warning("shared limits not loaded yet: %s", exc)
+                limits._background(limits._reload_until_done())
+            heartbeat = asyncio.create_task(limits.renew_forever(), name="limit-slots")
+            yield limits
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await heartbeat
+            with contextlib.suppress(Exception):
+                await limits.release_all()
+            await pool.close()
+
+    # -- what applies -------------------------------------------------------------------------
+
+    def keys(self, tenant: str | None, host: str) -> list[str]:
+        """The limit keys of a request, the narrowest first."""
+        if tenant is None:
+            return [f"host:{host}"]
+        return [f"tenant:{tenant}|host:{host}", f"host:{host}", f"tenant:{tenant}"]
+
+    def rule_for(self, key: str) -> Rule | None:
+        """The rule of `key`: by name, else the pattern with the fewest stars that matches
+        (tenant:acme|host:* before tenant:*|host:api.example.com before tenant:*|host:*)."""
+        rule = self._rules.get(key)
+        if rule is not None or not self._rules:
+            return rule
+        parts = key.split("|")
+        starred = [part.split(":", 1)[0] + ":*" for part in parts]
+        for stars in sorted(itertools.product((False, True), repeat=len(parts)), key=sum)[1:]:
+            pattern = "|".join(s if star else p for p, s, star in zip(parts, starred, stars, strict=True))
+            rule = self._rules.get(pattern)
+            if rule is not None:
+                return rule
+        return None
+
+    def _breaker_settings(self, key: str) -> tuple[int, float]:
+        rule = self.rule_for(key)
+        failures = rule.breaker_failures if rule and rule.breaker_failures else self.breaker_failures
+        cooldown = rule.breaker_cooldown if rule and rule.breaker_cooldown else self.breaker_cooldown
+        return failures, cooldown
+
+    # -- admission ----------------------------------------------------------------------------
+
+    async def admit(self, tenant: str | None, host: str) -> Permit | Wait:
+        """A Permit when a request to `host` for `tenant` may go out now (waiting up to
+        MAX_WAIT for a token or a slot), else how long to wait. Checks blocks (pauses, open
+        breakers), then rates, then concurrency, then takes the probe of a half-open breaker."""
+        permit = Permit(tenant, host)
+        if not self._rules and not self._blocked:
+            self.counters.admitted += 1
+            return permit  # the unlimited path: nothing configured, nothing blocked
+        keys = self.keys(tenant, host)
+        now = self._clock()
+        half_open: str | None = None
+        for key in keys:
+            blocked = self._blocked.get(key)
+            if blocked is None:
+                continue
+            if blocked.until > now:
+                return self._postpone(blocked.until - now, f"not sent: {key} {blocked.reason}")
+            if blocked.breaker:
+                half_open = key
+            else:
+                del self._blocked[key]  # a pause that ended
+        for key in keys:
+            rule = self.rule_for(key)
+            if rule is None:
+                continue
+            if rule.rate is not None:
+                wait = await self._token(key, rule)
+                if wait:
+                    self._give_back(permit)
+                    return self._postpone(wait, f"not sent: {key} is at its rate of {rule.rate:g}/s")
+            if rule.concurrency is not None:
+                if not await self._slot(key, rule.concurrency):
+                    self._give_back(permit)
+                    return self._postpone(1.0, f"not sent: {key} has {rule.concurrency} requests "
+                                               "in flight across all workers")
+                permit.slots.append(key)
+        if half_open is not None:
+            if not await self._take_probe(half_open):
+                self._give_back(permit)
+                return self._postpone(min(self._breaker_settings(half_open)[1], 5.0),
+                                      f"not sent: {half_open} circuit half-open, its probe is out")
+            permit.probe = half_open
+        self.counters.admitted += 1
+        return permit
+
+    def _postpone(self, seconds: float, reason: str) -> Wait:
+        self.counters.postponed += 1
+        return Wait(seconds + random.random() * min(1.0, seconds), reason)
+
+    async def _token(self, key: str, rule: Rule) -> float:
+        """0 when a token was taken, else the seconds until the bucket has one."""
+        assert rule.rate is not None
+        tokens = self._tokens.setdefault(key, _Tokens())
+        deadline = self._clock() + MAX_WAIT
+        while True:
+            if tokens.count > 0 and tokens.expires > self._clock():
+                tokens.count -= 1
+                return 0.0
+            async with tokens.lock:  # one block request per key at a time in this process
+                if tokens.count > 0 and tokens.expires > self._clock():
+                    continue
+                burst = rule.burst or max(1, math.ceil(rule.rate))
+                want = max(1, min(burst, math.ceil(rule.rate * BLOCK_SHARE)))
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(sql.query("take_tokens"), {
+                        "key": key, "rate": rule.rate, "burst": burst, "want": want})
+                    granted, wait = await cur.fetchone() or (0, 1.0)
+                self.counters.token_blocks += 1
+                if granted:
+                    tokens.count, tokens.expires = int(granted), self._clock() + TOKENS_LAST
+                    continue
+                if self._clock() + wait > deadline:
+                    return float(wait)
+                self.counters.waited_for_tokens += 1
+                await asyncio.sleep(wait)
+
+    async def _slot(self, key: str, cap: int) -> bool:
+        slots = self._slots.setdefault(key, _Slots())
+        deadline = self._clock() + MAX_WAIT
+        slots.waiting += 1
+        try:
+            while True:
+                if slots.held > slots.in_use:
+                    slots.in_use += 1
+                    return True
+                if self._clock() > deadline:
+                    return False
+                async with slots.lock:  # one poller per key in this process
+                    if slots.held > slots.in_use:
+                        continue
+                    async with self._pool.connection() as conn:
+                        cur = await conn.execute(sql.query("acquire_slots"), {
+                            "key": key, "holder": self.holder, "cap": cap, "want": 1,
+                            "lease": timedelta(seconds=SLOT_LEASE)})
+                        row = await cur.fetchone()
+                    self.counters.slot_round_trips += 1
+                    if row and row[0]:
+                        slots.held += int(row[0])
+                        continue
+                    self.counters.waited_for_slots += 1
+                    await asyncio.sleep(0.02 + random.random() * 0.03)
+        finally:
+            slots.waiting -= 1
+
+    def _give_back(self, permit: Permit) -> None:
+        for key in permit.slots:
+            self._free_slot(key)
+        permit.slots.clear()
+
+    def _free_slot(self, key: str) -> None:
+        slots = self._slots[key]
+        slots.in_use -= 1
+        if slots.waiting == 0:  # nobody here wants it: back to the other workers
+            spare, slots.held = slots.held - slots.in_use, slots.in_use
+            if spare > 0:
+                self._background(self._release_slots(key, spare))
+
+    async def _release_slots(self, key: str, n: int) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("release_slots"), {"key": key, "holder": self.holder, "n": n})
+        self.counters.slot_round_trips += 1
+
+    async def _take_probe(self, key: str) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("take_probe"), {
+                "key": key, "holder": self.holder, "lease": timedelta(seconds=PROBE_LEASE)})
+            won = (await cur.fetchone() or (None,))[0] is True
+        if won:
+            self.counters.probes += 1
+            log.info("circuit %s half-open: this worker sends the one probe", key)
+        return won
+
+    # -- after the request --------------------------------------------------------------------
+
+    async def settle(self, permit: Permit, *, failed: bool, retry_after: float | None = None,
+                     reason: str = "") -> None:
+        """Give back the permit's slots and learn from the outcome: a failure counts towards
+        the breaker of (tenant, host); a probe's result closes or reopens it; a Retry-After
+        pauses the key for every worker."""
+        self._give_back(permit)
+        breaker_key = self.keys(permit.tenant, permit.host)[0]
+        try:
+            if retry_after is not None and retry_after > 0:
+                await self._pause(permit, breaker_key, retry_after, reason)
+            if permit.probe is not None:
+                if failed:
+                    await self._open(permit, permit.probe, f"after its probe failed ({reason})")
+                else:
+                    await self._close(permit, permit.probe)
+            elif failed:
+                count = self._failures.get(breaker_key, 0) + 1
+                self._failures[breaker_key] = count
+                if count >= self._breaker_settings(breaker_key)[0]:
+                    self._failures.pop(breaker_key, None)
+                    await self._open(permit, breaker_key, f"after {count} consecutive failures ({reason})")
+            elif self._failures:
+                self._failures.pop(breaker_key, None)
+        except Exception as exc:  # limits are advice to the delivery: never fail a job over them
+            log.warning("shared limits: could not record the outcome for %s: %s", breaker_key, exc)
+
+    def cancel(self, permit: Permit) -> None:
+        """The request never went out (shutdown): slots back, the probe to another worker."""
+        self._give_back(permit)
+        if permit.probe is not None:
+            self._background(self._drop_probe(permit.probe))
+
+    async def _drop_probe(self, key: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("drop_probe"), {"key": key, "holder": self.holder})
+
+    async def _open(self, permit: Permit, key: str, reason: str) -> None:
+        _, cooldown = self._breaker_settings(key)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("open_breaker"), {
+                "key": key, "cooldown": timedelta(seconds=cooldown), "reason": reason[:500]})
+            opened = (await cur.fetchone() or (False,))[0]
+        self._blocked[key] = _Blocked(self._clock() + cooldown, f"circuit open {reason}"[:500], True)
+        if not opened:
+            return  # another worker opened it first and announced it
+        self.counters.breakers_opened += 1
+        log.warning("circuit %s open %s: nothing is sent for %gs, then one probe", key, reason, cooldown)
+        # Its waiting requests leave the claim's way: the first comes back to carry the probe.
+        await self._park(permit, key, first_in=cooldown, others_in=2 * cooldown,
+                         reason=f"not sent: circuit {key} open {reason}")
+
+    async def _close(self, permit: Permit, key: str) -> None:
+        self._blocked.pop(key, None)
+        self._failures.pop(key, None)
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("close_breaker"), {"key": key})
+            cur = await conn.execute(sql.query("unpark_requests"), {
+                "host": permit.host, "tenant": permit.tenant if key.startswith("tenant:") else None})
+            back = (await cur.fetchone() or (0,))[0]
+        log.warning("circuit %s closed: the probe succeeded (%d waiting requests back)", key, back)
+
+    async def _pause(self, permit: Permit, key: str, seconds: float, reason: str) -> None:
+        seconds = min(seconds, 3600.0)
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("pause_limit"), {
+                "key": key, "seconds": timedelta(seconds=seconds), "reason": reason[:500]})
+        self._blocked[key] = _Blocked(self._clock() + seconds, reason[:500], False)
+        self.counters.pauses += 1
+        log.info("%s paused for %gs by every worker: %s", key, seconds, reason)
+        await self._park(permit, key, first_in=seconds, others_in=seconds, reason=f"not sent: {key} {reason}")
+
+    async def _park(self, permit: Permit, key: str, *, first_in: float, others_in: float,
+                    reason: str) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql.query("park_requests"), {
+                "host": permit.host, "tenant": permit.tenant if key.startswith("tenant:") else None,
+                "first_in": timedelta(seconds=first_in), "others_in": timedelta(seconds=others_in),
+                "reason": reason[:500]})
+            self.counters.parked += (await cur.fetchone() or (0,))[0]
+
+    # -- what other workers say ---------------------------------------------------------------
+
+    def on_notify(self, payload: str | None) -> None:
+        """A config-channel notification (None: the listener reconnected, reload everything)."""
+        message = config_message(payload)
+        table = message.get("table")
+        if table == "limit_state" and isinstance(message.get("key"), str):
+            self._apply_state(message["key"], message.get("paused_for"), message.get("pause_reason"),
+                              message.get("open_for"), message.get("open_reason"))
+        elif (payload is None or table in ("limits", None)) and (
+                self._reloading is None or self._reloading.done()):
+            self._reloading = self._background(self.reload())
+
+    def _apply_state(self, key: str, paused_for: Any, pause_reason: Any, open_for: Any,
+                     open_reason: Any) -> None:
+        now = self._clock()
+        if isinstance(open_for, int | float) and open_reason:
+            # Open, or half-open when its time is up (the probe decides).
+            self._blocked[key] = _Blocked(now + open_for, f"circuit open {open_reason}", True)
+        elif isinstance(paused_for, int | float) and paused_for > 0:
+            self._blocked[key] = _Blocked(now + paused_for, str(pause_reason or "paused"), False)
+        else:
+            self._blocked.pop(key, None)
+            self._failures.pop(key, None)
+
+    async def reload(self) -> None:
+        """Rules and the keys that send nothing now, from the database."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(Rule))
+            await cur.execute(sql.query("load_limits"))
+            rules = {rule.key: rule for rule in await cur.fetchall()}
+            state = await (await conn.execute(sql.query("blocked_limits"))).fetchall()
+        self._rules = rules
+        self._blocked.clear()
+        for key, paused_for, pause_reason, open_for, open_reason in state:
+            self._apply_state(key, paused_for, pause_reason, open_for, open_reason)
+
+    async def _reload_until_done(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await self.reload()
+                return
+
+    async def renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SLOT_LEASE / 3)
+            if any(s.held for s in self._slots.values()):
+                try:
+                    async with self._pool.connection() as conn:
+                        await conn.execute(sql.query("renew_slots"), {
+                            "holder": self.holder, "lease": timedelta(seconds=SLOT_LEASE)})
+                except Exception as exc:  # the next beat tries again; leases outlive a few misses
+                    log.warning("shared limits: renewing slot leases failed: %s", exc)
+
+    async def release_all(self) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("release_all_slots"), {"holder": self.holder})
+        self._slots.clear()
+
+    def _background(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure)
+        return task
+
+    def stats(self) -> dict[str, Any]:
+        now = self._clock()
+        return {"rules": len(self._rules),
+                "blocked": {key: {"for": round(b.until - now, 1), "why": b.reason}
+                            for key, b in self._blocked.items()},
+                "slots_held": {key: s.held for key, s in self._slots.items() if s.held},
+                **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__}}
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("shared limits: %s", task.exception())

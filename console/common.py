@@ -38,6 +38,7 @@ class Env:
     home: Path
     build: int
     app: str | None
+    allowed_destinations: tuple[str, ...]
     log_level: int
 
     @classmethod
@@ -47,6 +48,9 @@ class Env:
                    listen_url=os.environ.get("PGDISPATCH_LISTEN_URL") or None,
                    home=Path(os.environ.get("PGDISPATCH_HOME", ".pgdispatch")),
                    build=_build(), app=os.environ.get("PGDISPATCH_APP") or None,
+                   allowed_destinations=tuple(
+                       d.strip() for d in os.environ.get("PGDISPATCH_ALLOW_DESTINATIONS", "").split(",")
+                       if d.strip()),
                    log_level=getattr(logging, level, logging.INFO))
 
     def url(self) -> str:

@@ -10,7 +10,7 @@ import psycopg
 
 from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
-from pgdispatch.db.errors import DatabaseUnavailable, translate
+from pgdispatch.db.errors import ConfigurationError, DatabaseUnavailable, translate
 from pgdispatch.db.schema import migrate as apply_migrations
 
 
@@ -64,6 +64,10 @@ def register(sub: Any) -> None:
                               "(default only with the embedded server)")
     private.add_argument("--forbid-private-networks", dest="allow_private_networks",
                          action="store_false", help="refuse them (default with DATABASE_URL)")
+    w.add_argument("--allow-destination", action="append", metavar="NET|HOST",
+                   help="a network (127.0.0.1, 10.0.0.0/8) or host name requests may reach even "
+                        "when private networks are forbidden (repeatable; default "
+                        "$PGDISPATCH_ALLOW_DESTINATIONS, comma-separated)")
     w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
     w.set_defaults(func=worker)
 
@@ -77,6 +81,7 @@ def migrate(env: Env, args: argparse.Namespace) -> int:
 def worker(env: Env, args: argparse.Namespace) -> int:
     from pgdispatch.worker.app import load_app
     from pgdispatch.worker.config import WorkerConfig
+    from pgdispatch.worker.outbound.destinations import Destinations
     from pgdispatch.worker.pool import WorkerPool
     from pgdispatch.worker.process import run_event_loop
 
@@ -97,6 +102,14 @@ def worker(env: Env, args: argparse.Namespace) -> int:
             psycopg.connect(listen_url, connect_timeout=10).close()
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"--listen-url: {translate(exc)}") from None
+    allow_private = (args.allow_private_networks if args.allow_private_networks is not None
+                     else not env.database_url)
+    allowed = tuple(args.allow_destination or env.allowed_destinations)
+    try:
+        destinations = Destinations(allow_private=allow_private, allowed=allowed)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    print(f"outbound requests: {destinations.describe()}", file=sys.stderr)
     config = WorkerConfig(
         database_url=url, listen_url=listen_url, app=app, queues=tuple(args.queue or ()),
         concurrency=args.concurrency, max_batch=args.batch, version=env.build, lease_seconds=args.lease,
@@ -106,8 +119,7 @@ def worker(env: Env, args: argparse.Namespace) -> int:
         breaker_failures=args.breaker_failures, breaker_cooldown=args.breaker_cooldown,
         history_keep_seconds=args.history_keep, dead_keep_seconds=args.dead_keep,
         fetch_cooldown=args.fetch_cooldown, debug_kinds=args.debug_kinds,
-        allow_private_networks=(args.allow_private_networks if args.allow_private_networks is not None
-                                else not env.database_url))
+        allow_private_networks=allow_private, allowed_destinations=allowed)
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
                       http_port=args.http_port, log_level=env.log_level)
     return run_event_loop(pool.run())

@@ -279,8 +279,8 @@ SELECT dispatch.close_breaker_v1(%(key)s);
 SELECT dispatch.pause_limit_v1(%(key)s, now() + %(seconds)s, %(reason)s);
 
 -- name: park_requests
-SELECT dispatch.park_requests_v1(%(host)s, %(tenant)s, now() + %(others_in)s, now() + %(first_in)s,
-                                 %(reason)s);
+SELECT dispatch.park_requests_v1(%(host)s, %(tenant)s, now() + %(first_in)s, now() + %(others_in)s,
+                                 %(spacing)s, %(reason)s);
 
 -- name: unpark_requests
 SELECT dispatch.unpark_requests_v1(%(host)s, %(tenant)s);
@@ -292,3 +292,29 @@ FROM dispatch.limit_status ORDER BY key;
 -- name: limit_rules
 SELECT key, rate, burst, concurrency, breaker_failures, breaker_cooldown, note, updated_at
 FROM dispatch.limits ORDER BY key;
+
+-- name: limit_upsert
+-- limits set: the settings given replace those of the rule; the others stay (set_*: given).
+WITH changed AS (
+    UPDATE dispatch.limits l SET
+        rate = CASE WHEN %(set_rate)s THEN %(rate)s ELSE l.rate END,
+        burst = CASE WHEN %(set_burst)s THEN %(burst)s ELSE l.burst END,
+        concurrency = CASE WHEN %(set_concurrency)s THEN %(concurrency)s ELSE l.concurrency END,
+        breaker_failures = CASE WHEN %(set_breaker_failures)s THEN %(breaker_failures)s
+                                ELSE l.breaker_failures END,
+        breaker_cooldown = CASE WHEN %(set_breaker_cooldown)s THEN %(breaker_cooldown)s::interval
+                                ELSE l.breaker_cooldown END,
+        note = coalesce(%(note)s, l.note)
+    WHERE l.key = %(key)s
+    RETURNING l.key
+)
+INSERT INTO dispatch.limits (key, rate, burst, concurrency, breaker_failures, breaker_cooldown, note)
+SELECT %(key)s, %(rate)s, %(burst)s, %(concurrency)s, %(breaker_failures)s, %(breaker_cooldown)s::interval,
+       %(note)s
+WHERE NOT EXISTS (SELECT 1 FROM changed);
+
+-- name: limit_delete
+DELETE FROM dispatch.limits WHERE key = %(key)s;
+
+-- name: limit_reset
+SELECT dispatch.reset_limit_v1(%(key)s) AS back;

@@ -21,6 +21,7 @@ from aiohttp import web
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors, http_request
 from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
@@ -87,14 +88,16 @@ async def sink() -> AsyncIterator[Sink]:
     await runner.cleanup()
 
 
-async def drain(db_url: str, *, allow_private_networks: bool = True, per_host_limit: int = 64) -> Runner:
+async def drain(db_url: str, *, allow_private_networks: bool = True, per_host_limit: int = 64,
+                allowed: tuple[str, ...] = ()) -> Runner:
     keys = SigningKeys(db_url)
-    async with HttpTransport(max_connections=100, allow_private_networks=allow_private_networks) as http, \
+    destinations = Destinations(allow_private=allow_private_networks, allowed=allowed)
+    async with HttpTransport(max_connections=100, destinations=destinations) as http, \
             Limits.open(db_url) as limits:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("requests",), drain=True),
                         builtin_executors(ExecutorContext(http=http, keys=keys, per_host_limit=per_host_limit,
                                                           limits=limits,
-                                                          allow_private_networks=allow_private_networks)))
+                                                          destinations=destinations)))
         await asyncio.wait_for(runner.run(), 60)
     await keys.close()
     return runner
@@ -384,6 +387,19 @@ async def test_private_destinations_can_be_forbidden_after_dns_resolution(db_url
     await drain(db_url)
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE id = %s", (allowed,)) == 0
     assert len(sink.received) == 1
+    # Forbidden, with an allow-list: by network (literal, mapped, and a name resolving into it),
+    # and by host name; anything else private stays refused.
+    by_network = [send(db_url, f"{sink.url}/200"), send(db_url, f"http://[::ffff:127.0.0.1]:{port}/200"),
+                  send(db_url, f"http://localhost:{port}/200")]
+    other = send(db_url, f"http://127.0.0.2:{port}/200")
+    await drain(db_url, allow_private_networks=False, allowed=("127.0.0.1/32",))
+    assert len(sink.received) == 4 and dead_row(db_url, by_network[0]) is None
+    assert dead_row(db_url, other)[0] == "invalid"  # type: ignore[index]
+    by_name = send(db_url, f"http://localhost:{port}/200")
+    await drain(db_url, allow_private_networks=False, allowed=("LocalHost",))
+    assert len(sink.received) == 5 and dead_row(db_url, by_name) is None
+    with pytest.raises(ValueError, match="neither a network"):
+        Destinations(allow_private=False, allowed=("http://x/",))
 
 
 async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) -> None:

@@ -57,9 +57,11 @@ class WorkerConfig:
     # breaker_cooldown seconds, then one probe decides.
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
-    # Whether outbound requests may reach loopback, private and link-local addresses. The CLI
-    # forbids them when DATABASE_URL is set (production) and allows them for the embedded demo.
+    # Whether outbound requests may reach loopback, private and link-local addresses, and the
+    # networks and hosts they may reach even when not (the CLI forbids private networks unless
+    # the worker runs on the embedded demo server).
     allow_private_networks: bool = True
+    allowed_destinations: tuple[str, ...] = ()
     worker_name: str | None = None
     # Run the debug.* kinds (tests, benchmarks); production workers leave them waiting.
     debug_kinds: bool = False

@@ -21,6 +21,7 @@ from pgdispatch.worker.app import load_app
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
@@ -36,10 +37,11 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
     async with contextlib.AsyncExitStack() as stack:
         limits = await stack.enter_async_context(Limits.open(
             config.database_url, breaker_failures=config.breaker_failures,
-            breaker_cooldown=config.breaker_cooldown))
+            breaker_cooldown=config.breaker_cooldown, slot_lease=config.lease_seconds))
+        destinations = Destinations(allow_private=config.allow_private_networks,
+                                    allowed=config.allowed_destinations)
         http = await stack.enter_async_context(HttpTransport(
-            max_connections=max(config.concurrency, 10),
-            allow_private_networks=config.allow_private_networks))
+            max_connections=max(config.concurrency, 10), destinations=destinations))
         stack.push_async_callback(keys.close)
 
         def stats() -> dict[str, Any]:
@@ -52,7 +54,7 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
 
         context = ExecutorContext(http=http, keys=keys, limits=limits,
                                   per_host_limit=config.per_host_limit,
-                                  allow_private_networks=config.allow_private_networks)
+                                  destinations=destinations)
         executors = builtin_executors(context, debug_kinds=config.debug_kinds)
         if config.app is not None:
             app = load_app(config.app)

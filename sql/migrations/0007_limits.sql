@@ -189,27 +189,31 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT lower(substring(args ->> 'uri' FROM '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]+)'))
 $$;
 
--- Requests waiting for a key that sends nothing until `until` leave the claim's way: scheduled
--- then, except the first (by claim order), which comes at `first_at` to carry the probe. A key
--- that opens again moves them on; one that closes brings them back (unpark_requests_v1).
-CREATE FUNCTION dispatch.park_requests_v1(host text, tenant text, until timestamptz,
-                                          first_at timestamptz, reason text)
+-- Requests waiting for a key that cannot send them now leave the claim's way, scheduled for
+-- when it can: the first (by claim order) at `first_at`, the others from `others_at` on, one
+-- every `spacing`. An open breaker: the first carries the probe when the cooldown ends, the
+-- others wait a cooldown more (or come back when the probe succeeds: unpark_requests_v1). A
+-- rate limit: one every 1/rate seconds, so they come back as tokens do, not all at once.
+CREATE FUNCTION dispatch.park_requests_v1(host text, tenant text, first_at timestamptz,
+                                          others_at timestamptz, spacing interval, reason text)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n integer;
 BEGIN
-    WITH waiting AS (
-        SELECT j.id, row_number() OVER (ORDER BY j.priority, j.run_at, j.id) AS nth
+    WITH locked AS (
+        SELECT j.id, j.priority, j.run_at
         FROM dispatch.jobs j
-        WHERE j.kind = 'http.request' AND j.state <> 'running' AND j.run_at < until
+        WHERE j.kind = 'http.request' AND j.state <> 'running' AND j.run_at < first_at
           AND dispatch.request_host(j.args) = park_requests_v1.host
           AND (park_requests_v1.tenant IS NULL OR j.tenant = park_requests_v1.tenant)
         FOR UPDATE SKIP LOCKED
+    ), waiting AS (
+        SELECT l.id, row_number() OVER (ORDER BY l.priority, l.run_at, l.id) AS nth FROM locked l
     )
     UPDATE dispatch.jobs j
-    SET state = 'scheduled', run_at = CASE WHEN w.nth = 1 THEN first_at ELSE until END,
-        last_error = reason
+    SET state = 'scheduled', last_error = reason,
+        run_at = CASE WHEN w.nth = 1 THEN first_at ELSE others_at + (w.nth - 2) * spacing END
     FROM waiting w WHERE j.id = w.id;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -224,8 +228,7 @@ DECLARE
 BEGIN
     WITH back AS (
         UPDATE dispatch.jobs j SET state = 'available', run_at = now()
-        WHERE j.kind = 'http.request' AND j.state = 'scheduled' AND j.run_at > now()
-          AND j.last_error LIKE 'not sent: %'
+        WHERE j.kind = 'http.request' AND j.state = 'scheduled' AND j.last_error LIKE 'not sent: %'
           AND dispatch.request_host(j.args) = unpark_requests_v1.host
           AND (unpark_requests_v1.tenant IS NULL OR j.tenant = unpark_requests_v1.tenant)
         RETURNING j.queue
@@ -264,7 +267,7 @@ GRANT EXECUTE ON FUNCTION dispatch.take_tokens_v1(text, double precision, intege
     dispatch.release_slots_v1(text, text, integer), dispatch.renew_slots_v1(text, interval),
     dispatch.open_breaker_v1(text, interval, text), dispatch.take_probe_v1(text, text, interval),
     dispatch.close_breaker_v1(text), dispatch.pause_limit_v1(text, timestamptz, text),
-    dispatch.park_requests_v1(text, text, timestamptz, timestamptz, text),
+    dispatch.park_requests_v1(text, text, timestamptz, timestamptz, interval, text),
     dispatch.unpark_requests_v1(text, text), dispatch.request_host(jsonb) TO dispatch_worker;
 
 CREATE FUNCTION dispatch.drop_probe_v1(limit_key text, holder text)
@@ -282,3 +285,24 @@ $$;
 
 GRANT EXECUTE ON FUNCTION dispatch.drop_probe_v1(text, text), dispatch.release_all_slots_v1(text)
     TO dispatch_worker;
+
+-- An operator's reset: the key's pause lifted, its breaker closed, its parked requests back.
+CREATE FUNCTION dispatch.reset_limit_v1(limit_key text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    host text := substring(limit_key FROM 'host:([^|]+)$');
+    tenant text := substring(limit_key FROM '^tenant:([^|]+)\|');
+BEGIN
+    UPDATE dispatch.limit_state s
+    SET paused_until = NULL, pause_reason = NULL, open_until = NULL, open_reason = NULL,
+        probe_holder = NULL, probe_expires_at = NULL
+    WHERE s.key = limit_key;
+    IF FOUND THEN
+        PERFORM dispatch.notify_limit_state(limit_key);
+    END IF;
+    IF host IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN dispatch.unpark_requests_v1(host, tenant);
+END $$;

@@ -5,8 +5,9 @@ being wired by hand, so a new kind (or channel adapter) needs no new plumbing.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
@@ -20,5 +21,5 @@ class ExecutorContext:
     limits: Limits
     # Requests in flight to one host per process, so one slow backend cannot take every slot.
     per_host_limit: int = 64
-    # Whether requests may reach loopback, private and link-local addresses.
-    allow_private_networks: bool = True
+    # Which destinations requests may reach (private networks, and the allow-list).
+    destinations: Destinations = field(default_factory=lambda: Destinations(allow_private=True))

@@ -29,7 +29,7 @@ import httpx
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.deadlines import Deadlines
-from pgdispatch.worker.outbound.destinations import forbidden_cause, is_forbidden
+from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
 from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
@@ -158,7 +158,7 @@ class HttpRequestExecutor:
 
     def __init__(self, context: ExecutorContext, *, clock: Any = time.time) -> None:
         self._http = context.http
-        self._allow_private = context.allow_private_networks
+        self._destinations = context.destinations
         self._keys = context.keys
         self._per_host_limit = context.per_host_limit
         self._hosts: dict[str, _Host] = {}
@@ -172,9 +172,14 @@ class HttpRequestExecutor:
         now = self._clock()
         if job.expire_at is not None and now >= job.expire_at.timestamp():
             return Discard("expired", "expire_at passed before sending")
-        if not self._allow_private and is_forbidden(request.hostname):
+        if self._destinations.forbids(request.hostname):
             return Discard("invalid", f"destination {request.hostname} is a private, loopback or "
                                       "link-local address, which this worker may not reach")
+        # Limits shared with every worker first: a job waiting for a token or a slot must not
+        # hold one of this process's slots for the host meanwhile.
+        permit = await self._limits.admit(job.tenant, request.host)
+        if isinstance(permit, Wait):
+            return Postpone(permit.seconds, permit.reason)
         host = self._hosts.get(request.host)
         if host is None:
             host = self._hosts[request.host] = _Host(self._per_host_limit)
@@ -182,19 +187,16 @@ class HttpRequestExecutor:
         if slot is None:
             # A slow or hung host: the job gives its worker slot back rather than waiting in
             # it, so one host cannot fill the process with jobs queueing for it (fairness).
+            self._limits.cancel(permit)
             return Postpone(self._bounce_delay(request.host, now),
                             f"not sent: {self._per_host_limit} requests to {request.host} "
                             f"already in flight in this worker, answering in "
                             f"{host.latency:.1f}s on average")
         try:
-            permit = await self._limits.admit(job.tenant, request.host)
-            if isinstance(permit, Wait):
-                return Postpone(permit.seconds, permit.reason)
-            try:
-                outcome = await self._send(job, request, now)
-            except BaseException:
-                self._limits.cancel(permit)
-                raise
+            outcome = await self._send(job, request, now)
+        except BaseException:
+            self._limits.cancel(permit)
+            raise
         finally:
             host.release(slot)
         await self._limits.settle(permit, failed=_endpoint_failed(outcome),

@@ -8,7 +8,9 @@ the connector's resolver, so the address checked is the address connected to (no
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -19,27 +21,79 @@ class ForbiddenDestination(OSError):
     """The destination resolves only to addresses outbound requests may not reach."""
 
 
-def is_forbidden(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False  # not an IP literal: the resolver decides
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-                or ip.is_reserved or ip.is_unspecified)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
-class PublicOnlyResolver(AbstractResolver):
+class Destinations:
+    """The destination policy of a worker: private networks forbidden or allowed, and the
+    networks and host names allowed even when they are forbidden (an internal service behind
+    nginx on 127.0.0.1, a partner API on a private link)."""
+
+    def __init__(self, *, allow_private: bool, allowed: Sequence[str] = ()) -> None:
+        self.allow_private = allow_private
+        networks: list[IPNetwork] = []
+        hosts: set[str] = set()
+        for entry in allowed:
+            text = entry.strip().lower()
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+                continue
+            except ValueError:
+                pass
+            if not _HOSTNAME.match(text):
+                raise ValueError(f"allowed destination {entry!r} is neither a network "
+                                 "(10.0.0.0/8, 127.0.0.1) nor a host name (nginx.internal)")
+            hosts.add(text)
+        self.networks = tuple(networks)
+        self.hosts = frozenset(hosts)
+
+    def describe(self) -> str:
+        if self.allow_private:
+            return "every destination allowed (private networks included)"
+        allowed = [str(n) for n in self.networks] + sorted(self.hosts)
+        return ("private, loopback and link-local addresses forbidden"
+                + (f" except {', '.join(allowed)}" if allowed else ""))
+
+    def forbids(self, host: str) -> bool:
+        """Before sending: whether `host` (a name or an IP literal) is refused outright. A name
+        not allowed by name is checked again after DNS, by the resolver."""
+        if self.allow_private or host.lower() in self.hosts:
+            return False
+        return self.forbids_address(host)
+
+    def forbids_address(self, address: str) -> bool:
+        if self.allow_private:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False  # not an IP literal: the resolver decides
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in network for network in self.networks):
+            return False
+        return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                    or ip.is_reserved or ip.is_unspecified)
+
+    def resolver(self) -> AbstractResolver | None:
+        return None if self.allow_private else CheckedResolver(self)
+
+
+class CheckedResolver(AbstractResolver):
     """Resolves like aiohttp's default resolver, then drops every forbidden address."""
 
-    def __init__(self) -> None:
+    def __init__(self, destinations: Destinations) -> None:
         self._inner = ThreadedResolver()
+        self._destinations = destinations
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not is_forbidden(r["host"])]
+        if host.lower() in self._destinations.hosts:
+            return results
+        allowed = [r for r in results if not self._destinations.forbids_address(r["host"])]
         if not allowed:
             raise ForbiddenDestination(f"{host} resolves only to private, loopback or link-local "
                                        "addresses, which this worker may not reach")

@@ -38,7 +38,6 @@ from pgdispatch.notify import config_message
 
 log = logging.getLogger(__name__)
 
-SLOT_LEASE = 15.0  # a killed worker's slots come back after this
 TOKENS_LAST = 1.0  # tokens taken in a block are spent within this, or dropped
 MAX_WAIT = 2.0  # the longest a job waits in its worker slot for a token or a slot
 PROBE_LEASE = 60.0  # a probe whose worker died is given to another after this
@@ -111,10 +110,12 @@ class LimitCounters:
 
 class Limits:
     def __init__(self, pool: AsyncConnectionPool, *, breaker_failures: int = 5,
-                 breaker_cooldown: float = 30.0, holder: str | None = None,
+                 breaker_cooldown: float = 30.0, slot_lease: float = 30.0, holder: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if breaker_failures < 1 or breaker_cooldown <= 0:
-            raise ValueError("breaker failures must be >= 1 and cooldown > 0")
+        """`slot_lease`: a killed worker's slots come back after this (the worker's --lease)."""
+        if breaker_failures < 1 or breaker_cooldown <= 0 or slot_lease <= 0:
+            raise ValueError("breaker failures must be >= 1, cooldown and slot lease > 0")
+        self.slot_lease = slot_lease
         self._pool = pool
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
@@ -125,6 +126,7 @@ class Limits:
         self._failures: dict[str, int] = {}
         self._slots: dict[str, _Slots] = {}
         self._tokens: dict[str, _Tokens] = {}
+        self._spread_at: dict[str, float] = {}
         self._reloading: asyncio.Task[None] | None = None
         self.counters = LimitCounters()
 
@@ -214,7 +216,9 @@ class Limits:
                 wait = await self._token(key, rule)
                 if wait:
                     self._give_back(permit)
-                    return self._postpone(wait, f"not sent: {key} is at its rate of {rule.rate:g}/s")
+                    reason = f"not sent: {key} is at its rate of {rule.rate:g}/s"
+                    self._spread(permit, key, rule.rate, wait, reason)
+                    return self._postpone(wait, reason)
             if rule.concurrency is not None:
                 if not await self._slot(key, rule.concurrency):
                     self._give_back(permit)
@@ -229,6 +233,18 @@ class Limits:
             permit.probe = half_open
         self.counters.admitted += 1
         return permit
+
+    def _spread(self, permit: Permit, key: str, rate: float, wait: float, reason: str) -> None:
+        """More requests wait for a rate-limited key than its tokens can serve soon: schedule
+        its backlog one request per 1/rate seconds from when the next token comes, so the
+        claim does not hand them out, only to have them put back, again and again. At most
+        once per few seconds per key in each process."""
+        now = self._clock()
+        if self._spread_at.get(key, 0.0) > now:
+            return
+        self._spread_at[key] = now + 5.0
+        self._background(self._park(permit, key, first_in=wait, others_in=wait + 1 / rate,
+                                    spacing=1 / rate, reason=reason))
 
     def _postpone(self, seconds: float, reason: str) -> Wait:
         self.counters.postponed += 1
@@ -278,7 +294,7 @@ class Limits:
                     async with self._pool.connection() as conn:
                         cur = await conn.execute(sql.query("acquire_slots"), {
                             "key": key, "holder": self.holder, "cap": cap, "want": 1,
-                            "lease": timedelta(seconds=SLOT_LEASE)})
+                            "lease": timedelta(seconds=self.slot_lease)})
                         row = await cur.fetchone()
                     self.counters.slot_round_trips += 1
                     if row and row[0]:
@@ -391,12 +407,14 @@ class Limits:
         await self._park(permit, key, first_in=seconds, others_in=seconds, reason=f"not sent: {key} {reason}")
 
     async def _park(self, permit: Permit, key: str, *, first_in: float, others_in: float,
-                    reason: str) -> None:
+                    reason: str, spacing: float = 0.0) -> None:
+        if not key.startswith(("host:", "tenant:")) or "host:" not in key:
+            return  # only requests name their host: a tenant-wide key's jobs are postponed one by one
         async with self._pool.connection() as conn:
             cur = await conn.execute(sql.query("park_requests"), {
                 "host": permit.host, "tenant": permit.tenant if key.startswith("tenant:") else None,
                 "first_in": timedelta(seconds=first_in), "others_in": timedelta(seconds=others_in),
-                "reason": reason[:500]})
+                "spacing": timedelta(seconds=spacing), "reason": reason[:500]})
             self.counters.parked += (await cur.fetchone() or (0,))[0]
 
     # -- what other workers say ---------------------------------------------------------------
@@ -445,12 +463,12 @@ class Limits:
 
     async def renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(SLOT_LEASE / 3)
+            await asyncio.sleep(self.slot_lease / 3)
             if any(s.held for s in self._slots.values()):
                 try:
                     async with self._pool.connection() as conn:
                         await conn.execute(sql.query("renew_slots"), {
-                            "holder": self.holder, "lease": timedelta(seconds=SLOT_LEASE)})
+                            "holder": self.holder, "lease": timedelta(seconds=self.slot_lease)})
                 except Exception as exc:  # the next beat tries again; leases outlive a few misses
                     log.warning("shared limits: renewing slot leases failed: %s", exc)
 

@@ -15,22 +15,23 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from pgdispatch.worker.outbound.destinations import PublicOnlyResolver
+from pgdispatch.worker.outbound.destinations import Destinations
 
 USER_AGENT = "pgdispatch"
 
 
 class HttpTransport:
     """Owns the aiohttp session (built lazily inside the running loop) behind httpx's API.
-    Without `allow_private_networks`, host names resolving only to private, loopback or
-    link-local addresses are refused at connect time."""
+    Host names resolving only to addresses `destinations` forbids are refused at connect time
+    (the address checked is the one connected to: no DNS rebinding)."""
 
-    def __init__(self, *, max_connections: int, allow_private_networks: bool = True) -> None:
+    def __init__(self, *, max_connections: int, destinations: Destinations | None = None) -> None:
+        policy = destinations or Destinations(allow_private=True)
         import aiohttp
         from httpx_aiohttp import AiohttpTransport
 
         def session() -> aiohttp.ClientSession:
-            resolver = None if allow_private_networks else PublicOnlyResolver()
+            resolver = policy.resolver()
             connector = aiohttp.TCPConnector(limit=max_connections, resolver=resolver,
                                              ssl=httpx.create_ssl_context())
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())

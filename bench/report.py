@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pgdispatch.bench import limits as shared_limits
 from pgdispatch.bench import scale, scenarios
 from pgdispatch.bench.peers import PEERS
 from pgdispatch.bench.scenarios import BARE_CLIENT, OURS, Result
@@ -43,6 +44,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "poll": ([OURS], lambda s: scale.poll(server_url)),
         "memory": ([OURS], lambda s: [scenarios.memory(server_url)]),
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
+        "limits": ([OURS], lambda s: shared_limits.limits(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):
@@ -126,6 +128,18 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         small, large, history = (r["median"] for r in backlog)
         ratio("backlog: 1M-row rate ≥ 0.8× the 10k-row rate", large, small, 0.8)
         ratio("backlog: 5M history rows, no measurable effect (≥ 0.9×)", history, small, 0.9)
+    rate = next((r for r in rows if r["scenario"].startswith("limits: rate") and "median" in r), None)
+    if rate:
+        checks.append(("limits: delivered rate within 10% of 200/s across 2 processes",
+                       f"{rate['median']} req/s", abs(rate["median"] - 200) <= 20))
+    cap = next((r for r in rows if r["scenario"].startswith("limits: cap") and "median" in r), None)
+    if cap:
+        checks.append(("limits: a cap of 5 never exceeded at the sink", f"{cap['max']} at most",
+                       cap["max"] <= 5))
+    breaker = next((r for r in rows if r["scenario"].startswith("limits: breaker") and "median" in r), None)
+    if breaker:
+        checks.append(("limits: a breaker opened in one process stops the other within 1 s",
+                       f"{breaker['max']} s at worst", breaker["max"] <= 1))
     memory = next((r for r in rows if r["scenario"].startswith("memory") and "median" in r), None)
     if memory:
         checks.append(("memory ≤ 100 MB per worker process at 256 in flight", f"{memory['median']} MB",

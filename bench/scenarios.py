@@ -52,13 +52,14 @@ def fresh_database(server_url: str, *, ours: bool = True) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def sink(status: int = 202, delay: float = 0.0) -> Iterator[str]:
-    """The raw asyncio sink (bench/sink.py) in its own process."""
+def sink(status: int = 202, delay: float = 0.0, record: str | None = None) -> Iterator[str]:
+    """The raw asyncio sink (bench/sink.py) in its own process; `record`: where it writes its
+    arrival times when it stops."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "pgdispatch.bench.sink", "--port", str(port), "--status",
-                             str(status), "--delay", str(delay)],
+                             str(status), "--delay", str(delay), *(["--record", record] if record else [])],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()  # "sink listening ..."

@@ -39,7 +39,9 @@ from pgdispatch.notify import config_message
 log = logging.getLogger(__name__)
 
 TOKENS_LAST = 1.0  # tokens taken in a block are spent within this, or dropped
-MAX_WAIT = 2.0  # the longest a job waits in its worker slot for a token or a slot
+MAX_WAIT = 2.0  # the longest a job waits in its worker slot for a token
+MAX_SLOT_WAIT = 10.0  # ... or for a slot, while slots keep coming free
+STALLED = 1.0  # no slot came free for this long: the key's requests hang, stop waiting
 PROBE_LEASE = 60.0  # a probe whose worker died is given to another after this
 BLOCK_SHARE = 0.1  # a token block is this share of a second's rate
 
@@ -84,6 +86,7 @@ class _Slots:
     held: int = 0
     in_use: int = 0
     waiting: int = 0
+    progress: float = 0.0  # when a slot last came free or was granted here
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -278,15 +281,20 @@ class Limits:
                 await asyncio.sleep(wait)
 
     async def _slot(self, key: str, cap: int) -> bool:
+        """Take a slot of `key`, waiting while slots keep coming free (a key at its cap whose
+        requests finish quickly), up to MAX_SLOT_WAIT; a key whose slots stopped turning over
+        (its requests hang) sends the job back to the queue after STALLED."""
         slots = self._slots.setdefault(key, _Slots())
-        deadline = self._clock() + MAX_WAIT
+        started = self._clock()
         slots.waiting += 1
         try:
             while True:
                 if slots.held > slots.in_use:
                     slots.in_use += 1
                     return True
-                if self._clock() > deadline:
+                now = self._clock()
+                if now - started > MAX_SLOT_WAIT or (
+                        now - started > STALLED and now - slots.progress > STALLED):
                     return False
                 async with slots.lock:  # one poller per key in this process
                     if slots.held > slots.in_use:
@@ -299,6 +307,7 @@ class Limits:
                     self.counters.slot_round_trips += 1
                     if row and row[0]:
                         slots.held += int(row[0])
+                        slots.progress = self._clock()
                         continue
                     self.counters.waited_for_slots += 1
                     await asyncio.sleep(0.02 + random.random() * 0.03)
@@ -313,6 +322,7 @@ class Limits:
     def _free_slot(self, key: str) -> None:
         slots = self._slots[key]
         slots.in_use -= 1
+        slots.progress = self._clock()
         if slots.waiting == 0:  # nobody here wants it: back to the other workers
             spare, slots.held = slots.held - slots.in_use, slots.in_use
             if spare > 0:

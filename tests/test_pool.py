@@ -124,9 +124,13 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
         assert len(alive) == 2 and all("signing_key_cache" in w["stats"] for w in alive)
         execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'debug.noop' FROM generate_series(1, 10)")
         wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0)
+        assert all(w["stats"]["limits"]["rules"] == 0 for w in alive)
+        execute(db_url, "INSERT INTO dispatch.limits (key, rate) VALUES ('host:api.example.com', 5)")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'pgdispatch_jobs{queue="default",state="available"} 0.0' in metrics
         assert "pgdispatch_worker_jobs_total" in metrics
+        assert 'pgdispatch_limit_in_flight{key="host:api.example.com"} 0.0' in metrics
+        assert 'pgdispatch_limit_blocked{key="host:api.example.com",why="breaker"} 0.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         finished(proc, timeout=30)

@@ -31,14 +31,16 @@ async def read_stats(database_url: str) -> dict[str, Any]:
         queues = await cur.fetchall()
         await cur.execute(sql.query("worker_status"))
         workers = await cur.fetchall()
-    return {"queues": queues, "workers": workers}
+        await cur.execute(sql.query("limit_status"))
+        limits = await cur.fetchall()
+    return {"queues": queues, "workers": workers, "limits": limits}
 
 
 class _Snapshot:
     """A prometheus collector over the last stats read."""
 
     def __init__(self) -> None:
-        self.stats: dict[str, Any] = {"queues": [], "workers": []}
+        self.stats: dict[str, Any] = {"queues": [], "workers": [], "limits": []}
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("pgdispatch_jobs", "Jobs by queue and state", labels=["queue", "state"])
@@ -56,7 +58,21 @@ class _Snapshot:
             for outcome in ("completed", "retried", "dead"):
                 done.add_metric([w["id"], outcome], w[outcome])
             running.add_metric([w["id"], w["status"]], w["running"])
-        yield from (jobs, wait, done, running)
+        in_flight = GaugeMetricFamily("pgdispatch_limit_in_flight",
+                                      "Requests in flight under a limit key, across all workers",
+                                      labels=["key"])
+        tokens = GaugeMetricFamily("pgdispatch_limit_tokens", "Tokens left in a rate-limited key's bucket",
+                                   labels=["key"])
+        blocked = GaugeMetricFamily("pgdispatch_limit_blocked",
+                                    "1 while a key sends nothing: breaker open, or paused by Retry-After",
+                                    labels=["key", "why"])
+        for limit in self.stats.get("limits", []):
+            in_flight.add_metric([limit["key"]], limit["in_flight"])
+            if limit["tokens"] is not None:
+                tokens.add_metric([limit["key"]], float(limit["tokens"]))
+            blocked.add_metric([limit["key"], "breaker"], 1 if limit["breaker"] == "open" else 0)
+            blocked.add_metric([limit["key"], "paused"], 1 if limit["paused_until"] else 0)
+        yield from (jobs, wait, done, running, in_flight, tokens, blocked)
 
 
 PoolInfo = Callable[[], dict[str, Any]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -109,7 +110,7 @@ def worker(env: Env, args: argparse.Namespace) -> int:
         destinations = Destinations(allow_private=allow_private, allowed=allowed)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    print(f"outbound requests: {destinations.describe()}", file=sys.stderr)
+    logging.getLogger("pgdispatch.worker").info("outbound requests: %s", destinations.describe())
     config = WorkerConfig(
         database_url=url, listen_url=listen_url, app=app, queues=tuple(args.queue or ()),
         concurrency=args.concurrency, max_batch=args.batch, version=env.build, lease_seconds=args.lease,

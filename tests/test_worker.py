@@ -264,3 +264,21 @@ async def test_workers_vacuum_the_jobs_table_when_dead_rows_pile_up(db_url: str)
     async with running_worker(db_url, DEBUG, vacuum_interval=0.2, vacuum_min_dead_tuples=1000):
         await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0, 20)
         await wait_until(vacuumed, 30, every=0.2)  # stats reach the server within ~10 s
+
+
+def test_a_batch_of_outcomes_with_int_and_float_delays_is_one_statement(db_url: str) -> None:
+    """Found trying shared limits: Retry(after=60) next to Postpone(1.5) in one batch failed the
+    binary dump ("cannot dump lists of mixed types") and fell back to writing one by one."""
+    from pgdispatch import sql
+    from pgdispatch.worker.engine import Finish, finish_params
+
+    execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('t.a'), ('t.b')")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        claimed = conn.execute(sql.query("claim_jobs"), {
+            "worker_id": "w", "queue": "default", "kinds": ["t.a", "t.b"], "version": 0, "max_jobs": 2,
+            "lease_seconds": 30}).fetchall()
+        batch = [Finish(claimed[0][0], claimed[0][11], "retry", delay=60, error="HTTP 500"),
+                 Finish(claimed[1][0], claimed[1][11], "release", delay=1.5, error="not sent: rate")]
+        written = conn.execute(sql.query("finish_jobs"), finish_params(batch)).fetchone()
+    assert written == (2,)
+    assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'scheduled'") == 2

@@ -285,7 +285,8 @@ def finish_params(batch: list[Finish]) -> dict[str, list[Any]]:
         "ids": [f.job_id for f in batch],
         "tokens": [f.token for f in batch],
         "outcomes": [f.outcome for f in batch],
-        "delays": [f.delay for f in batch],
+        # One type per array for the binary dump: executors give delays as int or float.
+        "delays": [None if f.delay is None else float(f.delay) for f in batch],
         "reasons": [f.reason for f in batch],
         "errors": [_clip(f.error) for f in batch],
         "statuses": [f.status for f in batch],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ class Env:
     build: int
     app: str | None
     allowed_destinations: tuple[str, ...]
+    operator: str  # who runs this command line: the audit log's "who"
     log_level: int
 
     @classmethod
@@ -51,6 +54,7 @@ class Env:
                    allowed_destinations=tuple(
                        d.strip() for d in os.environ.get("PGDISPATCH_ALLOW_DESTINATIONS", "").split(",")
                        if d.strip()),
+                   operator=f"{getpass.getuser()}@{socket.gethostname()}",
                    log_level=getattr(logging, level, logging.INFO))
 
     def url(self) -> str:

@@ -318,3 +318,29 @@ DELETE FROM dispatch.limits WHERE key = %(key)s;
 
 -- name: limit_reset
 SELECT dispatch.reset_limit_v1(%(key)s) AS back;
+
+-- Commands (worker/commands.py, console/commands.py) ---------------------------------------------
+
+-- name: register_command
+SELECT dispatch.register_command_v1(%(key)s, %(name)s, %(args)s, %(schedule)s, %(queue)s,
+                                    %(lock_seconds)s, %(next_tick)s);
+
+-- name: command_ticks
+SELECT key, last_tick FROM dispatch.commands WHERE key = ANY (%(keys)s);
+
+-- name: schedule_command
+SELECT dispatch.schedule_command_v1(%(key)s, %(tick)s, %(next_tick)s, %(manual)s) AS job_id;
+
+-- name: command_status
+SELECT key, name, args, schedule, queue, status, enabled, holder, since, expires, last_run,
+       last_outcome, last_error, next_run
+FROM dispatch.command_status ORDER BY key;
+
+-- name: switch_command
+SELECT dispatch.switch_command_v1(%(key)s, %(enable)s, %(who)s, %(reason)s) AS changed;
+
+-- name: unlock_command
+SELECT dispatch.unlock_command_v1(%(key)s, %(who)s, %(reason)s) AS released;
+
+-- name: command_exists
+SELECT EXISTS (SELECT 1 FROM dispatch.commands WHERE key = %(key)s) AS exists;

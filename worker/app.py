@@ -20,6 +20,7 @@ import psycopg
 from pgdispatch.db.errors import ConfigurationError
 from pgdispatch.db.producer import NewJob, enqueue
 from pgdispatch.worker.attempt import Executor
+from pgdispatch.worker.commands import Command
 from pgdispatch.worker.inline import DrainResult, drain
 from pgdispatch.worker.job import ConnectionSource, Job, job_connections
 from pgdispatch.worker.outcome import Outcome, Retry
@@ -61,6 +62,7 @@ class App:
         self.pool_size = pool_size
         self._functions: dict[str, Callable[[Job], Awaitable[Outcome | None]]] = {}
         self._options: dict[str, KindOptions] = {}
+        self._commands: dict[str, Command] = {}
 
     def executor(self, kind: str, *, queue: str | None = None, priority: int | None = None,
                  max_attempts: int | None = None, timeout: float | None = None) -> Callable[[F], F]:
@@ -87,6 +89,29 @@ class App:
             return fn
 
         return register
+
+    def command(self, key: str, name: str, *, schedule: str, args: Sequence[Any] = (),
+                queue: str | None = None, lock: float = 300.0) -> Callable[[F], F]:
+        """Register the decorated `async def f(job)` as the periodic command `key` (the seed's
+        registerCommands): run once per tick of `schedule` (cron) across all workers, never two
+        runs at once, each bounded by `lock` seconds. `job.args` is {"args": [...], "tick": ...,
+        "manual": bool}."""
+        command = Command(key, name, schedule, tuple(args), queue, lock)
+        if key in self._commands:
+            raise ConfigurationError(f"command {key!r} is registered twice on this App")
+        register = self.executor(command.kind, queue=queue, max_attempts=1, timeout=lock)
+
+        def add(fn: F) -> F:
+            register(fn)
+            self._commands[key] = command
+            return fn
+
+        return add
+
+    @property
+    def commands(self) -> list[Command]:
+        """Every registered command."""
+        return list(self._commands.values())
 
     @property
     def kinds(self) -> Mapping[str, KindOptions]:

@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import config_message
 from pgdispatch.worker.app import load_app
+from pgdispatch.worker.commands import CommandScheduler
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import ExecutorContext
@@ -26,6 +27,7 @@ from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner
+from pgdispatch.worker.services import periodic
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,12 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             await app_pool.open(wait=False)
             stack.push_async_callback(app_pool.close)
             executors.update(app.executors(app_pool.connection))
+            if app.commands:
+                scheduler = CommandScheduler(app_pool, app.commands)
+                await scheduler.register()
+                ticking = asyncio.create_task(periodic("command scheduler", 1.0, scheduler.tick),
+                                              name="command-scheduler")
+                stack.callback(ticking.cancel)
         runner = Runner(config, executors, on_config_change=on_config_change, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)

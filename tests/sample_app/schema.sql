@@ -13,3 +13,8 @@ CREATE TABLE IF NOT EXISTS sample.notifications (
 );
 INSERT INTO dispatch.queues (name) VALUES ('source_download'), ('source_extract'), ('source_notify')
 ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS sample.ticks (
+    tick  timestamptz NOT NULL,
+    pid   integer NOT NULL,
+    args  text NOT NULL
+);

@@ -72,7 +72,7 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 await scheduler.register()
                 ticking = asyncio.create_task(periodic("command scheduler", 1.0, scheduler.tick),
                                               name="command-scheduler")
-                stack.callback(ticking.cancel)
+                stack.push_async_callback(_cancelled, ticking)
         runner = Runner(config, executors, on_config_change=on_config_change, stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
@@ -91,6 +91,12 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 orphan_watch.cancel()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _stop_when_orphaned(runner: Runner, parent_pid: int) -> None:

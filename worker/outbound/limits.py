@@ -44,6 +44,7 @@ MAX_SLOT_WAIT = 10.0  # ... or for a slot, while slots keep coming free
 STALLED = 1.0  # no slot came free for this long: the key's requests hang, stop waiting
 PROBE_LEASE = 60.0  # a probe whose worker died is given to another after this
 BLOCK_SHARE = 0.1  # a token block is this share of a second's rate
+MAX_TRACKED = 10_000  # failure counts kept per process before they are forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +362,8 @@ class Limits:
                 else:
                     await self._close(permit, permit.probe)
             elif failed:
+                if len(self._failures) > MAX_TRACKED and breaker_key not in self._failures:
+                    self._failures.clear()  # many hosts failing now and then: counts are advice
                 count = self._failures.get(breaker_key, 0) + 1
                 self._failures[breaker_key] = count
                 if count >= self._breaker_settings(breaker_key)[0]:
@@ -474,6 +477,7 @@ class Limits:
     async def renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.slot_lease / 3)
+            self._forget_idle_keys()
             if any(s.held for s in self._slots.values()):
                 try:
                     async with self._pool.connection() as conn:
@@ -481,6 +485,13 @@ class Limits:
                             "holder": self.holder, "lease": timedelta(seconds=self.slot_lease)})
                 except Exception as exc:  # the next beat tries again; leases outlive a few misses
                     log.warning("shared limits: renewing slot leases failed: %s", exc)
+
+    def _forget_idle_keys(self) -> None:
+        """host:* rules make a key per host ever reached: keep only the ones in use."""
+        now = self._clock()
+        self._slots = {k: v for k, v in self._slots.items() if v.held or v.waiting or v.lock.locked()}
+        self._tokens = {k: v for k, v in self._tokens.items() if v.expires > now or v.lock.locked()}
+        self._spread_at = {k: v for k, v in self._spread_at.items() if v > now}
 
     async def release_all(self) -> None:
         async with self._pool.connection() as conn:

@@ -21,7 +21,19 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from pgdispatch.console import bench, build, commands, dead, embedded, jobs, limits, queues, requests, worker
+from pgdispatch.console import (
+    bench,
+    build,
+    commands,
+    dead,
+    embedded,
+    jobs,
+    limits,
+    processes,
+    queues,
+    requests,
+    worker,
+)
 from pgdispatch.console.common import EXIT_ERROR, EXIT_NO_DATABASE, EXIT_NOT_FOUND, EXIT_USAGE, PROG, Env
 from pgdispatch.db.errors import (
     ConfigurationError,
@@ -32,7 +44,7 @@ from pgdispatch.db.errors import (
 )
 
 # One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, limits, commands, requests, build, bench, embedded)
+NOUNS = (worker, jobs, dead, queues, limits, processes, commands, requests, build, bench, embedded)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -119,3 +119,30 @@ def _id(row: tuple[Any, ...] | None) -> int:
     if row is None or row[0] is None:  # the key was taken by a job that has since gone
         raise InvalidInput("enqueue: the idempotency key is taken by a job that no longer exists")
     return int(row[0])
+
+
+@overload
+def start_process(conn: psycopg.Connection[Any], process_type: str, state: Mapping[str, Any] | None = None,
+                  *, idempotency_key: str | None = None) -> int: ...
+@overload
+def start_process(conn: psycopg.AsyncConnection[Any], process_type: str,
+                  state: Mapping[str, Any] | None = None, *,
+                  idempotency_key: str | None = None) -> Awaitable[int]: ...
+def start_process(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], process_type: str,
+                  state: Mapping[str, Any] | None = None, *,
+                  idempotency_key: str | None = None) -> int | Awaitable[int]:
+    """Start an instance of a process type in the caller's transaction (dispatch.start_process):
+    its id, or the existing instance's when `idempotency_key` is taken for that type."""
+    params = {"type": process_type, "state": _json(state), "idempotency_key": idempotency_key}
+    if isinstance(conn, psycopg.AsyncConnection):
+        return _start_async(conn, params)
+    with translated():
+        row = conn.execute(sql.query("start_process"), params).fetchone()
+    return _id(row)
+
+
+async def _start_async(conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> int:
+    with translated():
+        cur = await conn.execute(sql.query("start_process"), params)
+        row = await cur.fetchone()
+    return _id(row)

@@ -344,3 +344,82 @@ SELECT dispatch.unlock_command_v1(%(key)s, %(who)s, %(reason)s) AS released;
 
 -- name: command_exists
 SELECT EXISTS (SELECT 1 FROM dispatch.commands WHERE key = %(key)s) AS exists;
+
+-- Processes (worker/processes.py, console/processes.py) ------------------------------------------
+
+-- name: register_process_type
+SELECT dispatch.register_process_type_v1(%(type)s, %(name)s, %(version)s, %(steps)s, %(queue)s);
+
+-- name: process_take_lock
+SELECT id, type, version, status::text AS status, current_step, state, attempts, run_seq
+FROM dispatch.processes WHERE id = %(id)s FOR UPDATE;
+
+-- name: process_take
+UPDATE dispatch.processes SET status = 'running', attempts = attempts + 1, retry_after = NULL,
+                              updated_at = now()
+WHERE id = %(id)s
+RETURNING current_step, attempts, state;
+
+-- name: process_step_done
+-- One transaction: the journal row, the merged state, the next step (or done).
+WITH journal AS (
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, version,
+                                          started_at)
+    VALUES (%(id)s, %(step)s, %(attempt)s, 'done', %(message)s, dispatch.mask_secrets(%(payload)s),
+            %(version)s, %(started_at)s)
+)
+UPDATE dispatch.processes
+SET state = state || %(state)s, current_step = %(next_step)s, attempts = 0, error = NULL,
+    status = CASE WHEN %(next_step)s::text IS NULL THEN 'done' ELSE 'pending' END::dispatch.process_status,
+    finished_at = CASE WHEN %(next_step)s::text IS NULL THEN now() END, updated_at = now()
+WHERE id = %(id)s;
+
+-- name: process_step_retry
+WITH journal AS (
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version, started_at)
+    VALUES (%(id)s, %(step)s, %(attempt)s, 'retry', dispatch.mask_text(%(error)s), %(version)s, %(started_at)s)
+)
+UPDATE dispatch.processes
+SET status = 'retry', retry_after = now() + make_interval(secs => %(delay)s),
+    error = dispatch.mask_text(%(error)s), updated_at = now()
+WHERE id = %(id)s;
+
+-- name: process_fail
+WITH journal AS (
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version, started_at)
+    VALUES (%(id)s, %(step)s, %(attempt)s, 'error', dispatch.mask_text(%(error)s), %(version)s, %(started_at)s)
+)
+UPDATE dispatch.processes SET status = 'error', error = dispatch.mask_text(%(error)s), updated_at = now()
+WHERE id = %(id)s;
+
+-- name: process_enqueue_step
+SELECT dispatch.enqueue_process_step(%(id)s, now() + make_interval(secs => %(delay)s));
+
+-- name: start_process
+SELECT dispatch.start_process(%(type)s, %(state)s, %(idempotency_key)s) AS id;
+
+-- name: process_list
+SELECT id, type, version, status::text AS status, current_step, attempts, retry_after, error,
+       created_at, updated_at
+FROM dispatch.processes
+WHERE (%(status)s::text IS NULL OR status::text = %(status)s) AND (%(type)s::text IS NULL OR type = %(type)s)
+ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: process_get
+SELECT id, type, version, status::text AS status, current_step, dispatch.mask_secrets(state) AS state,
+       attempts, retry_after, error, idempotency_key, created_at, updated_at, finished_at
+FROM dispatch.processes WHERE id = %(id)s;
+
+-- name: process_journal
+-- By index, for one instance, never the whole journal.
+SELECT step, attempt, status, message, payload, error, version, started_at, finished_at
+FROM dispatch.process_history WHERE process_id = %(id)s ORDER BY id;
+
+-- name: process_restart
+SELECT dispatch.restart_process_v1(%(id)s, %(from_step)s, %(who)s, %(reason)s);
+
+-- name: process_work
+SELECT dispatch.work_process_v1(%(id)s, %(who)s);
+
+-- name: process_abandon
+SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);

@@ -17,19 +17,22 @@ from typing import Any, TypeVar, overload
 
 import psycopg
 
+from pgdispatch import sql
 from pgdispatch.db.errors import ConfigurationError
-from pgdispatch.db.producer import NewJob, enqueue
+from pgdispatch.db.producer import NewJob, enqueue, start_process
 from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.commands import Command
 from pgdispatch.worker.inline import DrainResult, drain
 from pgdispatch.worker.job import ConnectionSource, Job, job_connections
 from pgdispatch.worker.outcome import Outcome, Retry
+from pgdispatch.worker.processes import ProcessRunner, ProcessType
 
 # The same rule as the job_kind_format constraint of dispatch.jobs.
 KIND_FORMAT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 BUILT_IN_KINDS = frozenset({"http.request"})
 
 F = TypeVar("F", bound=Callable[[Job], Awaitable[Outcome | None]])
+C = TypeVar("C", bound=type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class App:
         self._functions: dict[str, Callable[[Job], Awaitable[Outcome | None]]] = {}
         self._options: dict[str, KindOptions] = {}
         self._commands: dict[str, Command] = {}
+        self._processes: dict[str, ProcessType] = {}
 
     def executor(self, kind: str, *, queue: str | None = None, priority: int | None = None,
                  max_attempts: int | None = None, timeout: float | None = None) -> Callable[[F], F]:
@@ -107,6 +111,52 @@ class App:
             return fn
 
         return add
+
+    def process(self, key: str, name: str, *, version: int, queue: str | None = None,
+                max_attempts: int = 5, backoff: float = 60.0,
+                step_timeout: float = 300.0) -> Callable[[C], C]:
+        """Register the decorated class as the process type `key` (display name `name`, the
+        seed's 'CREATE ORDER'). Its `steps` list names its steps in order: a method name, or
+        (name, task class or async callable). Each step gets the state and returns StepDone,
+        StepRetry or StepError. Bump `version` with every change to the steps."""
+        def register(cls: C) -> C:
+            ptype = ProcessType.of(cls, key=key, name=name, version=version, queue=queue,
+                                   max_attempts=max_attempts, backoff=backoff, step_timeout=step_timeout)
+            if key in self._processes or ptype.kind in self._functions:
+                raise ConfigurationError(f"process type {key!r} is registered twice on this App")
+            self._processes[key] = ptype
+            self._functions[ptype.kind] = ProcessRunner(ptype)
+            # The runner bounds each step itself; this only catches a runner that hangs.
+            self._options[ptype.kind] = KindOptions(queue, None, None, step_timeout + 60)
+            return cls
+
+        return register
+
+    @property
+    def processes(self) -> list[ProcessType]:
+        return list(self._processes.values())
+
+    async def register(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Record this App's process types and commands in the database (workers do it at
+        start; call it in a test that drains inline)."""
+        for ptype in self._processes.values():
+            await conn.execute(sql.query("register_process_type"), {
+                "type": ptype.key, "name": ptype.name, "version": ptype.version,
+                "steps": list(ptype.names), "queue": ptype.queue})
+
+    @overload
+    def start_process(self, conn: psycopg.Connection[Any], key: str, state: Mapping[str, Any] | None = None,
+                      *, idempotency_key: str | None = None) -> int: ...
+    @overload
+    def start_process(self, conn: psycopg.AsyncConnection[Any], key: str,
+                      state: Mapping[str, Any] | None = None, *,
+                      idempotency_key: str | None = None) -> Awaitable[int]: ...
+    def start_process(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], key: str,
+                      state: Mapping[str, Any] | None = None, *,
+                      idempotency_key: str | None = None) -> int | Awaitable[int]:
+        """dispatch.start_process in the caller's transaction: the instance's id (the existing
+        one's when the key is taken)."""
+        return start_process(conn, key, state, idempotency_key=idempotency_key)
 
     @property
     def commands(self) -> list[Command]:
@@ -158,6 +208,7 @@ class App:
         count), every job of this App's kinds that is runnable now, including the ones those
         jobs enqueue, until none is left. `with_scheduled` also runs jobs whose run_at lies
         ahead, retries included (until their attempts run out). For tests: no worker needed."""
+        await self.register(conn)
         # connections=None: the drain serves job.connection() itself, from `conn`.
         executors = {kind: _Bound(kind, fn, self._options[kind], None)
                      for kind, fn in self._functions.items()}

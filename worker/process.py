@@ -67,6 +67,8 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             await app_pool.open(wait=False)
             stack.push_async_callback(app_pool.close)
             executors.update(app.executors(app_pool.connection))
+            async with app_pool.connection() as conn:
+                await app.register(conn)
             if app.commands:
                 scheduler = CommandScheduler(app_pool, app.commands)
                 await scheduler.register()

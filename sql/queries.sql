@@ -423,3 +423,6 @@ SELECT dispatch.work_process_v1(%(id)s, %(who)s);
 
 -- name: process_abandon
 SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);
+
+-- name: process_quiet_until
+SELECT dispatch.process_quiet_until(%(at)s);

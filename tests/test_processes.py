@@ -219,3 +219,27 @@ def test_process_cli(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
         del os.environ["DATABASE_URL"]
     audit = psycopg.connect(db_url).execute("SELECT action FROM dispatch.audit_log ORDER BY id").fetchall()
     assert audit == [("work",), ("restart",), ("abandon",)]
+
+
+async def test_no_step_starts_in_the_quiet_window(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from pgdispatch.worker import processes
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await orders.register(conn)
+        await conn.execute("UPDATE dispatch.process_settings SET time_zone = 'Europe/Warsaw'")
+        pid = await orders.start_process(conn, "create_order", {"items": ["a"], "customer": "q"})
+        # 23:55 in Warsaw: inside the default window, the last 10 minutes of the day.
+        monkeypatch.setattr(processes, "now", lambda: datetime(2026, 11, 24, 22, 55, tzinfo=UTC))
+        result = await orders.drain(conn)
+        assert (result.completed, result.released) == (0, 1)
+        job = await (await conn.execute("SELECT state::text, last_error, run_at > now() FROM dispatch.jobs")).fetchone()
+        assert job == ("scheduled", "quiet window: no step starts until 2026-11-24T23:00:00+00:00", True)
+        assert scalar(db_url, "SELECT attempts FROM dispatch.processes WHERE id = %s", (pid,)) == 0
+        # After midnight the deferred step runs; nothing was dropped.
+        monkeypatch.setattr(processes, "now", lambda: datetime(2026, 11, 24, 23, 0, 1, tzinfo=UTC))
+        await orders.drain(conn, with_scheduled=True)
+        assert scalar(db_url, "SELECT status::text FROM dispatch.processes") == "done"
+        with pytest.raises(psycopg.errors.CheckViolation, match="Mars/Olympus is not a time zone name"):
+            await conn.execute("UPDATE dispatch.process_settings SET time_zone = 'Mars/Olympus'")

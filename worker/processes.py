@@ -33,6 +33,11 @@ KIND_PREFIX = "process:"
 PAYLOAD_LIMIT = 16_384  # bytes of a step's payload kept in the journal
 
 
+def now() -> datetime:
+    """The clock steps are timed and quiet windows checked by (tests replace it)."""
+    return datetime.now(UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class StepDone:
     """The step is done: the instance moves to the next step (or is done). `payload` is what
@@ -131,7 +136,7 @@ class ProcessRunner:
         if not isinstance(taken, dict):
             return taken
         step, attempt = taken["current_step"], taken["attempts"]
-        started = datetime.now(UTC)
+        started = now()
         try:
             async with asyncio.timeout(self.ptype.step_timeout):
                 result = await self.ptype.step_function(step)(dict(taken["state"]))
@@ -157,6 +162,12 @@ class ProcessRunner:
         if row["version"] > self.ptype.version:
             return Postpone(60.0, f"process {process_id} started on {self.ptype.key} version "
                                   f"{row['version']}; this worker runs version {self.ptype.version}")
+        await cur.execute(sql.query("process_quiet_until"), {"at": now()})
+        quiet = await cur.fetchone()
+        if quiet is not None and quiet["process_quiet_until"] is not None:
+            until = quiet["process_quiet_until"]
+            return Postpone(max(1.0, (until - now()).total_seconds()),
+                            f"quiet window: no step starts until {until.isoformat()}")
         step = row["current_step"]
         if step not in self.ptype.names:
             error = (f"step {step!r} of process {process_id} (started on version {row['version']}) does not "

@@ -200,3 +200,44 @@ GRANT EXECUTE ON FUNCTION dispatch.register_process_type_v1(text, text, integer,
     dispatch.enqueue_process_step(bigint, timestamptz),
     dispatch.restart_process_v1(bigint, text, text, text), dispatch.work_process_v1(bigint, text),
     dispatch.abandon_process_v1(bigint, text, text) TO dispatch_worker;
+
+-- The quiet window: no step starts in it (fiscal and accounting data must not collide at the
+-- day's close); steps are deferred to its end, running ones finish. Default: the last 10
+-- minutes of the day, UTC. Data: UPDATE dispatch.process_settings SET ...
+CREATE TABLE dispatch.process_settings (
+    one         boolean PRIMARY KEY DEFAULT true CONSTRAINT process_settings_single_row CHECK (one),
+    quiet_start time NOT NULL DEFAULT '23:50',
+    quiet_end   time NOT NULL DEFAULT '00:00',  -- 00:00: midnight, the end of the day
+    time_zone   text NOT NULL DEFAULT 'UTC'
+);
+INSERT INTO dispatch.process_settings DEFAULT VALUES;
+
+CREATE FUNCTION dispatch.check_process_time_zone() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = NEW.time_zone) THEN
+        RAISE EXCEPTION 'process_settings.time_zone: % is not a time zone name (e.g. Europe/Warsaw)',
+            NEW.time_zone USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER process_settings_time_zone BEFORE INSERT OR UPDATE ON dispatch.process_settings
+    FOR EACH ROW EXECUTE FUNCTION dispatch.check_process_time_zone();
+
+-- When the quiet window that `at` falls in ends; NULL outside it.
+CREATE FUNCTION dispatch.process_quiet_until(at timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN (s.quiet_start < s.quiet_end AND l.t >= s.quiet_start AND l.t < s.quiet_end)
+          OR (s.quiet_start >= s.quiet_end AND (l.t >= s.quiet_start OR l.t < s.quiet_end))
+        THEN ((l.local::date + CASE WHEN l.t < s.quiet_end THEN 0 ELSE 1 END) + s.quiet_end)
+             AT TIME ZONE s.time_zone
+        END
+    FROM dispatch.process_settings s,
+         LATERAL (SELECT at AT TIME ZONE s.time_zone AS local) z,
+         LATERAL (SELECT z.local AS local, z.local::time AS t) l
+$$;
+
+GRANT SELECT ON dispatch.process_settings TO dispatch_worker, dispatch_reader;
+GRANT EXECUTE ON FUNCTION dispatch.process_quiet_until(timestamptz) TO dispatch_worker;

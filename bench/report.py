@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pgdispatch.bench import limits as shared_limits
+from pgdispatch.bench import processes as bench_processes
 from pgdispatch.bench import scale, scenarios
 from pgdispatch.bench.peers import PEERS
 from pgdispatch.bench.scenarios import BARE_CLIENT, OURS, Result
@@ -45,6 +46,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "memory": ([OURS], lambda s: [scenarios.memory(server_url)]),
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
         "limits": ([OURS], lambda s: shared_limits.limits(server_url)),
+        "processes": ([OURS], lambda s: bench_processes.processes(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):
@@ -140,6 +142,9 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if breaker:
         checks.append(("limits: a breaker opened in one process stops the other within 1 s",
                        f"{breaker['max']} s at worst", breaker["max"] <= 1))
+    if value("processes: 5-step no-op", OURS) is not None:
+        ratio("processes: steps/s ≥ 1/3 of the no-op drain rate (same run)",
+              value("processes: 5-step no-op", OURS), value("processes: no-op drain, same run", OURS), 1 / 3)
     memory = next((r for r in rows if r["scenario"].startswith("memory") and "median" in r), None)
     if memory:
         checks.append(("memory ≤ 100 MB per worker process at 256 in flight", f"{memory['median']} MB",

@@ -350,50 +350,14 @@ SELECT EXISTS (SELECT 1 FROM dispatch.commands WHERE key = %(key)s) AS exists;
 -- name: register_process_type
 SELECT dispatch.register_process_type_v1(%(type)s, %(name)s, %(version)s, %(steps)s, %(queue)s);
 
--- name: process_take_lock
-SELECT id, type, version, status::text AS status, current_step, state, attempts, run_seq
-FROM dispatch.processes WHERE id = %(id)s FOR UPDATE;
+-- name: take_process_step
+SELECT outcome, step, attempt, state, detail, wait_seconds
+FROM dispatch.take_process_step_v1(%(id)s, %(run_seq)s, %(version)s, %(steps)s, %(at)s);
 
--- name: process_take
-UPDATE dispatch.processes SET status = 'running', attempts = attempts + 1, retry_after = NULL,
-                              updated_at = now()
-WHERE id = %(id)s
-RETURNING current_step, attempts, state;
-
--- name: process_step_done
--- One transaction: the journal row, the merged state, the next step (or done).
-WITH journal AS (
-    INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, version,
-                                          started_at)
-    VALUES (%(id)s, %(step)s, %(attempt)s, 'done', %(message)s, dispatch.mask_secrets(%(payload)s),
-            %(version)s, %(started_at)s)
-)
-UPDATE dispatch.processes
-SET state = state || %(state)s, current_step = %(next_step)s, attempts = 0, error = NULL,
-    status = CASE WHEN %(next_step)s::text IS NULL THEN 'done' ELSE 'pending' END::dispatch.process_status,
-    finished_at = CASE WHEN %(next_step)s::text IS NULL THEN now() END, updated_at = now()
-WHERE id = %(id)s;
-
--- name: process_step_retry
-WITH journal AS (
-    INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version, started_at)
-    VALUES (%(id)s, %(step)s, %(attempt)s, 'retry', dispatch.mask_text(%(error)s), %(version)s, %(started_at)s)
-)
-UPDATE dispatch.processes
-SET status = 'retry', retry_after = now() + make_interval(secs => %(delay)s),
-    error = dispatch.mask_text(%(error)s), updated_at = now()
-WHERE id = %(id)s;
-
--- name: process_fail
-WITH journal AS (
-    INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version, started_at)
-    VALUES (%(id)s, %(step)s, %(attempt)s, 'error', dispatch.mask_text(%(error)s), %(version)s, %(started_at)s)
-)
-UPDATE dispatch.processes SET status = 'error', error = dispatch.mask_text(%(error)s), updated_at = now()
-WHERE id = %(id)s;
-
--- name: process_enqueue_step
-SELECT dispatch.enqueue_process_step(%(id)s, now() + make_interval(secs => %(delay)s));
+-- name: finish_process_step
+SELECT dispatch.finish_process_step_v1(%(id)s, %(run_seq)s, %(step)s, %(attempt)s, %(version)s,
+                                       %(started_at)s, %(result)s, %(message)s, %(payload)s, %(state)s,
+                                       %(next_step)s, %(delay)s, %(error)s, %(continue_here)s) AS status;
 
 -- name: start_process
 SELECT dispatch.start_process(%(type)s, %(state)s, %(idempotency_key)s) AS id;
@@ -423,6 +387,3 @@ SELECT dispatch.work_process_v1(%(id)s, %(who)s);
 
 -- name: process_abandon
 SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);
-
--- name: process_quiet_until
-SELECT dispatch.process_quiet_until(%(at)s);

@@ -1879,3 +1879,100 @@ $$;
 
 GRANT SELECT ON dispatch.process_settings TO dispatch_worker, dispatch_reader;
 GRANT EXECUTE ON FUNCTION dispatch.process_quiet_until(timestamptz) TO dispatch_worker;
+
+-- A step attempt in two calls. Take: the instance must still wait for this job (run_seq), not
+-- be newer than the worker's type, not be in the quiet window, and stand at a step the worker
+-- knows; then it is `running` with one more attempt.
+CREATE FUNCTION dispatch.take_process_step_v1(process_id bigint, run_seq integer, worker_version integer,
+                                              steps text[], at timestamptz)
+RETURNS TABLE (outcome text, step text, attempt integer, state jsonb, detail text, wait_seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    p dispatch.processes;
+    quiet timestamptz;
+    message text;
+BEGIN
+    SELECT * INTO p FROM dispatch.processes x WHERE x.id = take_process_step_v1.process_id FOR UPDATE;
+    IF NOT FOUND OR p.run_seq <> take_process_step_v1.run_seq
+       OR p.status NOT IN ('pending', 'retry', 'running') THEN
+        RETURN QUERY SELECT 'skip', NULL::text, NULL::integer, NULL::jsonb, NULL::text, NULL::double precision;
+        RETURN;
+    END IF;
+    IF p.version > worker_version THEN
+        RETURN QUERY SELECT 'newer', p.current_step, p.attempts, NULL::jsonb,
+            format('process %s started on %s version %s; this worker runs version %s', p.id, p.type,
+                   p.version, worker_version), 60::double precision;
+        RETURN;
+    END IF;
+    quiet := dispatch.process_quiet_until(at);
+    IF quiet IS NOT NULL THEN
+        RETURN QUERY SELECT 'quiet', p.current_step, p.attempts, NULL::jsonb,
+            format('quiet window: no step starts until %s', to_char(quiet AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')),
+            greatest(1, extract(epoch FROM quiet - at))::double precision;
+        RETURN;
+    END IF;
+    IF NOT p.current_step = ANY (steps) THEN
+        message := format('step %L of process %s (started on version %s) does not exist in %s version %s; '
+                          'its steps: %s. Restart it from a step: pgdispatch process restart %s --from-step NAME',
+                          p.current_step, p.id, p.version, p.type, worker_version,
+                          array_to_string(steps, ', '), p.id);
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version)
+        VALUES (p.id, p.current_step, p.attempts, 'error', message, worker_version);
+        UPDATE dispatch.processes x SET status = 'error', error = message, updated_at = now() WHERE x.id = p.id;
+        RETURN QUERY SELECT 'missing', p.current_step, p.attempts, NULL::jsonb, message, NULL::double precision;
+        RETURN;
+    END IF;
+    UPDATE dispatch.processes x SET status = 'running', attempts = x.attempts + 1, retry_after = NULL,
+                                    updated_at = now()
+    WHERE x.id = p.id;
+    RETURN QUERY SELECT 'take', p.current_step, p.attempts + 1, p.state, NULL::text, NULL::double precision;
+END $$;
+
+-- Finish: the journal row, the state and the next step in one transaction. result: done (to
+-- next_step, or the end), retry (after `delay` seconds: a job then), error. With continue_here
+-- the caller goes on to the next step itself (no job for it); returns the instance's status,
+-- or 'skip' when it moved on meanwhile (restarted, worked, abandoned).
+CREATE FUNCTION dispatch.finish_process_step_v1(
+    process_id bigint, run_seq integer, step text, attempt integer, worker_version integer,
+    started_at timestamptz, result text, message text, payload jsonb, state jsonb, next_step text,
+    delay double precision, error text, continue_here boolean
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    p dispatch.processes;
+    new_status dispatch.process_status;
+BEGIN
+    SELECT * INTO p FROM dispatch.processes x WHERE x.id = process_id FOR UPDATE;
+    IF NOT FOUND OR p.run_seq <> run_seq OR p.status <> 'running' THEN
+        RETURN 'skip';
+    END IF;
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error, version,
+                                          started_at)
+    VALUES (process_id, step, attempt, result, message, dispatch.mask_secrets(payload), dispatch.mask_text(error),
+            worker_version, started_at);
+    new_status := CASE WHEN result = 'retry' THEN 'retry'
+                   WHEN result = 'error' THEN 'error'
+                   WHEN next_step IS NULL THEN 'done'
+                   ELSE 'pending' END;
+    UPDATE dispatch.processes x
+    SET status = new_status,
+        state = CASE WHEN result = 'done' THEN x.state || coalesce(finish_process_step_v1.state, '{}') ELSE x.state END,
+        current_step = CASE WHEN result = 'done' THEN next_step ELSE x.current_step END,
+        attempts = CASE WHEN result = 'done' THEN 0 ELSE x.attempts END,
+        error = CASE WHEN result = 'done' THEN NULL ELSE dispatch.mask_text(finish_process_step_v1.error) END,
+        retry_after = CASE WHEN result = 'retry' THEN now() + make_interval(secs => delay) END,
+        finished_at = CASE WHEN new_status = 'done' THEN now() END,
+        updated_at = now()
+    WHERE x.id = process_id;
+    IF new_status = 'retry' OR (new_status = 'pending' AND NOT continue_here) THEN
+        PERFORM dispatch.enqueue_process_step(process_id, now() + make_interval(secs => coalesce(delay, 0)));
+    END IF;
+    RETURN new_status::text;
+END $$;
+
+GRANT EXECUTE ON FUNCTION
+    dispatch.take_process_step_v1(bigint, integer, integer, text[], timestamptz),
+    dispatch.finish_process_step_v1(bigint, integer, text, integer, integer, timestamptz, text, text, jsonb,
+                                    jsonb, text, double precision, text, boolean) TO dispatch_worker;

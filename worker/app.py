@@ -126,8 +126,8 @@ class App:
                 raise ConfigurationError(f"process type {key!r} is registered twice on this App")
             self._processes[key] = ptype
             self._functions[ptype.kind] = ProcessRunner(ptype)
-            # The runner bounds each step itself; this only catches a runner that hangs.
-            self._options[ptype.kind] = KindOptions(queue, None, None, step_timeout + 60)
+            # The runner bounds each step itself (a job may run several steps in a row).
+            self._options[ptype.kind] = KindOptions(queue, None, None, None)
             return cls
 
         return register

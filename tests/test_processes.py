@@ -244,3 +244,32 @@ async def test_no_step_starts_in_the_quiet_window(db_url: str, monkeypatch: pyte
         assert scalar(db_url, "SELECT status::text FROM dispatch.processes") == "done"
         with pytest.raises(psycopg.errors.CheckViolation, match="Mars/Olympus is not a time zone name"):
             await conn.execute("UPDATE dispatch.process_settings SET time_zone = 'Mars/Olympus'")
+
+
+@pytest.mark.parametrize(("status", "restart", "work", "abandon"), [
+    ("pending", False, True, True),
+    ("running", False, False, True),
+    ("retry", True, True, True),
+    ("error", True, True, True),
+    ("done", False, False, False),
+    ("abandoned", False, False, False),
+])
+async def test_operator_actions_from_each_status(db_url: str, status: str, restart: bool, work: bool,
+                                                 abandon: bool) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await orders.register(conn)
+        ids = [await orders.start_process(conn, "create_order", {"items": ["a"], "customer": "s"}) for _ in range(3)]
+        await conn.execute("UPDATE dispatch.processes SET status = %s::dispatch.process_status", (status,))
+        for pid, (query, allowed) in zip(ids, (
+                ("SELECT dispatch.restart_process_v1(%s, NULL, 'me', 'test')", restart),
+                ("SELECT dispatch.work_process_v1(%s, 'me')", work),
+                ("SELECT dispatch.abandon_process_v1(%s, 'me', 'test')", abandon)), strict=True):
+            if allowed:
+                await _call(conn, query, pid)
+            else:
+                with pytest.raises(pgdispatch.InvalidInput):
+                    await _call(conn, query, pid)
+        statuses = [r[0] for r in await (await conn.execute(
+            "SELECT status::text FROM dispatch.processes ORDER BY id")).fetchall()]
+        assert statuses == [("pending" if restart else status), ("pending" if work else status),
+                            ("abandoned" if abandon else status)]

@@ -12,6 +12,7 @@ destination, limits counted where they matter, at the receiving server.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ def _rate(server_url: str, *, requests: int = 4000, rate: float = 200.0) -> Resu
             _rule(url, target, rate=rate, burst=burst)
             _send(url, target, requests)
             _run_until_done(url)
-        arrivals = sorted(json.loads(Path(record).read_text())["arrivals"])
+        arrivals = sorted(_read_record(record)["arrivals"])
         released = _released(url)
     steady = (len(arrivals) - burst) / (arrivals[-1] - arrivals[0])
     return {"scenario": f"limits: rate {rate:g}/s, 2 processes", "system": OURS, "unit": "req/s at the sink",
@@ -52,7 +53,7 @@ def _cap(server_url: str, *, requests: int = 1000, cap: int = 5) -> Result:
             _rule(url, target, concurrency=cap)
             _send(url, target, requests)
             _run_until_done(url)
-        seen = json.loads(Path(record).read_text())
+        seen = _read_record(record)
         released = _released(url)
     return {"scenario": f"limits: cap {cap}, 2 processes", "system": OURS,
             "unit": "most in flight at the sink",
@@ -73,7 +74,7 @@ def _breaker(server_url: str, *, requests: int = 2000, cooldown: float = 2.0,
             time.sleep(seconds)
             pool.terminate()
             pool.wait(60)
-        arrivals = sorted(json.loads(Path(record).read_text())["arrivals"])
+        arrivals = sorted(_read_record(record)["arrivals"])
     if not opened:
         raise RuntimeError("the breaker never opened")
     t_open = opened[0]
@@ -87,7 +88,14 @@ def _breaker(server_url: str, *, requests: int = 2000, cooldown: float = 2.0,
 
 
 def _recording() -> str:
-    return tempfile.NamedTemporaryFile(prefix="pgd-sink-", suffix=".json", delete=False).name
+    """A path for the sink's record (written when it stops, read once, then removed)."""
+    return str(Path(tempfile.mkdtemp(prefix="pgd-sink-")) / "record.json")
+
+
+def _read_record(path: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(Path(path).read_text())
+    shutil.rmtree(Path(path).parent, ignore_errors=True)
+    return record
 
 
 def _rule(url: str, target: str, **settings: Any) -> None:

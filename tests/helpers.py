@@ -26,6 +26,15 @@ def execute(url: str, query: str, params: Any = None) -> None:
         c.execute(query, params)
 
 
+def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> None:
+    """wait_until for tests that drive subprocesses without an event loop."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.05)
+
+
 async def wait_until(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -16,7 +15,7 @@ import pytest
 import pgdispatch
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.build import build_number, new_stamp
-from tests.helpers import execute, scalar
+from tests.helpers import execute, scalar, wait_for
 from tests.sample_app.pipeline import app as sample_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,11 +269,11 @@ def test_the_listener_uses_its_own_url_and_claims_do_not(db_url: str) -> None:
                              "--poll-interval", "60s", "--grace", "1s"], cwd=TESTS, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL") == 1)
-        _wait_for(lambda: scalar(db_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NULL") == 1)
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
                                          "'pgd_listen' AND query ILIKE 'LISTEN%%'") >= 1)
         execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('debug.noop')")
-        _wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history") == 1, timeout=20)
+        wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history") == 1, timeout=20)
         listening = scalar(db_url, "SELECT array_agg(DISTINCT application_name) FROM pg_stat_activity "
                                    "WHERE query ILIKE 'LISTEN%%' AND datname = current_database()")
         assert listening == ["pgd_listen"]
@@ -318,13 +317,6 @@ def test_build_stamps_order_by_time_and_drive_the_version_guard(db_url: str, tmp
     bad = run_cli(db_url, "status", extra_env={"PGDISPATCH_BUILD": "v1.2"})
     assert bad.returncode == 2 and "PGDISPATCH_BUILD must be a build number (42) or a stamp" in bad.stderr
 
-
-def _wait_for(check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 # -- deploy/ ----------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,8 +17,8 @@ from psycopg_pool import AsyncConnectionPool
 
 import pgdispatch
 from pgdispatch.console import main as cli
-from pgdispatch.worker.commands import Command, CommandScheduler
-from tests.helpers import execute, scalar
+from pgdispatch.worker.commands import Command, CommandScheduler, register_commands
+from tests.helpers import execute, scalar, wait_for
 
 TESTS = Path(__file__).resolve().parent
 SAMPLE_SCHEMA = (TESTS / "sample_app" / "schema.sql").read_text()
@@ -39,14 +38,6 @@ def start_pool(db_url: str, *args: str, extra_env: dict[str, str] | None = None)
     env = {**os.environ, "DATABASE_URL": db_url, "PGDISPATCH_LOG": "WARNING", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "pgdispatch", "worker", "--app", "sample_app.ops:app", *args],
                             cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 async def scheduler_at(db_url: str, now: datetime, *commands: Command) -> tuple[CommandScheduler, AsyncConnectionPool]:
@@ -94,7 +85,8 @@ async def test_ticks_missed_while_no_worker_ran_are_run_once(db_url: str) -> Non
     now = datetime(2026, 11, 24, 12, 30, 20, tzinfo=UTC)
     scheduler, pool = await scheduler_at(db_url, now, EVERY_MINUTE)
     try:
-        await scheduler.register()
+        async with pool.connection() as conn:
+            await register_commands(conn, [EVERY_MINUTE], now)
         # Registered now: the first run is the next tick, not the ones before.
         await scheduler.tick()
         assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0
@@ -116,7 +108,8 @@ async def test_switches_locks_and_the_safe_to_stop_question(env_db: str, capsys:
     now = datetime.now(UTC)
     scheduler, pool = await scheduler_at(db_url, now, EVERY_MINUTE)
     try:
-        await scheduler.register()
+        async with pool.connection() as conn:
+            await register_commands(conn, [EVERY_MINUTE], now)
         assert cli.main(["commands", "safe-to-stop"]) == 0
         assert "safe to stop: yes" in capsys.readouterr().out
         assert cli.main(["commands", "disable", "--all", "--reason", "DB restart"]) == 0

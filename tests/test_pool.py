@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.helpers import execute, scalar
+from tests.helpers import execute, scalar, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,14 +30,6 @@ def finished(proc: subprocess.Popen[str], *, expect: int = 0, timeout: float = 6
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == expect, out
     return out
-
-
-def wait_for(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def free_port() -> int:

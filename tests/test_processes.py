@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 import pgdispatch
-from tests.helpers import scalar
+from tests.helpers import scalar, wait_for
 from tests.sample_app.orders import app as orders
 
 
@@ -142,7 +142,6 @@ def test_kill_9_mid_step_resumes_at_that_step_and_never_reruns_a_finished_one(db
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     def start() -> subprocess.Popen[str]:
@@ -151,12 +150,6 @@ def test_kill_9_mid_step_resumes_at_that_step_and_never_reruns_a_finished_one(db
                                  "--lease", "2s", "--rescue-interval", "0.5s", "--grace", "1s"],
                                 cwd=Path(__file__).parent, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-
-    def wait_for(check: object, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():  # type: ignore[operator]
-            assert time.monotonic() < deadline, "condition not met"
-            time.sleep(0.05)
 
     pool = start()
     try:

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
@@ -21,7 +21,7 @@ from pgdispatch import sql
 from pgdispatch.db.errors import ConfigurationError
 from pgdispatch.db.producer import NewJob, enqueue, start_process
 from pgdispatch.worker.attempt import Executor
-from pgdispatch.worker.commands import Command
+from pgdispatch.worker.commands import Command, register_commands
 from pgdispatch.worker.inline import DrainResult, drain
 from pgdispatch.worker.job import ConnectionSource, Job, job_connections
 from pgdispatch.worker.outcome import Outcome, Retry
@@ -143,6 +143,7 @@ class App:
             await conn.execute(sql.query("register_process_type"), {
                 "type": ptype.key, "name": ptype.name, "version": ptype.version,
                 "steps": list(ptype.names), "queue": ptype.queue})
+        await register_commands(conn, self.commands, datetime.now(UTC))
 
     @overload
     def start_process(self, conn: psycopg.Connection[Any], key: str, state: Mapping[str, Any] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pgdispatch.notify.queue_policies import QueuePolicy
@@ -63,6 +64,29 @@ def finish_for(job: Job, outcome: Outcome, policy: QueuePolicy | None) -> Finish
                  if policy else 1.0)
     return Finish(job.id, job.lease_token, "retry", delay=delay, error=outcome.error,
                   status=outcome.status, detail=outcome.detail)
+
+
+@dataclass(slots=True)
+class Tally:
+    """Attempts by how they settled: the worker's counters, and what an inline drain ran."""
+
+    completed: int = 0
+    retried: int = 0
+    dead: int = 0
+    released: int = 0
+
+    def count(self, job: Job, finish: Finish) -> str:
+        """Count `finish` as the database will settle it; returns that."""
+        settled = settles_as(job, finish)
+        if settled == "completed":
+            self.completed += 1
+        elif settled == "retry":
+            self.retried += 1
+        elif settled == "dead":
+            self.dead += 1
+        else:
+            self.released += 1
+        return settled
 
 
 def settles_as(job: Job, finish: Finish) -> str:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from croniter import croniter
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -62,6 +63,14 @@ class Command:
         return tick
 
 
+async def register_commands(conn: AsyncConnection[Any], commands: Sequence[Command], now: datetime) -> None:
+    """Record commands in dispatch.commands (the App does it when a worker starts)."""
+    for c in commands:
+        await conn.execute(sql.query("register_command"), {
+            "key": c.key, "name": c.name, "args": Jsonb(list(c.args)), "schedule": c.schedule,
+            "queue": c.queue, "lock_seconds": max(1, round(c.lock)), "next_tick": c.next_tick(now)})
+
+
 class CommandScheduler:
     """Runs in every worker whose App has commands: each second it gives every due tick its run.
     Workers race for a tick; the (command, tick) key lets exactly one win."""
@@ -71,14 +80,6 @@ class CommandScheduler:
         self._pool = pool
         self._commands = {c.key: c for c in commands}
         self._clock = clock
-
-    async def register(self) -> None:
-        now = self._clock()
-        async with self._pool.connection() as conn:
-            for c in self._commands.values():
-                await conn.execute(sql.query("register_command"), {
-                    "key": c.key, "name": c.name, "args": Jsonb(list(c.args)), "schedule": c.schedule,
-                    "queue": c.queue, "lock_seconds": max(1, round(c.lock)), "next_tick": c.next_tick(now)})
 
     async def tick(self) -> None:
         now = self._clock()

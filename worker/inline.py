@@ -18,20 +18,16 @@ from psycopg.rows import class_row
 from pgdispatch import sql
 from pgdispatch.db.errors import PgDispatchError, translated
 from pgdispatch.notify.queue_policies import QueuePolicy
-from pgdispatch.worker.attempt import Executor, finish_for, run_attempt, settles_as
+from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
 from pgdispatch.worker.engine import Finish, finish_params, no_history_partition
 from pgdispatch.worker.job import Job, job_connections
 from pgdispatch.worker.outcome import Outcome
 
 
 @dataclass(slots=True)
-class DrainResult:
+class DrainResult(Tally):
     """What a drain ran: counts by outcome, and every attempt in the order it ran."""
 
-    completed: int = 0
-    retried: int = 0
-    dead: int = 0
-    released: int = 0
     attempts: list[tuple[Job, Outcome]] = field(default_factory=list)
 
     @property
@@ -70,15 +66,7 @@ async def drain(conn: psycopg.AsyncConnection[Any], executors: Mapping[str, Exec
         finish = finish_for(job, outcome, policy)
         await _finish(conn, finish)
         result.attempts.append((job, outcome))
-        settled = settles_as(job, finish)
-        if settled == "completed":
-            result.completed += 1
-        elif settled == "retry":
-            result.retried += 1
-        elif settled == "dead":
-            result.dead += 1
-        else:
-            result.released += 1
+        result.count(job, finish)
 
 
 async def _policies(conn: psycopg.AsyncConnection[Any]) -> dict[str, QueuePolicy]:

@@ -71,7 +71,6 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 await app.register(conn)
             if app.commands:
                 scheduler = CommandScheduler(app_pool, app.commands)
-                await scheduler.register()
                 ticking = asyncio.create_task(periodic("command scheduler", 1.0, scheduler.tick),
                                               name="command-scheduler")
                 stack.push_async_callback(_cancelled, ticking)

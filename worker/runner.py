@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import psutil
@@ -25,7 +25,7 @@ from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL, config_message
 from pgdispatch.notify.listener import Listener
 from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
-from pgdispatch.worker.attempt import Executor, finish_for, run_attempt, settles_as
+from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.engine import Engine, Finish, OutcomeWriter
 from pgdispatch.worker.job import Job
@@ -45,14 +45,6 @@ VACUUM_DUTY_LEASE = 60.0
 VACUUM_MAX_BACKOFF = 60.0
 
 
-@dataclass(slots=True)
-class Counters:
-    completed: int = 0
-    retried: int = 0
-    dead: int = 0
-    released: int = 0
-
-
 class Runner:
     def __init__(self, config: WorkerConfig, executors: Mapping[str, Executor], *,
                  on_config_change: Callable[[str | None], None] | None = None,
@@ -67,7 +59,7 @@ class Runner:
         self.kinds = sorted(self.executors)
         self.worker_id = config.worker_name or (
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
-        self.counters = Counters()
+        self.counters = Tally()
         self.exit_code = EXIT_OK
         self._running: dict[uuid.UUID, tuple[Job, asyncio.Task[None]]] = {}
         self._per_queue: dict[str, int] = {}
@@ -359,17 +351,8 @@ class Runner:
         self._record(job, finish_for(job, outcome, policy))
 
     def _record(self, job: Job, finish: Finish) -> None:
-        settled = settles_as(job, finish)
-        if settled == "completed":
-            self.counters.completed += 1
-        elif settled == "retry":
-            self.counters.retried += 1
-        elif settled == "dead":
-            self.counters.dead += 1
-        else:
-            self.counters.released += 1
-            if self.config.drain and finish.delay:
-                self._released[job.id] = time.monotonic() + finish.delay
+        if self.counters.count(job, finish) == "release" and self.config.drain and finish.delay:
+            self._released[job.id] = time.monotonic() + finish.delay
         self.writer.add(finish)
 
     async def _finish_running(self) -> None:

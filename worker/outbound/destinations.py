@@ -37,15 +37,14 @@ class Destinations:
         hosts: set[str] = set()
         for entry in allowed:
             text = entry.strip().lower()
-            try:
-                networks.append(ipaddress.ip_network(text, strict=False))
-                continue
-            except ValueError:
-                pass
-            if not _HOSTNAME.match(text):
+            network = _network(text)
+            if network is not None:
+                networks.append(network)
+            elif _HOSTNAME.match(text):
+                hosts.add(text)
+            else:
                 raise ValueError(f"allowed destination {entry!r} is neither a network "
                                  "(10.0.0.0/8, 127.0.0.1) nor a host name (nginx.internal)")
-            hosts.add(text)
         self.networks = tuple(networks)
         self.hosts = frozenset(hosts)
 
@@ -79,6 +78,13 @@ class Destinations:
 
     def resolver(self) -> AbstractResolver | None:
         return None if self.allow_private else CheckedResolver(self)
+
+
+def _network(text: str) -> IPNetwork | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
 
 
 class CheckedResolver(AbstractResolver):

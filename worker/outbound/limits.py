@@ -352,6 +352,8 @@ class Limits:
         the breaker of (tenant, host); a probe's result closes or reopens it; a Retry-After
         pauses the key for every worker."""
         self._give_back(permit)
+        if not failed and permit.probe is None and not self._failures and not retry_after:
+            return  # the common case: a success with nothing to reset, no key to even name
         breaker_key = self.keys(permit.tenant, permit.host)[0]
         try:
             if retry_after is not None and retry_after > 0:

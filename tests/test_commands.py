@@ -135,6 +135,7 @@ async def test_switches_locks_and_the_safe_to_stop_question(env_db: str, capsys:
         assert "1 stale run given up" in capsys.readouterr().out
         dead = psycopg.connect(db_url).execute("SELECT reason, last_error FROM dispatch.dead_jobs").fetchone()
         assert dead[0] == "discarded" and dead[1].startswith("unlocked by ") and dead[1].endswith(": worker host lost")
+        assert scalar(db_url, "SELECT outcome::text FROM dispatch.job_history WHERE error LIKE 'unlocked by %%'") == "dead"
         assert scalar(db_url, "SELECT status FROM dispatch.command_status") == "Disabled"
         assert cli.main(["commands", "enable", "--all"]) == 0
         assert scalar(db_url, "SELECT status FROM dispatch.command_status") == "Idle"

@@ -139,19 +139,14 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n integer;
 BEGIN
-    WITH stale AS (
-        DELETE FROM dispatch.jobs j
-        USING dispatch.command_runs r
-        WHERE r.key = command_key AND j.id = r.job_id AND j.state = 'running' AND j.lease_expires_at <= now()
-        RETURNING j.*
-    )
-    INSERT INTO dispatch.dead_jobs (job_id, queue, kind, args, priority, tenant, idempotency_key, version,
-                                    attempt, max_attempts, reason, last_error, created_at, expire_at)
-    SELECT s.id, s.queue, s.kind, s.args, s.priority, s.tenant, s.idempotency_key, s.version, s.attempt,
-           s.max_attempts, 'discarded', format('unlocked by %s: %s', who, coalesce(reason, 'stale lock')),
-           s.created_at, s.expire_at
-    FROM stale s;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    -- The engine's own finish, with the stale lease's token: dead 'discarded', in the history.
+    SELECT coalesce(sum(dispatch.finish_jobs_v2(
+               ARRAY[j.id], ARRAY[j.lease_token], ARRAY['dead'], ARRAY[NULL::double precision],
+               ARRAY['discarded'], ARRAY[format('unlocked by %s: %s', who, coalesce(reason, 'stale lock'))],
+               ARRAY[NULL::integer], ARRAY[NULL::jsonb])), 0)
+    INTO n
+    FROM dispatch.command_runs r JOIN dispatch.jobs j ON j.id = r.job_id
+    WHERE r.key = command_key AND j.state = 'running' AND j.lease_expires_at <= now();
     INSERT INTO dispatch.audit_log (who, action, target, reason)
     VALUES (who, 'unlock', 'command:' || command_key, reason);
     RETURN n;

@@ -86,15 +86,23 @@ def worker(env: Env, args: argparse.Namespace) -> int:
     from pgdispatch.worker.pool import WorkerPool
     from pgdispatch.worker.process import run_event_loop
 
+    # Mistakes in the settings first: one line, before anything is started or printed.
+    app = args.app or env.app
+    if app is not None:
+        load_app(app)
+    allow_private = (args.allow_private_networks if args.allow_private_networks is not None
+                     else not env.database_url)
+    allowed = tuple(args.allow_destination or env.allowed_destinations)
+    try:
+        destinations = Destinations(allow_private=allow_private, allowed=allowed)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     url = env.url()
     if not env.database_url:
         print(f"using embedded PostgreSQL: psql '{url}'", file=sys.stderr)
     if args.migrate:
         apply_migrations(url)
-    # Fail here, once and in one line, rather than in every child process.
-    app = args.app or env.app
-    if app is not None:
-        load_app(app)
+    # Then the database, once and in one line, rather than in every child process.
     listen_url = args.listen_url or env.listen_url
     with connect(env) as conn:
         conn.execute(sql.query("ping"))
@@ -103,13 +111,6 @@ def worker(env: Env, args: argparse.Namespace) -> int:
             psycopg.connect(listen_url, connect_timeout=10).close()
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"--listen-url: {translate(exc)}") from None
-    allow_private = (args.allow_private_networks if args.allow_private_networks is not None
-                     else not env.database_url)
-    allowed = tuple(args.allow_destination or env.allowed_destinations)
-    try:
-        destinations = Destinations(allow_private=allow_private, allowed=allowed)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
     logging.getLogger("pgdispatch.worker").info("outbound requests: %s", destinations.describe())
     config = WorkerConfig(
         database_url=url, listen_url=listen_url, app=app, queues=tuple(args.queue or ()),

@@ -350,14 +350,18 @@ SELECT EXISTS (SELECT 1 FROM dispatch.commands WHERE key = %(key)s) AS exists;
 -- name: register_process_type
 SELECT dispatch.register_process_type_v1(%(type)s, %(name)s, %(version)s, %(steps)s, %(queue)s);
 
--- name: take_process_step
-SELECT outcome, step, attempt, state, detail, wait_seconds
-FROM dispatch.take_process_step_v1(%(id)s, %(run_seq)s, %(version)s, %(steps)s, %(at)s);
+-- name: take_process_steps
+SELECT process_id, run_seq, outcome, step, attempt, state, detail, wait_seconds
+FROM dispatch.take_process_steps_v2(%(ids)b::bigint[], %(run_seqs)b::integer[], %(version)s, %(steps)b::text[],
+                                    %(at)s);
 
--- name: finish_process_step
-SELECT dispatch.finish_process_step_v1(%(id)s, %(run_seq)s, %(step)s, %(attempt)s, %(version)s,
-                                       %(started_at)s, %(result)s, %(message)s, %(payload)s, %(state)s,
-                                       %(next_step)s, %(delay)s, %(error)s, %(continue_here)s) AS status;
+-- name: finish_process_steps
+SELECT process_id, run_seq, status, step, attempt, state
+FROM dispatch.finish_process_steps_v2(
+    %(ids)b::bigint[], %(run_seqs)b::integer[], %(steps)b::text[], %(attempts)b::integer[], %(version)s,
+    %(started_ats)b::timestamptz[], %(results)b::text[], %(messages)b::text[], %(payloads)b::jsonb[],
+    %(states)b::jsonb[], %(next_steps)b::text[], %(delays)b::double precision[], %(errors)b::text[],
+    %(continue_here)b::boolean[], %(at)s);
 
 -- name: start_process
 SELECT dispatch.start_process(%(type)s, %(state)s, %(idempotency_key)s) AS id;

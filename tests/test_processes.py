@@ -3,6 +3,10 @@ The sample type is tests/sample_app/orders.py."""
 
 from __future__ import annotations
 
+import collections
+import os
+from typing import Any
+
 import psycopg
 import pytest
 
@@ -266,3 +270,81 @@ async def test_operator_actions_from_each_status(db_url: str, status: str, resta
             "SELECT status::text FROM dispatch.processes ORDER BY id")).fetchall()]
         assert statuses == [("pending" if restart else status), ("pending" if work else status),
                             ("abandoned" if abandon else status)]
+
+
+def test_a_worker_steps_many_instances_together_and_a_refused_result_stops_only_its_own(db_url: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.sample_app.tally import app as tally
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        import asyncio
+
+        async def register() -> None:
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+                await tally.register(aconn)
+
+        asyncio.run(register())
+        conn.execute("""SELECT dispatch.start_process('tally', jsonb_build_object('n', n))
+                        FROM generate_series(1, 300) n""")
+        poisoned = pgdispatch.start_process(conn, "tally", {"n": 1000, "poison": True})
+    drained = subprocess.run([sys.executable, "-m", "pgdispatch", "worker", "--app", "sample_app.tally:app",
+                              "--drain", "--concurrency", "200"],
+                             cwd=Path(__file__).parent, env={**os.environ, "DATABASE_URL": db_url},
+                             capture_output=True, text=True, timeout=120)
+    assert drained.returncode == 0, drained.stderr
+    with psycopg.connect(db_url) as conn:
+        statuses = dict(conn.execute("SELECT status::text, count(*) FROM dispatch.processes GROUP BY 1").fetchall())
+        assert statuses == {"done": 258, "error": 43}, statuses  # every seventh, and the refused one
+        error = conn.execute("SELECT current_step, error FROM dispatch.processes WHERE id = %s", (poisoned,)).fetchone()
+        assert error is not None and error[0] == "note"
+        assert error[1].startswith("step note: its result could not be stored: UntranslatableCharacter")
+        # Each step attempt journaled once: every seventh retries its note, then is in error.
+        journals = conn.execute("""SELECT string_agg(h.step || ':' || h.status, ' ' ORDER BY h.id), count(*)
+                                   FROM dispatch.process_history h JOIN dispatch.processes p ON p.id = h.process_id
+                                   WHERE p.id <> %s GROUP BY p.id""", (poisoned,)).fetchall()
+        assert {j: n for j, n in collections.Counter(j for j, _ in journals).items()} == {
+            "count:done note:done close:done": 258, "count:done note:retry note:error": 42}
+        assert conn.execute("SELECT count(*) FROM dispatch.processes WHERE state ? 'counted'").fetchone() == (301,)
+        assert conn.execute("SELECT count(*) FROM dispatch.jobs").fetchone() == (0,)
+
+
+async def test_one_batch_answers_each_instance_for_itself(db_url: str) -> None:
+    """Instances in every situation in one take and one finish call: each gets its own answer."""
+    import contextlib
+    from collections.abc import AsyncIterator
+    from datetime import UTC, datetime
+
+    from pgdispatch.worker.processes import ProcessType, _Finish, _StepCalls
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await orders.register(conn)
+        ready, moved_on, newer, renamed, done = [
+            await orders.start_process(conn, "create_order", {"items": ["a"], "customer": "c"}) for _ in range(5)]
+        await conn.execute("UPDATE dispatch.processes SET version = 2 WHERE id = %s", (newer,))
+        await conn.execute("UPDATE dispatch.processes SET current_step = 'gone' WHERE id = %s", (renamed,))
+        await conn.execute("UPDATE dispatch.processes SET status = 'done' WHERE id = %s", (done,))
+
+        @contextlib.asynccontextmanager
+        async def source() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+            yield conn
+
+        ptype = next(p for p in orders.processes if p.key == "create_order")
+        assert isinstance(ptype, ProcessType)
+        calls = _StepCalls(ptype, source)
+        taken = await calls._take([(ready, 1), (moved_on, 0), (ready, 1), (newer, 1), (renamed, 1),
+                                   (done, 1), (999_999, 1)])
+        assert [t["outcome"] for t in taken] == ["take", "skip", "take", "newer", "missing", "skip", "skip"]
+        assert taken[0]["step"] == "validate" and taken[0]["attempt"] == 1 and taken[0]["state"]["customer"] == "c"
+        assert "step 'gone' of process" in taken[4]["detail"]
+        now = datetime.now(UTC)
+        finished = await calls._finish([
+            _Finish(ready, 1, "validate", 1, now, "done", state=None, next_step="reserve", continue_here=True),
+            _Finish(newer, 1, "validate", 1, now, "done", next_step="reserve", continue_here=True)])
+        assert [f["status"] for f in finished] == ["running", "skip"]
+        assert (finished[0]["step"], finished[0]["attempt"]) == ("reserve", 1)
+        journal = await (await conn.execute(
+            "SELECT process_id, step, status FROM dispatch.process_history ORDER BY id")).fetchall()
+        assert journal == [(renamed, "gone", "error"), (ready, "validate", "done")]

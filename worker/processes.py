@@ -1,9 +1,9 @@
 """Processes (seed 001): a user's class with ordered, named steps, run one step per job, each
 result persisted with the state in one transaction, resumed by step name.
 
-A step attempt is two short transactions around the user's code: the first takes the step
-(the instance must still be waiting for this very job: see run_seq), the second writes the
-result, the journal row and the state, and enqueues the next step. A worker killed in between
+A step attempt is two short calls around the user's code: the first takes the step (the
+instance must still be waiting for this very job: see run_seq), the second writes the result,
+the journal row and the state, and takes the next step or enqueues a job for it. A worker killed in between
 leaves the instance `running` at that step: the job is rescued and runs the same step again.
 A finished step never runs again, because finishing it and moving on are one transaction.
 """
@@ -15,20 +15,23 @@ import contextlib
 import inspect
 import json
 import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
-from pgdispatch.db.errors import ConfigurationError
-from pgdispatch.worker.job import Job
-from pgdispatch.worker.outcome import Done, Outcome, Postpone
+from pgdispatch.db.errors import ConfigurationError, PgDispatchError
+from pgdispatch.worker.batcher import Batcher
+from pgdispatch.worker.job import ConnectionSource, Job, job_connections
+from pgdispatch.worker.outcome import Discard, Done, Outcome, Postpone
 
 TYPE_FORMAT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 KIND_PREFIX = "process:"
@@ -125,44 +128,84 @@ class ProcessType:
         return float(min(3600.0, self.backoff * 2 ** max(0, attempt - 1)))
 
 
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    """One step attempt's result, as finish_process_steps_v2 takes it."""
+
+    process_id: int
+    run_seq: int
+    step: str
+    attempt: int
+    started_at: datetime
+    result: str
+    message: str | None = None
+    payload: Jsonb | None = None
+    state: Jsonb | None = None
+    next_step: str | None = None
+    delay: float | None = None
+    error: str | None = None
+    continue_here: bool = False
+
+
 class ProcessRunner:
     """The executor of kind process:<type>. It runs the instance's current step and, while the
     instance goes on without waiting, its next steps too, in the same job (a claim per step
     would cost more than a no-op step): up to STEPS_PER_JOB steps or JOB_SECONDS, then the next
-    step is left to a job of its own, so one long instance never holds a slot for long."""
+    step is left to a job of its own, so one long instance never holds a slot for long.
+
+    The steps of all the instances a worker runs at once are taken and finished in batches
+    (one call for the lot, see Batcher); finishing a step takes the next in the same call."""
 
     STEPS_PER_JOB = 50
     JOB_SECONDS = 30.0
 
     def __init__(self, ptype: ProcessType) -> None:
         self.ptype = ptype
+        self._calls: weakref.WeakKeyDictionary[ConnectionSource, _StepCalls] = weakref.WeakKeyDictionary()
 
     async def __call__(self, job: Job) -> Outcome:
         process_id, run_seq = job.args.get("process_id"), job.args.get("run_seq")
+        if not isinstance(process_id, int) or not isinstance(run_seq, int):
+            return Discard(f"a process job needs integer process_id and run_seq, got {job.args!r}")
+        calls = self._calls_for(job)
+        taken = await calls.take.ask((process_id, run_seq))
+        if taken["outcome"] in ("newer", "quiet"):
+            return Postpone(taken["wait_seconds"], taken["detail"])
+        if taken["outcome"] != "take":  # skip (moved on) or missing (now in error)
+            return Done(detail={"process_id": process_id, "outcome": taken["outcome"]})
+        step, attempt, state = taken["step"], taken["attempt"], taken["state"]
         started_job = now()
         for ran in range(1, self.STEPS_PER_JOB + 1):
-            async with job.connection() as conn, _single_statements(conn):
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(sql.query("take_process_step"), {
-                    "id": process_id, "run_seq": run_seq, "version": self.ptype.version,
-                    "steps": list(self.ptype.names), "at": now()})
-                taken = await cur.fetchone()
-            assert taken is not None
-            if taken["outcome"] in ("newer", "quiet"):
-                return Postpone(taken["wait_seconds"], taken["detail"])
-            if taken["outcome"] != "take":  # skip (moved on) or missing (now in error)
-                return Done(detail={"process_id": process_id, "outcome": taken["outcome"]})
-            step, attempt = taken["step"], taken["attempt"]
             started = now()
-            result = await self._run(step, taken["state"])
+            result = await self._run(step, state)
             last = ran == self.STEPS_PER_JOB or (now() - started_job).total_seconds() > self.JOB_SECONDS
-            async with job.connection() as conn, _single_statements(conn):
-                finished = await conn.execute(sql.query("finish_process_step"), self._finish(
-                    process_id, run_seq, step, attempt, started, result, continue_here=not last))
-                status = (await finished.fetchone() or ("skip",))[0]
-            if status != "pending" or last:
-                return Done(detail={"process_id": process_id, "steps": ran, "status": status})
-        raise AssertionError("unreachable")  # pragma: no cover
+            finished = await self._store(calls, self._finish(
+                process_id, run_seq, step, attempt, started, result, continue_here=not last))
+            if finished["status"] != "running":
+                return Done(detail={"process_id": process_id, "steps": ran, "status": finished["status"]})
+            step, attempt, state = finished["step"], finished["attempt"], finished["state"]
+        raise AssertionError("unreachable: the last step of a job never continues")  # pragma: no cover
+
+    async def _store(self, calls: _StepCalls, finish: _Finish) -> dict[str, Any]:
+        """Finish the step; a result the database refuses (a NUL character in a state, say) puts
+        the instance in error with the reason, instead of failing its job again and again."""
+        try:
+            return await calls.finish.ask(finish)
+        except psycopg.Error as exc:
+            if not _bad_data(exc):
+                raise
+            return await calls.finish.ask(_Finish(
+                finish.process_id, finish.run_seq, finish.step, finish.attempt, finish.started_at, "error",
+                error=f"step {finish.step}: its result could not be stored: {type(exc).__name__}: {exc}"))
+
+    def _calls_for(self, job: Job) -> _StepCalls:
+        source = job_connections.get()
+        if source is None:
+            raise PgDispatchError("a process runs on a pgdispatch.App (worker --app or App.drain)")
+        calls = self._calls.get(source)
+        if calls is None:
+            calls = self._calls[source] = _StepCalls(self.ptype, source)
+        return calls
 
     async def _run(self, step: str, state: dict[str, Any]) -> StepResult:
         try:
@@ -178,24 +221,66 @@ class ProcessRunner:
             return StepRetry(f"step {step} returned {result!r}, not a StepDone/StepRetry/StepError")
         return result
 
-    def _finish(self, process_id: Any, run_seq: Any, step: str, attempt: int, started: datetime,
-                result: StepResult, *, continue_here: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "id": process_id, "run_seq": run_seq, "step": step, "attempt": attempt,
-            "version": self.ptype.version, "started_at": started, "message": None, "payload": None,
-            "state": None, "next_step": None, "delay": None, "error": None, "continue_here": continue_here}
+    def _finish(self, process_id: int, run_seq: int, step: str, attempt: int, started: datetime,
+                result: StepResult, *, continue_here: bool) -> _Finish:
+        at = (process_id, run_seq, step, attempt, started)
         if isinstance(result, StepDone):
             names = self.ptype.names
             following = names[names.index(step) + 1] if step != names[-1] else None
-            return {**params, "result": "done", "message": result.message,
-                    "payload": _payload(result.payload), "state": Jsonb(dict(result.state or {})),
-                    "next_step": following}
+            return _Finish(*at, "done", message=result.message, payload=_payload(result.payload),
+                           state=Jsonb(dict(result.state or {})), next_step=following,
+                           continue_here=continue_here)
         if isinstance(result, StepRetry) and attempt < self.ptype.max_attempts:
-            return {**params, "result": "retry", "error": result.reason,
-                    "delay": self.ptype.delay(attempt, result.after)}
+            return _Finish(*at, "retry", error=result.reason, delay=self.ptype.delay(attempt, result.after))
         error = result.message if isinstance(result, StepError) else (
             f"{result.reason} (attempt {attempt} of {self.ptype.max_attempts})")
-        return {**params, "result": "error", "error": error}
+        return _Finish(*at, "error", error=error)
+
+
+class _StepCalls:
+    """The two batched calls of one process type on one connection source (a worker's pool,
+    or an inline drain's connection)."""
+
+    def __init__(self, ptype: ProcessType, source: ConnectionSource) -> None:
+        self.ptype, self.source = ptype, source
+        self.take: Batcher[tuple[int, int], dict[str, Any]] = Batcher(self._take, alone_after=_bad_data)
+        self.finish: Batcher[_Finish, dict[str, Any]] = Batcher(self._finish, alone_after=_bad_data)
+
+    async def _take(self, requests: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = await self._rows("take_process_steps", {
+            "ids": [pid for pid, _ in requests], "run_seqs": [seq for _, seq in requests],
+            "version": self.ptype.version, "steps": list(self.ptype.names), "at": now()})
+        return _answers(requests, rows, {"outcome": "skip"})
+
+    async def _finish(self, requests: Sequence[_Finish]) -> list[dict[str, Any]]:
+        columns = {name: [getattr(r, name) for r in requests] for name in _Finish.__slots__}
+        rows = await self._rows("finish_process_steps", {
+            "ids": columns["process_id"], "run_seqs": columns["run_seq"], "steps": columns["step"],
+            "attempts": columns["attempt"], "version": self.ptype.version,
+            "started_ats": columns["started_at"], "results": columns["result"],
+            "messages": columns["message"], "payloads": columns["payload"], "states": columns["state"],
+            "next_steps": columns["next_step"], "delays": columns["delay"], "errors": columns["error"],
+            "continue_here": columns["continue_here"], "at": now()})
+        return _answers([(r.process_id, r.run_seq) for r in requests], rows, {"status": "skip"})
+
+    async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.source() as conn, _single_statements(conn):
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql.query(query), params)
+            return await cur.fetchall()
+
+
+def _answers(requests: Sequence[tuple[int, int]], rows: list[dict[str, Any]],
+             absent: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each request's row, by (process_id, run_seq); an instance the call left alone (it moved
+    on meanwhile) has none."""
+    by_key = {(row["process_id"], row["run_seq"]): row for row in rows}
+    return [by_key.get(key, absent) for key in requests]
+
+
+def _bad_data(error: Exception) -> bool:
+    """A batch that failed on its data (not on its connection): worth sending one by one."""
+    return isinstance(error, psycopg.Error) and not isinstance(error, psycopg.OperationalError)
 
 
 @contextlib.asynccontextmanager

@@ -391,3 +391,11 @@ SELECT dispatch.work_process_v1(%(id)s, %(who)s);
 
 -- name: process_abandon
 SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);
+
+-- name: lead_delivery
+SELECT d.id, d.status::text AS status, d.type, d.credential_id, d.lead_id AS delivery_lead_id, c.enabled, c.settings,
+       l.id AS lead_id, l.external_entity_id, l.external_project_id, l.data, l.created_at
+FROM dispatch.deliveries d
+LEFT JOIN dispatch.credentials c ON c.id = d.credential_id
+LEFT JOIN dispatch.leads l ON l.id = d.lead_id
+WHERE d.id = %(delivery_id)s;

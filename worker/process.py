@@ -54,9 +54,13 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 keys.invalidate()
             limits.on_notify(payload)
 
+        executor_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=4, open=False,
+                                            name="executors", kwargs={"autocommit": True})
+        await executor_pool.open(wait=False)
+        stack.push_async_callback(executor_pool.close)
         context = ExecutorContext(http=http, keys=keys, limits=limits,
                                   per_host_limit=config.per_host_limit,
-                                  destinations=destinations)
+                                  destinations=destinations, database=executor_pool.connection)
         executors = builtin_executors(context, debug_kinds=config.debug_kinds)
         if config.app is not None:
             app = load_app(config.app)

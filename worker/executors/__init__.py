@@ -6,12 +6,15 @@ from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.executors import debug
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.executors.http_request import HttpRequestExecutor
+from pgdispatch.worker.executors.lead_delivery import LeadDeliveryExecutor
 
 
 def builtin_executors(context: ExecutorContext, *, debug_kinds: bool = False) -> dict[str, Executor]:
     """Every executor this build knows, by kind, sharing the process's context. The debug.*
     kinds (tests, benchmarks) only when asked for: a production worker never runs them."""
     executors: dict[str, Executor] = {"http.request": HttpRequestExecutor(context)}
+    if context.database is not None:
+        executors["lead.deliver"] = LeadDeliveryExecutor(context)
     if debug_kinds:
         executors.update(debug.EXECUTORS)
     return executors

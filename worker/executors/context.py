@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pgdispatch.worker.job import ConnectionSource
 from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
@@ -23,3 +24,6 @@ class ExecutorContext:
     per_host_limit: int = 64
     # Which destinations requests may reach (private networks, and the allow-list).
     destinations: Destinations = field(default_factory=lambda: Destinations(allow_private=True))
+    # Connections for executors that read their own records (lead deliveries: the lead and the
+    # credential), apart from the engine's, so claims and outcomes never wait behind them.
+    database: ConnectionSource | None = None

@@ -1,0 +1,111 @@
+"""A local server that answers like the vendors' APIs (../shared/CHANNELS.md), for the lead
+channel adapters: JSON webhooks, the Telegram Bot API and Bitrix24 inbound webhooks. What each
+endpoint answers is chosen by the test through the path (webhooks), the chat id (Telegram) or
+the webhook code (Bitrix24); every request is recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT_TOKEN = "123456:AAFakeTokenForTestsOnly_0123456789"
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class FakeChannels:
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def to(self, path_part: str) -> list[Seen]:
+        return [s for s in self.seen if path_part in s.path]
+
+
+def _telegram(chat_id: Any, calls: int) -> web.Response:
+    ok = web.json_response({"ok": True, "result": {"message_id": 7, "chat": {"id": chat_id}}})
+    match chat_id:
+        case 1001:
+            return ok
+        case 1002:  # rate limited once
+            if calls == 1:
+                return web.json_response({"ok": False, "error_code": 429, "description": "Too Many Requests: "
+                                          "retry after 0", "parameters": {"retry_after": 0}}, status=429)
+            return ok
+        case 1003:
+            return web.json_response({"ok": False, "error_code": 403,
+                                      "description": "Forbidden: bot was blocked by the user"}, status=403)
+        case 1004:  # a group that became a supergroup
+            return web.json_response({"ok": False, "error_code": 400, "description": "Bad Request: group chat "
+                                      "was upgraded to a supergroup chat",
+                                      "parameters": {"migrate_to_chat_id": -1001004}}, status=400)
+        case -1001004:
+            return ok
+        case 1005:
+            return web.json_response({"ok": False, "error_code": 400,
+                                      "description": "Bad Request: chat not found"}, status=400)
+    return web.json_response({"ok": False, "error_code": 500, "description": "Internal Server Error"},
+                             status=500)
+
+
+def _bitrix(code: str, calls: int) -> web.Response:
+    if code == "okcode" or (code == "busycode" and calls > 1):
+        return web.json_response({"result": 17, "time": {"start": 1.0, "finish": 1.1}})
+    if code == "busycode":
+        return web.json_response({"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"},
+                                 status=503)
+    if code == "denied":
+        return web.json_response({"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"},
+                                 status=401)
+    if code == "overload":
+        return web.json_response({"error": "OVERLOAD_LIMIT", "error_description": "REST API is blocked due to "
+                                  "overload"}, status=503)
+    return web.json_response({"error": "INTERNAL_SERVER_ERROR", "error_description": "oops"}, status=500)
+
+
+@contextlib.asynccontextmanager
+async def fake_channels() -> AsyncIterator[FakeChannels]:
+    fake = FakeChannels()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        fake.seen.append(Seen(request.path, dict(request.headers), body))
+        fake.calls[request.path] += 1
+        parts = request.path.strip("/").split("/")
+        if parts[0] == "hook":  # /hook/<status>
+            return web.Response(status=int(parts[1]), text=f"answer {parts[1]}")
+        if parts[0] == f"bot{BOT_TOKEN}" and parts[1] == "sendMessage":
+            chat = json.loads(body)["chat_id"]
+            fake.calls[f"chat:{chat}"] += 1
+            return _telegram(chat, fake.calls[f"chat:{chat}"])
+        if parts[0] == "rest" and parts[-1] == "crm.lead.add.json":
+            return _bitrix(parts[2], fake.calls[request.path])
+        return web.Response(status=404, text="no such endpoint")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fake.url = f"http://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,27 @@
+"""Channel adapters (seed 002): each speaks one vendor's API and maps its answers to outcomes.
+
+An adapter gets a Delivery (the lead, the credential's settings) and the worker's outbound
+machinery; it returns Done, Retry or Discard with what it sent and what it got back (kept,
+masked, in dispatch.integration_logs). Only the engine writes job state; the delivery and its
+batch are settled from the engine's records by triggers (sql/migrations/0011_leads.sql).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+from pgdispatch.worker.channels.bitrix24 import send_bitrix24
+from pgdispatch.worker.channels.delivery import Delivery, Post
+from pgdispatch.worker.channels.telegram import send_telegram
+from pgdispatch.worker.channels.webhooks import send_webhook
+from pgdispatch.worker.outcome import Outcome
+
+Adapter = Callable[[Delivery, Post], Awaitable[Outcome]]
+
+ADAPTERS: Mapping[str, Adapter] = {
+    "webhooks": send_webhook,
+    "telegram": send_telegram,
+    "bitrix24": send_bitrix24,
+}
+
+__all__ = ["ADAPTERS", "Adapter", "Delivery", "Post"]

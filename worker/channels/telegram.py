@@ -1,0 +1,67 @@
+"""Telegram Bot API sendMessage."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from pgdispatch.worker.channels.delivery import Answer, Delivery, Post, done, retry, stop
+from pgdispatch.worker.outcome import Outcome
+
+TEXT_LIMIT = 4096
+DEFAULT_BASE_URL = "https://api.telegram.org"
+
+
+def message(delivery: Delivery) -> str:
+    lines = [f"<b>New lead #{delivery.lead_id}</b>"]
+    lines += [f"<b>{html.escape(key)}:</b> {html.escape(value)}" for key, value in delivery.lead_lines()]
+    text = "\n".join(lines)
+    if len(text) > TEXT_LIMIT:
+        # Cut before Telegram refuses it ("message is too long"), at a line: never inside a tag.
+        text = text[:max(0, text.rfind("\n", 0, TEXT_LIMIT - 2))] + "\n…"
+    return text
+
+
+async def send_telegram(delivery: Delivery, post: Post) -> Outcome:
+    settings = delivery.settings
+    base = str(settings.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
+    url = f"{base}/bot{settings['bot_token']}/sendMessage"
+    payload: dict[str, Any] = {"chat_id": settings["chat_id"], "text": message(delivery),
+                               "parse_mode": "HTML", "link_preview_options": {"is_disabled": True}}
+    answer, sent = await _send(post, url, payload)
+    migrated = _parameters(answer).get("migrate_to_chat_id")
+    if answer.status == 400 and migrated is not None:
+        # The group became a supergroup: Telegram names its new id; send there at once.
+        payload["chat_id"] = migrated
+        answer, sent = await _send(post, url, payload)
+        if answer.status == 200:
+            note = f" (chat {settings['chat_id']} is now {migrated}: update the credential's chat_id)"
+            return done(sent + note, answer)
+    parsed = answer.json()
+    body = parsed if isinstance(parsed, dict) else {}
+    description = str(body.get("description") or answer.text[:200])
+    if answer.status == 200 and body.get("ok") is True:
+        return done(sent, answer)
+    if answer.status == 429:
+        after = _parameters(answer).get("retry_after")
+        return retry(sent, answer, f"Telegram: {description}",
+                     float(after) if isinstance(after, int | float) else answer.retry_after(5.0))
+    if answer.status >= 500 or answer.status == 200:  # 200 without ok: a broken answer, try again
+        return retry(sent, answer, f"Telegram answered {answer.status}: {description}")
+    if answer.status in (401, 404):
+        return stop(sent, answer, f"Telegram: {description} (the bot token is wrong)")
+    return stop(sent, answer, f"Telegram: {description}")
+
+
+async def _send(post: Post, url: str, payload: dict[str, Any]) -> tuple[Answer, str]:
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    answer = await post(url, content=body, headers={"Content-Type": "application/json"})
+    # The token is part of the URL: it is never written down.
+    return answer, f"POST /bot***/sendMessage {body.decode()}"
+
+
+def _parameters(answer: Answer) -> dict[str, Any]:
+    body = answer.json()
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    return parameters if isinstance(parameters, dict) else {}

@@ -1,0 +1,98 @@
+"""Kind `lead.deliver` (seed 002): one lead to one integration, through its channel adapter.
+
+The job names a delivery (dispatch.send_lead made it); the lead and the credential are read
+when the attempt starts, so a credential changed or disabled meanwhile is honoured. Requests
+go through the worker's shared HTTP pool, its allow-list of destinations and the shared limits
+(the credential's own: tenant:credential:ID), like every other outbound request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from psycopg.rows import dict_row
+
+from pgdispatch import sql
+from pgdispatch.worker.channels import ADAPTERS, Delivery
+from pgdispatch.worker.channels.delivery import Answer, NotSent
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outbound.destinations import forbidden_cause
+from pgdispatch.worker.outbound.limits import Wait
+from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+
+TIMEOUT = 30.0  # seconds for one request; the job's own bound is the queue's (300 s)
+
+
+class LeadDeliveryExecutor:
+    def __init__(self, context: ExecutorContext) -> None:
+        self._context = context
+
+    async def __call__(self, job: Job) -> Outcome:
+        delivery_id = job.args.get("delivery_id")
+        if not isinstance(delivery_id, int):
+            raise InvalidJob(f"delivery_id must be an integer, got {delivery_id!r}")
+        row = await self._load(delivery_id)
+        if row is None:
+            raise InvalidJob(f"no delivery {delivery_id}")
+        if row["status"] != "pending":  # delivered by an earlier run of this job
+            return Done(detail={"delivery": delivery_id, "already": row["status"]})
+        if row["lead_id"] is None:
+            return Discard("discarded", error=f"lead {row['delivery_lead_id']} no longer exists")
+        if row["settings"] is None:
+            return Discard("discarded", error=f"credential {row['credential_id']} was deleted")
+        if not row["enabled"]:
+            return Discard("discarded", error=f"credential {row['credential_id']} is disabled")
+        adapter = ADAPTERS.get(row["type"])
+        if adapter is None:
+            return Discard("discarded", error=f"no adapter for channel {row['type']} in this build")
+        delivery = Delivery(
+            delivery_id=delivery_id, credential_id=row["credential_id"], type=row["type"],
+            settings=row["settings"], lead_id=row["lead_id"], external_entity_id=row["external_entity_id"],
+            external_project_id=row["external_project_id"], data=row["data"], created_at=row["created_at"])
+        tenant = f"credential:{delivery.credential_id}"
+        try:
+            return await adapter(delivery, lambda url, **kw: self._post(tenant, url, **kw))
+        except NotSent as not_sent:
+            return not_sent.outcome
+
+    async def _load(self, delivery_id: int) -> dict[str, Any] | None:
+        if self._context.database is None:
+            raise RuntimeError("lead.deliver needs the executors' database pool")
+        async with self._context.database() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql.query("lead_delivery"), {"delivery_id": delivery_id})
+            return await cur.fetchone()
+
+    async def _post(self, tenant: str, url: str, *, content: bytes,
+                    headers: dict[str, str]) -> Answer:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        if parts.scheme not in ("http", "https") or not host:
+            raise NotSent(Discard("invalid", error=f"not an http(s) URL: {parts.scheme}://{host}"))
+        permit = await self._context.limits.admit(tenant, host)
+        if isinstance(permit, Wait):
+            raise NotSent(Postpone(permit.seconds, permit.reason))
+        failed, retry_after, reason = True, None, "no answer"
+        try:
+            async with self._context.http.exchange("POST", url, content=content, headers=headers,
+                                                   timeout=TIMEOUT) as response:
+                body = (await response.aread()).decode("utf-8", "replace")
+            answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)
+            failed = answer.status >= 500 or answer.status == 429
+            if answer.status in (429, 503):
+                retry_after = answer.retry_after()
+            reason = f"answered {answer.status}"
+            return answer
+        except httpx.TimeoutException:
+            raise NotSent(Retry(error=f"no answer from {host} within {TIMEOUT:g}s")) from None
+        except httpx.TransportError as exc:
+            cause = forbidden_cause(exc)
+            if cause is not None:
+                failed = False
+                raise NotSent(Discard("discarded", error=f"{host}: {cause}")) from None
+            raise NotSent(Retry(error=f"{host}: {type(exc).__name__}: {exc}")) from None
+        finally:
+            await self._context.limits.settle(permit, failed=failed, retry_after=retry_after, reason=reason)

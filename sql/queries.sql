@@ -399,3 +399,9 @@ FROM dispatch.deliveries d
 LEFT JOIN dispatch.credentials c ON c.id = d.credential_id
 LEFT JOIN dispatch.leads l ON l.id = d.lead_id
 WHERE d.id = %(delivery_id)s;
+
+-- name: credential_for_update
+SELECT settings FROM dispatch.credentials WHERE id = %(id)s FOR UPDATE;
+
+-- name: merge_credential_settings
+UPDATE dispatch.credentials SET settings = settings || %(changes)s WHERE id = %(id)s;

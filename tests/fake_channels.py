@@ -1,10 +1,12 @@
 """A local server that answers like the vendors' APIs (../shared/CHANNELS.md), for the lead
-channel adapters: JSON webhooks, the Telegram Bot API and Bitrix24 inbound webhooks. What each
-endpoint answers is chosen by the test through the path (webhooks), the chat id (Telegram) or
-the webhook code (Bitrix24); every request is recorded."""
+channel adapters: JSON webhooks, the Telegram Bot API, Bitrix24 inbound webhooks and amoCRM
+(leads/complex and its OAuth refresh). What each endpoint answers is chosen by the test through
+the path (webhooks), the chat id (Telegram), the webhook code (Bitrix24) or the account name
+(amoCRM); every request is recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections import defaultdict
@@ -28,10 +30,20 @@ class Seen:
 
 
 @dataclass
+class AmoAccount:
+    """One amoCRM account's OAuth state: each refresh voids the refresh token it was given."""
+
+    access_token: str = "at-0"
+    refresh_token: str = "rt-0"
+    refreshes: int = 0
+
+
+@dataclass
 class FakeChannels:
     url: str = ""
     seen: list[Seen] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    amo: dict[str, AmoAccount] = field(default_factory=lambda: defaultdict(AmoAccount))
 
     def to(self, path_part: str) -> list[Seen]:
         return [s for s in self.seen if path_part in s.path]
@@ -78,6 +90,38 @@ def _bitrix(code: str, calls: int) -> web.Response:
     return web.json_response({"error": "INTERNAL_SERVER_ERROR", "error_description": "oops"}, status=500)
 
 
+async def _amo(account: AmoAccount, name: str, path: str, request: web.Request, body: bytes) -> web.Response:
+    def problem(status: int, title: str, detail: str, **more: Any) -> web.Response:
+        return web.json_response({"title": title, "type": "https://httpstatus.es/" + str(status),
+                                  "status": status, "detail": detail, **more},
+                                 status=status, content_type="application/problem+json")
+
+    if path == "oauth2/access_token":
+        grant = json.loads(body)
+        await asyncio.sleep(0.05)  # slow enough for concurrent refreshes to overlap
+        if grant.get("grant_type") != "refresh_token" or grant.get("refresh_token") != account.refresh_token:
+            return problem(400, "Bad Request", "Refresh token has been revoked", hint="invalid_grant")
+        account.refreshes += 1
+        account.access_token = f"at-{account.refreshes}"
+        account.refresh_token = f"rt-{account.refreshes}"
+        return web.json_response({"token_type": "Bearer", "expires_in": 86400,
+                                  "access_token": account.access_token, "refresh_token": account.refresh_token})
+    if path == "api/v4/leads/complex":
+        if request.headers.get("Authorization") != f"Bearer {account.access_token}":
+            return problem(401, "Unauthorized", "Unauthorized")
+        leads = json.loads(body)
+        if name == "invalid":
+            return problem(400, "Bad Request", "Request validation failed",
+                           **{"validation-errors": [{"request_id": leads[0]["request_id"], "errors": [
+                               {"code": "NotSupportedChoice", "path": "pipeline_id", "detail": "wrong pipeline"}]}]})
+        if name == "tariff":
+            return problem(402, "Payment Required", "Your account tariff does not allow this")
+        return web.json_response([{"id": 100 + i, "contact_id": 200 + i, "company_id": None,
+                                   "request_id": [lead["request_id"]], "merged": name == "dup"}
+                                  for i, lead in enumerate(leads)], content_type="application/hal+json")
+    return web.Response(status=404, text="no such endpoint")
+
+
 @contextlib.asynccontextmanager
 async def fake_channels() -> AsyncIterator[FakeChannels]:
     fake = FakeChannels()
@@ -95,6 +139,8 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
             return _telegram(chat, fake.calls[f"chat:{chat}"])
         if parts[0] == "rest" and parts[-1] == "crm.lead.add.json":
             return _bitrix(parts[2], fake.calls[request.path])
+        if parts[0] == "amo":  # /amo/<account>/...
+            return await _amo(fake.amo[parts[1]], parts[1], "/".join(parts[2:]), request, body)
         return web.Response(status=404, text="no such endpoint")
 
     app = web.Application()

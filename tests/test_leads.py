@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from typing import Any
 
 import psycopg
@@ -269,3 +270,120 @@ def test_secrets_are_readable_by_the_worker_only(db_url: str) -> None:
         conn.execute("RESET ROLE")
         limit = conn.execute("SELECT rate, burst FROM dispatch.limits WHERE key LIKE 'tenant:credential:%'").fetchone()
         assert limit == (30.0, 30)  # Telegram's published rate, per bot
+
+
+def amocrm(url: str, account: str, **tokens: Any) -> dict[str, Any]:
+    return {"base_url": f"{url}/amo/{account}", "client_id": "cid", "client_secret": "amo-client-secret",
+            "redirect_uri": "https://example.com/oauth", "refresh_token": "rt-0", **tokens}
+
+
+def test_amocrm_refreshes_once_under_concurrency_and_stores_both_tokens(db_url: str) -> None:
+    """Twelve deliveries to one amoCRM account with an expired access token, sent at once by
+    one worker: one refresh (a second one would void the first's refresh token), every lead sent,
+    the new tokens stored; the account's published 7/s is kept."""
+    async def scenario() -> tuple[FakeChannels, int]:
+        async with fake_channels() as fake:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                amo = credential(conn, "amocrm", amocrm(fake.url, "acme", access_token="at-old", expires_at=1),
+                                 entity=10)
+                for i in range(12):
+                    scalar(db_url, "SELECT dispatch.send_lead(%s)", (lead(conn, name=f"N{i}", phone="+1"),))
+            await drain(db_url)
+            return fake, amo
+
+    fake, amo = asyncio.run(scenario())
+    assert fake.amo["acme"].refreshes == 1
+    stored = scalar(db_url, "SELECT settings FROM dispatch.credentials WHERE id = %s", (amo,))
+    assert (stored["access_token"], stored["refresh_token"]) == ("at-1", "rt-1") and stored["expires_at"] > 1
+    assert scalar(db_url, "SELECT count(*) FILTER (WHERE status = 'succeeded') FROM dispatch.deliveries") == 12
+    sent = fake.to("/leads/complex")
+    assert len(sent) == 12 and sent[0].json()[0]["_embedded"]["contacts"][0]["custom_fields_values"][0] == {
+        "field_code": "PHONE", "values": [{"value": "+1", "enum_code": "WORK"}]}
+    assert "amo-client-secret" not in json.dumps(scalar(db_url, "SELECT json_agg(l) FROM dispatch.integration_logs l"))
+
+
+def test_amocrm_answers_map_to_outcomes(db_url: str) -> None:
+    async def scenario() -> tuple[FakeChannels, int]:
+        async with fake_channels() as fake:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                fake.amo["revoked"].refresh_token = "rt-someone-else"
+                for account in ("dup", "invalid", "tariff", "revoked"):
+                    credential(conn, "amocrm", amocrm(fake.url, account), name=account, entity=10)
+                credential(conn, "amocrm", {"base_url": f"{fake.url}/amo/longlived", "long_lived_token": "wrong"},
+                           name="longlived", entity=10)
+                batch_id = scalar(db_url, "SELECT dispatch.send_lead(%s)", (lead(conn),))
+            await drain(db_url)
+            return fake, batch_id
+
+    fake, batch_id = asyncio.run(scenario())
+    with psycopg.connect(db_url) as conn:
+        outcomes = dict(conn.execute(
+            "SELECT c.name, d.status::text || coalesce(': ' || d.error, '') FROM dispatch.deliveries d "
+            "JOIN dispatch.credentials c ON c.id = d.credential_id WHERE d.batch_id = %s", (batch_id,)).fetchall())
+    assert outcomes["dup"] == "succeeded"  # merged into an existing lead
+    assert outcomes["invalid"].startswith("failed: discarded: amoCRM answered 400: Bad Request; "
+                                          "Request validation failed; [{")
+    assert "wrong pipeline" in outcomes["invalid"]
+    assert outcomes["tariff"] == ("failed: discarded: amoCRM answered 402: Payment Required; "
+                                  "Your account tariff does not allow this")
+    # (mask_text hides the word after "token", as in "Token abc...": the API's "token has" too)
+    assert outcomes["revoked"] == ("failed: discarded: amoCRM OAuth refresh answered 400: Bad Request; "
+                                   "Refresh token *** been revoked; invalid_grant (re-authorise the integration)")
+    assert outcomes["longlived"] == "failed: discarded: amoCRM answered 401: Unauthorized; Unauthorized (long-lived token)"
+    assert fake.amo["longlived"].refreshes == 0
+
+
+class Mailbox:
+    """An aiosmtpd handler: keeps what it accepts; refuses nobody@ (550) and defers later@ (451)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if any(to.startswith("later@") for to in envelope.rcpt_tos):
+            return "451 4.3.0 try again later"
+        self.messages.append(envelope)
+        return "250 Message accepted for delivery"
+
+
+def test_email_goes_over_smtp_and_refusals_map_to_outcomes(db_url: str) -> None:
+    from aiosmtpd.controller import Controller
+
+    mailbox = Mailbox()
+    with socket.socket() as probe:  # a free port: aiosmtpd's Controller cannot start on port 0
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        smtp = {"host": "127.0.0.1", "port": port, "security": "plain", "from": "leads@example.com"}
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for name, to in (("ok", ["sales@example.com", "nobody@example.com"]), ("refused", ["nobody@example.com"]),
+                             ("later", ["later@example.com"])):
+                credential(conn, "email", {**smtp, "to": to}, name=name, entity=10)
+            credential(conn, "email", {**smtp, "security": "starttls", "to": ["sales@example.com"]},
+                       name="stripped", entity=10)
+            batch_id = scalar(db_url, "SELECT dispatch.send_lead(%s)", (lead(conn, name="Ann", phone="+1"),))
+        asyncio.run(drain(db_url))
+    finally:
+        controller.stop()
+    with psycopg.connect(db_url) as conn:
+        outcomes = dict(conn.execute(
+            "SELECT c.name, d.status::text || coalesce(': ' || d.error, '') FROM dispatch.deliveries d "
+            "JOIN dispatch.credentials c ON c.id = d.credential_id WHERE d.batch_id = %s", (batch_id,)).fetchall())
+    assert outcomes["ok"] == "succeeded"  # one of two recipients refused: delivered to the other
+    assert outcomes["refused"].startswith("failed: discarded: SMTP refused every recipient: nobody@example.com (550")
+    assert outcomes["later"].startswith("failed: exhausted: SMTP 451: 4.3.0 try again later")
+    # The server offers no STARTTLS: never sent in clear text.
+    assert outcomes["stripped"].startswith("failed: exhausted: SMTP 127.0.0.1:")
+    assert "STARTTLS" in outcomes["stripped"] or "starttls" in outcomes["stripped"].lower()
+    assert len(mailbox.messages) == 1
+    message = mailbox.messages[0]
+    assert message.rcpt_tos == ["sales@example.com"]
+    assert b"Subject: New lead #" in message.content and b"phone: +1" in message.content

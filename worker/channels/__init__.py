@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 
+from pgdispatch.worker.channels.amocrm import send_amocrm
 from pgdispatch.worker.channels.bitrix24 import send_bitrix24
-from pgdispatch.worker.channels.delivery import Delivery, Post
+from pgdispatch.worker.channels.delivery import ChannelIO, Delivery
+from pgdispatch.worker.channels.email import send_email
 from pgdispatch.worker.channels.telegram import send_telegram
 from pgdispatch.worker.channels.webhooks import send_webhook
 from pgdispatch.worker.outcome import Outcome
 
-Adapter = Callable[[Delivery, Post], Awaitable[Outcome]]
+Adapter = Callable[[Delivery, ChannelIO], Awaitable[Outcome]]
 
 ADAPTERS: Mapping[str, Adapter] = {
     "webhooks": send_webhook,
     "telegram": send_telegram,
     "bitrix24": send_bitrix24,
+    "amocrm": send_amocrm,
+    "email": send_email,
 }
 
-__all__ = ["ADAPTERS", "Adapter", "Delivery", "Post"]
+__all__ = ["ADAPTERS", "Adapter", "ChannelIO", "Delivery"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pgdispatch.worker.channels.delivery import Delivery, Post, done, retry, stop
+from pgdispatch.worker.channels.delivery import ChannelIO, Delivery, done, retry, stop
 from pgdispatch.worker.outcome import Outcome
 
 # Errors Bitrix24 names, and what they mean for a delivery.
@@ -36,11 +36,11 @@ def fields(delivery: Delivery) -> dict[str, Any]:
     return lead
 
 
-async def send_bitrix24(delivery: Delivery, post: Post) -> Outcome:
+async def send_bitrix24(delivery: Delivery, io: ChannelIO) -> Outcome:
     url = str(delivery.settings["webhook_url"]).rstrip("/") + "/crm.lead.add.json"
     body = json.dumps({"fields": fields(delivery), "params": {"REGISTER_SONET_EVENT": "Y"}},
                       ensure_ascii=False).encode()
-    answer = await post(url, content=body, headers={"Content-Type": "application/json"})
+    answer = await io.post(url, content=body, headers={"Content-Type": "application/json"})
     # The webhook code in the URL is the credential: never written down.
     sent = f"POST .../crm.lead.add.json {body.decode()}"
     reply = answer.json()

@@ -1,13 +1,15 @@
-"""What an adapter is given: the delivery (lead and credential) and a way to POST."""
+"""What an adapter is given: the delivery (lead and credential) and its way out (ChannelIO)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
+from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outcome import Discard, Done, Postpone, Retry
 
 EXCERPT_CHARS = 2048
@@ -57,9 +59,29 @@ class Answer:
             return default
 
 
-# POST a JSON body (or form fields) to a URL through the worker's shared HTTP pool and limits;
-# raises NotSent (with the outcome to return) when nothing could be exchanged.
-Post = Callable[..., Awaitable[Answer]]
+@dataclass(slots=True)
+class CredentialUpdate:
+    """A credential's settings read under a row lock (FOR UPDATE: every worker on every host
+    waits for it); what `save` is given is merged into them when the block ends, atomically."""
+
+    settings: dict[str, Any]
+    changes: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, **changes: Any) -> None:
+        self.changes.update(changes)
+        self.settings.update(changes)
+
+
+class ChannelIO(Protocol):
+    """What an adapter may do besides computing: POST through the worker's shared HTTP pool,
+    destinations policy and shared limits (raising NotSent when nothing was exchanged), and
+    change its credential's settings (tokens that rotate)."""
+
+    destinations: Destinations
+
+    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> Answer: ...
+
+    def credential_for_update(self) -> AbstractAsyncContextManager[CredentialUpdate]: ...
 
 
 class NotSent(Exception):

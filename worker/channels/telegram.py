@@ -6,7 +6,7 @@ import html
 import json
 from typing import Any
 
-from pgdispatch.worker.channels.delivery import Answer, Delivery, Post, done, retry, stop
+from pgdispatch.worker.channels.delivery import Answer, ChannelIO, Delivery, done, retry, stop
 from pgdispatch.worker.outcome import Outcome
 
 TEXT_LIMIT = 4096
@@ -23,18 +23,18 @@ def message(delivery: Delivery) -> str:
     return text
 
 
-async def send_telegram(delivery: Delivery, post: Post) -> Outcome:
+async def send_telegram(delivery: Delivery, io: ChannelIO) -> Outcome:
     settings = delivery.settings
     base = str(settings.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
     url = f"{base}/bot{settings['bot_token']}/sendMessage"
     payload: dict[str, Any] = {"chat_id": settings["chat_id"], "text": message(delivery),
                                "parse_mode": "HTML", "link_preview_options": {"is_disabled": True}}
-    answer, sent = await _send(post, url, payload)
+    answer, sent = await _send(io, url, payload)
     migrated = _parameters(answer).get("migrate_to_chat_id")
     if answer.status == 400 and migrated is not None:
         # The group became a supergroup: Telegram names its new id; send there at once.
         payload["chat_id"] = migrated
-        answer, sent = await _send(post, url, payload)
+        answer, sent = await _send(io, url, payload)
         if answer.status == 200:
             note = f" (chat {settings['chat_id']} is now {migrated}: update the credential's chat_id)"
             return done(sent + note, answer)
@@ -54,9 +54,9 @@ async def send_telegram(delivery: Delivery, post: Post) -> Outcome:
     return stop(sent, answer, f"Telegram: {description}")
 
 
-async def _send(post: Post, url: str, payload: dict[str, Any]) -> tuple[Answer, str]:
+async def _send(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[Answer, str]:
     body = json.dumps(payload, ensure_ascii=False).encode()
-    answer = await post(url, content=body, headers={"Content-Type": "application/json"})
+    answer = await io.post(url, content=body, headers={"Content-Type": "application/json"})
     # The token is part of the URL: it is never written down.
     return answer, f"POST /bot***/sendMessage {body.decode()}"
 

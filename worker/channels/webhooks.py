@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 
-from pgdispatch.worker.channels.delivery import Delivery, Post, done, retry, stop
+from pgdispatch.worker.channels.delivery import ChannelIO, Delivery, done, retry, stop
 from pgdispatch.worker.outbound.signing import SigningKey, webhook_headers
 from pgdispatch.worker.outcome import Outcome
 
 
-async def send_webhook(delivery: Delivery, post: Post) -> Outcome:
+async def send_webhook(delivery: Delivery, io: ChannelIO) -> Outcome:
     settings = delivery.settings
     body = json.dumps({"type": "lead.created", "data": delivery.lead_document()},
                       ensure_ascii=False, separators=(",", ":")).encode()
@@ -23,7 +23,7 @@ async def send_webhook(delivery: Delivery, post: Post) -> Outcome:
         headers.update(webhook_headers(key, message_id=message_id, body=body, now=time.time()))
     else:
         headers["webhook-id"] = message_id
-    answer = await post(settings["url"], content=body, headers=headers)
+    answer = await io.post(settings["url"], content=body, headers=headers)
     sent = f"POST {settings['url']} {body.decode()}"
     if 200 <= answer.status < 300:
         return done(sent, answer)

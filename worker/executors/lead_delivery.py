@@ -8,15 +8,18 @@ go through the worker's shared HTTP pool, its allow-list of destinations and the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
 from pgdispatch.worker.channels import ADAPTERS, Delivery
-from pgdispatch.worker.channels.delivery import Answer, NotSent
+from pgdispatch.worker.channels.delivery import Answer, CredentialUpdate, NotSent
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.destinations import forbidden_cause
@@ -52,9 +55,8 @@ class LeadDeliveryExecutor:
             delivery_id=delivery_id, credential_id=row["credential_id"], type=row["type"],
             settings=row["settings"], lead_id=row["lead_id"], external_entity_id=row["external_entity_id"],
             external_project_id=row["external_project_id"], data=row["data"], created_at=row["created_at"])
-        tenant = f"credential:{delivery.credential_id}"
         try:
-            return await adapter(delivery, lambda url, **kw: self._post(tenant, url, **kw))
+            return await adapter(delivery, _IO(self._context, delivery.credential_id))
         except NotSent as not_sent:
             return not_sent.outcome
 
@@ -66,13 +68,37 @@ class LeadDeliveryExecutor:
             await cur.execute(sql.query("lead_delivery"), {"delivery_id": delivery_id})
             return await cur.fetchone()
 
-    async def _post(self, tenant: str, url: str, *, content: bytes,
-                    headers: dict[str, str]) -> Answer:
+
+class _IO:
+    """ChannelIO for one delivery: the worker's HTTP pool, destinations and the credential's
+    shared limits (tenant:credential:ID), and its row in dispatch.credentials."""
+
+    def __init__(self, context: ExecutorContext, credential_id: int) -> None:
+        self._context = context
+        self._credential_id = credential_id
+        self._tenant = f"credential:{credential_id}"
+        self.destinations = context.destinations
+
+    @contextlib.asynccontextmanager
+    async def credential_for_update(self) -> AsyncIterator[CredentialUpdate]:
+        assert self._context.database is not None
+        async with self._context.database() as conn, conn.transaction():
+            cur = await conn.execute(sql.query("credential_for_update"), {"id": self._credential_id})
+            row = await cur.fetchone()
+            if row is None:
+                raise NotSent(Discard("discarded", error=f"credential {self._credential_id} was deleted"))
+            update = CredentialUpdate(dict(row[0]))
+            yield update
+            if update.changes:
+                await conn.execute(sql.query("merge_credential_settings"),
+                                   {"id": self._credential_id, "changes": Jsonb(update.changes)})
+
+    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> Answer:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
         if parts.scheme not in ("http", "https") or not host:
             raise NotSent(Discard("invalid", error=f"not an http(s) URL: {parts.scheme}://{host}"))
-        permit = await self._context.limits.admit(tenant, host)
+        permit = await self._context.limits.admit(self._tenant, host)
         if isinstance(permit, Wait):
             raise NotSent(Postpone(permit.seconds, permit.reason))
         failed, retry_after, reason = True, None, "no answer"

@@ -1,0 +1,67 @@
+"""E-mail over SMTP (aiosmtplib): STARTTLS, implicit TLS or plain, as the credential says."""
+
+from __future__ import annotations
+
+import socket
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from pgdispatch.worker.channels.delivery import ChannelIO, Delivery
+from pgdispatch.worker.outbound.destinations import CheckedResolver
+from pgdispatch.worker.outcome import Discard, Done, Outcome, Retry
+
+TIMEOUT = 30.0
+
+
+def message(delivery: Delivery) -> EmailMessage:
+    settings = delivery.settings
+    mail = EmailMessage()
+    mail["From"] = str(settings["from"])
+    mail["To"] = ", ".join(str(to) for to in settings["to"])
+    mail["Subject"] = str(settings.get("subject") or f"New lead #{delivery.lead_id}")
+    mail["Message-ID"] = f"<lead-delivery-{delivery.delivery_id}@pgdispatch>"  # the same on a retry
+    lines = [f"New lead #{delivery.lead_id}", ""]
+    lines += [f"{key}: {value}" for key, value in delivery.lead_lines()]
+    mail.set_content("\n".join(lines))
+    return mail
+
+
+async def send_email(delivery: Delivery, io: ChannelIO) -> Outcome:
+    settings = delivery.settings
+    host, port, security = str(settings["host"]), int(settings["port"]), settings["security"]
+    mail = message(delivery)
+    sent = f"SMTP {host}:{port} ({security}) to {mail['To']}: {mail['Subject']}"
+    detail = {"request": sent}
+    if not io.destinations.allow_private:
+        try:  # the same policy as HTTP: no private, loopback or link-local servers unless allowed
+            await CheckedResolver(io.destinations).resolve(host, port, socket.AF_INET)
+        except OSError as exc:
+            return Discard("discarded", error=f"{host}: {exc}", detail=detail)
+    try:
+        refused, reply = await aiosmtplib.send(
+            mail, hostname=host, port=port, username=settings.get("username"),
+            password=settings.get("password"), use_tls=security == "ssl", start_tls=security == "starttls",
+            timeout=TIMEOUT)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        return Discard("discarded", error=f"SMTP authentication failed ({exc.code}): check the credential",
+                       detail=detail)
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        return Discard("discarded", error=f"SMTP refused every recipient: {_refusals(exc.recipients)}",
+                       detail=detail)
+    except aiosmtplib.SMTPResponseException as exc:
+        why = f"SMTP {exc.code}: {exc.message}"
+        if 400 <= exc.code < 500:
+            return Retry(error=why, detail=detail)
+        return Discard("discarded", error=why, detail=detail)
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # Connect errors, timeouts, a server that hung up, a STARTTLS the server does not offer.
+        return Retry(error=f"SMTP {host}:{port}: {type(exc).__name__}: {exc}", detail=detail)
+    answer = {"request": sent, "response": reply}
+    if refused:
+        answer["response"] += f"; refused: {', '.join(f'{to} ({r.code})' for to, r in refused.items())}"
+    return Done(detail=answer)
+
+
+def _refusals(recipients: list[aiosmtplib.SMTPRecipientRefused]) -> str:
+    return ", ".join(f"{r.recipient} ({r.code} {r.message})" for r in recipients)

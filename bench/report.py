@@ -8,9 +8,11 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pgdispatch.bench import leads as bench_leads
 from pgdispatch.bench import limits as shared_limits
 from pgdispatch.bench import processes as bench_processes
 from pgdispatch.bench import scale, scenarios
+from pgdispatch.bench.leads import REFUSED as LEADS_REFUSED
 from pgdispatch.bench.peers import PEERS
 from pgdispatch.bench.scenarios import BARE_CLIENT, OURS, Result
 
@@ -47,6 +49,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
         "limits": ([OURS], lambda s: shared_limits.limits(server_url)),
         "processes": ([OURS], lambda s: bench_processes.processes(server_url)),
+        "leads": ([OURS], lambda s: bench_leads.leads(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):
@@ -145,6 +148,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if value("processes: 5-step no-op", OURS) is not None:
         ratio("processes: steps/s ≥ 1/3 of the no-op drain rate (same run)",
               value("processes: 5-step no-op", OURS), value("processes: no-op drain, same run", OURS), 1 / 3)
+    refused = next((r for r in rows if r["scenario"] == LEADS_REFUSED and "median" in r), None)
+    if refused:
+        checks.append(("leads: no vendor limit tripped by a bulk resend",
+                       f"{refused['max']} refusals at most", refused["max"] == 0))
     memory = next((r for r in rows if r["scenario"].startswith("memory") and "median" in r), None)
     if memory:
         checks.append(("memory ≤ 100 MB per worker process at 256 in flight", f"{memory['median']} MB",

@@ -28,6 +28,7 @@ from pgdispatch.console import (
     dead,
     embedded,
     jobs,
+    leads,
     limits,
     processes,
     queues,
@@ -44,7 +45,7 @@ from pgdispatch.db.errors import (
 )
 
 # One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, limits, processes, commands, requests, build, bench, embedded)
+NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, requests, build, bench, embedded)
 
 
 class _Parser(argparse.ArgumentParser):

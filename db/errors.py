@@ -60,6 +60,8 @@ def translate(exc: psycopg.Error) -> PgDispatchError:
             and "dispatch" in str(exc):
         return SchemaMissing(f"{_first_line(exc)}: this database lacks the pgdispatch schema "
                              "(or a newer version of it); run: pgdispatch migrate")
+    if isinstance(exc, pg_errors.NoDataFound):  # a function's "no lead 42", "no process 7"
+        return NotFound(exc.diag.message_primary or _first_line(exc))
     if isinstance(exc, _INPUT_ERRORS):
         diag = exc.diag
         detail = f" ({diag.message_detail})" if diag.message_detail else ""

@@ -405,3 +405,49 @@ SELECT settings FROM dispatch.credentials WHERE id = %(id)s FOR UPDATE;
 
 -- name: merge_credential_settings
 UPDATE dispatch.credentials SET settings = settings || %(changes)s WHERE id = %(id)s;
+
+-- name: send_lead
+SELECT dispatch.send_lead(%(lead_id)s, %(types)s, make_interval(secs => %(delay)s)) AS batch_id;
+
+-- name: resend_leads
+SELECT dispatch.resend_leads(%(lead_ids)s, %(types)s) AS summary;
+
+-- name: lead_get
+SELECT id, external_entity_id, external_project_id, dispatch.mask_secrets(data) AS data, created_at
+FROM dispatch.leads WHERE id = %(id)s;
+
+-- name: lead_batches
+SELECT id, requested_types, total, pending, succeeded, failed, skipped, created_at, finished_at
+FROM dispatch.batches WHERE lead_id = %(id)s ORDER BY id;
+
+-- name: lead_deliveries
+SELECT d.id, d.batch_id, d.credential_id, c.name AS credential, d.type, d.status::text AS status, d.attempts,
+       d.error, d.job_id, d.finished_at
+FROM dispatch.deliveries d LEFT JOIN dispatch.credentials c ON c.id = d.credential_id
+WHERE d.lead_id = %(id)s ORDER BY d.id;
+
+-- name: lead_logs
+SELECT at, delivery_id, type, attempt, status, http_status, error, request_excerpt, response_excerpt
+FROM dispatch.integration_logs WHERE lead_id = %(id)s ORDER BY at, delivery_id, attempt;
+
+-- name: credential_list
+SELECT id, type, name, enabled, settings, entities, projects, updated_at
+FROM dispatch.credentials_masked ORDER BY id;
+
+-- name: credential_add
+INSERT INTO dispatch.credentials (type, name, settings, enabled)
+VALUES (%(type)s, %(name)s, %(settings)s, %(enabled)s) RETURNING id;
+
+-- name: credential_link_entity
+INSERT INTO dispatch.entity_credentials (external_entity_id, credential_id) VALUES (%(link)s, %(id)s)
+ON CONFLICT DO NOTHING;
+
+-- name: credential_link_project
+INSERT INTO dispatch.project_credentials (external_project_id, credential_id) VALUES (%(link)s, %(id)s)
+ON CONFLICT DO NOTHING;
+
+-- name: credential_enable
+UPDATE dispatch.credentials SET enabled = %(enabled)s WHERE id = %(id)s RETURNING id, type, name;
+
+-- name: credential_get
+SELECT id, type, name, enabled, settings FROM dispatch.credentials WHERE id = %(id)s;

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,10 @@ async def _amo(account: AmoAccount, name: str, path: str, request: web.Request, 
         account.refresh_token = f"rt-{account.refreshes}"
         return web.json_response({"token_type": "Bearer", "expires_in": 86400,
                                   "access_token": account.access_token, "refresh_token": account.refresh_token})
+    if path == "api/v4/account":
+        if request.headers.get("Authorization") != f"Bearer {account.access_token}":
+            return problem(401, "Unauthorized", "Unauthorized")
+        return web.json_response({"id": 31, "name": name, "subdomain": name}, content_type="application/hal+json")
     if path == "api/v4/leads/complex":
         if request.headers.get("Authorization") != f"Bearer {account.access_token}":
             return problem(401, "Unauthorized", "Unauthorized")
@@ -133,6 +138,20 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
         parts = request.path.strip("/").split("/")
         if parts[0] == "hook":  # /hook/<status>
             return web.Response(status=int(parts[1]), text=f"answer {parts[1]}")
+        if parts[0] == f"bot{BOT_TOKEN}" and parts[1] == "getMe":
+            return web.json_response({"ok": True, "result": {"id": 123456, "is_bot": True, "username": "fake_bot"}})
+        if parts[0] == f"bot{BOT_TOKEN}" and parts[1] == "getChat":
+            chat = json.loads(body)["chat_id"]
+            if chat == 1005:
+                return web.json_response({"ok": False, "error_code": 400,
+                                          "description": "Bad Request: chat not found"}, status=400)
+            return web.json_response({"ok": True, "result": {"id": chat, "title": "Sales", "type": "group"}})
+        if parts[0].startswith("bot") and len(parts) == 2:
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+        if parts[0] == "rest" and parts[-1] == "profile.json":
+            if parts[2] == "okcode":
+                return web.json_response({"result": {"ID": "1", "NAME": "Ann", "LAST_NAME": "Admin"}})
+            return _bitrix(parts[2], 1)
         if parts[0] == f"bot{BOT_TOKEN}" and parts[1] == "sendMessage":
             chat = json.loads(body)["chat_id"]
             fake.calls[f"chat:{chat}"] += 1
@@ -155,3 +174,20 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
         yield fake
     finally:
         await runner.cleanup()
+
+
+@contextlib.contextmanager
+def fake_channels_in_a_thread() -> Iterator[FakeChannels]:
+    """The same server on an event loop of its own, for code that runs its own (the CLI)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    context = fake_channels()
+    fake = asyncio.run_coroutine_threadsafe(context.__aenter__(), loop).result(10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(context.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

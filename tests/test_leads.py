@@ -22,7 +22,7 @@ from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
-from tests.fake_channels import BOT_TOKEN, FakeChannels, fake_channels
+from tests.fake_channels import BOT_TOKEN, FakeChannels, fake_channels, fake_channels_in_a_thread
 from tests.helpers import execute, scalar, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -269,7 +269,7 @@ def test_secrets_are_readable_by_the_worker_only(db_url: str) -> None:
         assert masked == ({"bot_token": "***", "chat_id": 1},)
         conn.execute("RESET ROLE")
         limit = conn.execute("SELECT rate, burst FROM dispatch.limits WHERE key LIKE 'tenant:credential:%'").fetchone()
-        assert limit == (30.0, 30)  # Telegram's published rate, per bot
+        assert limit == (25.0, 5)  # under Telegram's ~30/s per bot, in any one second
 
 
 def amocrm(url: str, account: str, **tokens: Any) -> dict[str, Any]:
@@ -387,3 +387,81 @@ def test_email_goes_over_smtp_and_refusals_map_to_outcomes(db_url: str) -> None:
     message = mailbox.messages[0]
     assert message.rcpt_tos == ["sales@example.com"]
     assert b"Subject: New lead #" in message.content and b"phone: +1" in message.content
+
+
+def test_leads_and_credentials_cli(db_url: str, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Every command's happy and error paths, exit codes, and no secret in any output."""
+    from pgdispatch.console import main as cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    amo_secret = "amo-client-secret-PLANTED"
+
+    def with_fake() -> None:
+        with fake_channels_in_a_thread() as fake:
+            url = fake.url
+
+            def run(*argv: str) -> tuple[int, str]:
+                try:
+                    code = cli.main(list(argv))
+                except SystemExit as exit_:  # argparse refuses a flag before main returns
+                    code = int(exit_.code or 0)
+                out = capsys.readouterr()
+                return code, out.out + out.err
+
+            settings = tmp_path / "tg.json"
+            settings.write_text(json.dumps({"bot_token": BOT_TOKEN, "chat_id": 1001, "base_url": url}))
+            outputs = []
+            for argv, code, expect in [
+                (("credentials", "add", "--type", "telegram", "--name", "sales bot", "--settings", f"@{settings}",
+                  "--entity", "10"), 0, "credential 1 added (telegram 'sales bot')"),
+                (("credentials", "add", "--type", "webhooks", "--name", "hook", "--settings",
+                  json.dumps({"url": f"{url}/hook/200", "secret": SECRET}), "--project", "20"), 0, "credential 2"),
+                (("credentials", "add", "--type", "amocrm", "--name", "amo", "--settings",
+                  json.dumps(amocrm(url, "acme") | {"client_secret": amo_secret}), "--entity", "10"), 0,
+                 "credential 3"),
+                (("credentials", "add", "--type", "bitrix24", "--name", "bx", "--settings",
+                  json.dumps({"webhook_url": f"{url}/rest/1/denied/"}), "--entity", "10"), 0, "credential 4"),
+                (("credentials", "add", "--type", "telegram", "--name", "bad", "--settings", '{"bot_token": "x"}'),
+                 2, "credential bad: telegram: settings.bot_token must be a bot token"),
+                (("credentials", "add", "--type", "webhooks", "--name", "x", "--settings", "{oops"), 2,
+                 "--settings is not valid JSON"),
+                (("credentials", "add", "--type", "webhooks", "--name", "x", "--settings", "@/nonexistent.json"), 2,
+                 "cannot read /nonexistent.json"),
+                (("credentials", "list"), 0, "sales bot"),
+                (("credentials", "list", "--json"), 0, '"bot_token": "***"'),
+                (("credentials", "test", "1"), 0, "ok, bot @fake_bot sees chat Sales"),
+                (("credentials", "test", "2"), 0, "ok, the webhook answered 200 to a test event (signed)"),
+                (("credentials", "test", "3"), 0, "ok, account acme (id 31)"),
+                (("credentials", "test", "4"), 1, "Bitrix24 answered 401 NO_AUTH_FOUND: Wrong authorization data"),
+                (("credentials", "test", "99"), 3, "no credential 99"),
+                (("credentials", "disable", "4"), 0, "credential 4 (bitrix24 'bx') disabled"),
+                (("credentials", "enable", "99"), 3, "no credential 99"),
+                (("leads", "send", "1", "--type", "telegram"), 0, "batch 1: 1 deliveries queued, 0 skipped"),
+                (("leads", "send", "1"), 0, "already being delivered (batch 1, delivery 1)"),
+                (("leads", "send", "1", "--type", "fax"), 2, "unknown integration type fax"),
+                (("leads", "send", "404"), 3, "no lead 404"),
+                (("leads", "send", "1", "--delay", "soon"), 2, "not a duration"),
+                (("leads", "resend", "--ids", "1,2,404", "--json"), 1, '"errors_count": 1'),
+                (("leads", "resend", "--ids", "1,x"), 2, "not a lead id: 'x'"),
+                (("leads", "resend", "--from-file", str(tmp_path / "none.txt")), 2, "cannot read"),
+                (("leads", "show", "1"), 0, "already being delivered"),
+                (("leads", "show", "404"), 3, "no lead 404"),
+            ]:
+                got, output = run(*argv)
+                assert (got, expect in output) == (code, True), (argv, got, output)
+                outputs.append(output)
+            ids = tmp_path / "ids.txt"
+            ids.write_text("1\n2  # a comment\n")
+            got, output = run("leads", "resend", "--from-file", str(ids))
+            assert got == 0 and '"dispatched_count": 2, "total_count": 2, "errors_count": 0' in output
+            everything = "\n".join([*outputs, output])
+            for secret in (BOT_TOKEN, SECRET, amo_secret, "at-1", "rt-1"):
+                assert secret not in everything, secret
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO dispatch.leads (id, external_entity_id, external_project_id, data) "
+                     "VALUES (1, 10, 20, '{\"name\": \"Ann\"}'), (2, 10, 20, '{}')")
+    with_fake()
+    stored = scalar(db_url, "SELECT settings FROM dispatch.credentials WHERE id = 3")
+    assert stored["refresh_token"] == "rt-1"  # the test refreshed amoCRM's token and kept the new one

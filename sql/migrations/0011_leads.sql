@@ -115,16 +115,17 @@ CREATE TRIGGER credentials_checked BEFORE INSERT OR UPDATE ON dispatch.credentia
     FOR EACH ROW EXECUTE FUNCTION dispatch.check_credential();
 
 -- Each channel's published rate limit, as a shared limit per credential (every worker and
--- host): key tenant:credential:ID. Created with the credential; operators change it with
+-- host): key tenant:credential:ID, set a little under the vendor's figure so that no second
+-- (rate plus burst) ever goes over it. Created with the credential; operators change it with
 -- `pgdispatch limits set` and it is kept.
 CREATE FUNCTION dispatch.credential_default_limit() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO dispatch.limits (key, rate, burst, note)
     SELECT 'tenant:credential:' || NEW.id, d.rate, d.burst, d.note
-    FROM (VALUES ('telegram', 30.0, 30, 'Telegram: about 30 messages/s per bot'),
-                 ('bitrix24', 2.0, 50, 'Bitrix24: leaky bucket, blocks at 50, drains 2/s per portal'),
-                 ('amocrm', 7.0, 7, 'amoCRM: at most 7 requests/s')) AS d (type, rate, burst, note)
+    FROM (VALUES ('telegram', 25.0, 5, 'Telegram: about 30 messages/s per bot'),
+                 ('bitrix24', 2.0, 45, 'Bitrix24: leaky bucket per portal, blocks at 50, drains 2/s'),
+                 ('amocrm', 6.0, 1, 'amoCRM: at most 7 requests/s')) AS d (type, rate, burst, note)
     WHERE d.type = NEW.type
     ON CONFLICT (key) DO NOTHING;
     RETURN NULL;
@@ -246,6 +247,33 @@ BEGIN
     RETURN batch;
 END $$;
 
+-- Resend many leads (the seed's bulkResendLeads): each to every enabled integration, or to the
+-- named types. A missing lead is reported in the summary, not an error; unknown types are.
+CREATE FUNCTION dispatch.resend_leads(lead_ids bigint[], types text[] DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    missing bigint[];
+    lead bigint;
+    batches bigint[] := '{}';
+BEGIN
+    SELECT coalesce(array_agg(r.id ORDER BY r.ord), '{}') INTO missing
+    FROM unnest(lead_ids) WITH ORDINALITY AS r (id, ord)
+    WHERE NOT EXISTS (SELECT FROM dispatch.leads l WHERE l.id = r.id);
+    FOREACH lead IN ARRAY coalesce(lead_ids, '{}') LOOP
+        IF NOT lead = ANY (missing) THEN
+            batches := batches || dispatch.send_lead(lead, types);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object(
+        'dispatched_count', cardinality(batches),
+        'total_count', cardinality(coalesce(lead_ids, '{}')),
+        'errors_count', cardinality(missing),
+        'errors', (SELECT coalesce(jsonb_agg(jsonb_build_object('lead_id', m, 'error', format('no lead %s', m))),
+                                   '[]') FROM unnest(missing) m),
+        'batches', to_jsonb(batches));
+END $$;
+
 -- Settling a delivery from the engine's records: a completed attempt, a dead job, a revived one.
 CREATE FUNCTION dispatch.settle_delivery(job bigint, outcome dispatch.delivery_status, attempt integer,
                                          error text)
@@ -336,9 +364,11 @@ SELECT c.id, c.type, c.name, c.enabled, dispatch.mask_secrets(c.settings) AS set
 FROM dispatch.credentials c;
 
 REVOKE ALL ON dispatch.credentials FROM PUBLIC;
-REVOKE ALL ON FUNCTION dispatch.send_lead(bigint, text[], interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION dispatch.send_lead(bigint, text[], interval), dispatch.resend_leads(bigint[], text[]),
+    dispatch.settle_delivery(bigint, dispatch.delivery_status, integer, text) FROM PUBLIC;
 GRANT SELECT, INSERT ON dispatch.leads TO dispatch_producer;
-GRANT EXECUTE ON FUNCTION dispatch.send_lead(bigint, text[], interval) TO dispatch_producer, dispatch_worker;
+GRANT EXECUTE ON FUNCTION dispatch.send_lead(bigint, text[], interval), dispatch.resend_leads(bigint[], text[])
+    TO dispatch_producer, dispatch_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.leads, dispatch.credentials, dispatch.entity_credentials,
     dispatch.project_credentials TO dispatch_worker;
 GRANT SELECT ON dispatch.batches, dispatch.deliveries TO dispatch_worker, dispatch_reader;

@@ -9,13 +9,14 @@ batch are settled from the engine's records by triggers (sql/migrations/0011_lea
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
-from pgdispatch.worker.channels.amocrm import send_amocrm
-from pgdispatch.worker.channels.bitrix24 import send_bitrix24
-from pgdispatch.worker.channels.delivery import ChannelIO, Delivery
-from pgdispatch.worker.channels.email import send_email
-from pgdispatch.worker.channels.telegram import send_telegram
-from pgdispatch.worker.channels.webhooks import send_webhook
+from pgdispatch.worker.channels.amocrm import check_amocrm, send_amocrm
+from pgdispatch.worker.channels.bitrix24 import check_bitrix24, send_bitrix24
+from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery
+from pgdispatch.worker.channels.email import check_email, send_email
+from pgdispatch.worker.channels.telegram import check_telegram, send_telegram
+from pgdispatch.worker.channels.webhooks import check_webhook, send_webhook
 from pgdispatch.worker.outcome import Outcome
 
 Adapter = Callable[[Delivery, ChannelIO], Awaitable[Outcome]]
@@ -28,4 +29,15 @@ ADAPTERS: Mapping[str, Adapter] = {
     "email": send_email,
 }
 
-__all__ = ["ADAPTERS", "Adapter", "ChannelIO", "Delivery"]
+# `pgdispatch credentials test`: a real call that says what is wrong, sending nothing to anyone.
+Check = Callable[[Mapping[str, Any], ChannelIO], Awaitable[str]]
+
+CHECKS: Mapping[str, Check] = {
+    "webhooks": check_webhook,
+    "telegram": check_telegram,
+    "bitrix24": check_bitrix24,
+    "amocrm": check_amocrm,
+    "email": check_email,
+}
+
+__all__ = ["ADAPTERS", "CHECKS", "Adapter", "ChannelIO", "Check", "CheckFailed", "Delivery"]

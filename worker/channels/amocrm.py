@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from pgdispatch.worker.channels.delivery import Answer, ChannelIO, Delivery, NotSent, done, retry, stop
+from pgdispatch.worker.channels.delivery import (
+    Answer,
+    ChannelIO,
+    CheckFailed,
+    Delivery,
+    NotSent,
+    done,
+    retry,
+    stop,
+)
 from pgdispatch.worker.outcome import Discard, Outcome, Retry
 
 EARLY = 60.0  # refresh an access token this long before it expires
@@ -75,7 +85,7 @@ async def _refresh(io: ChannelIO, base: str, *, stale: str | None) -> str:
         request = {"client_id": current["client_id"], "client_secret": current["client_secret"],
                    "grant_type": "refresh_token", "refresh_token": current["refresh_token"],
                    "redirect_uri": current["redirect_uri"]}
-        answer = await io.post(f"{base}/oauth2/access_token", content=json.dumps(request).encode(),
+        answer = await io.request("POST", f"{base}/oauth2/access_token", content=json.dumps(request).encode(),
                                headers={"Content-Type": "application/json"})
         granted = answer.json()
         if answer.status != 200 or not isinstance(granted, dict) or not granted.get("access_token"):
@@ -90,7 +100,7 @@ async def _refresh(io: ChannelIO, base: str, *, stale: str | None) -> str:
 
 
 async def _post(io: ChannelIO, base: str, body: bytes, token: str) -> Answer:
-    return await io.post(f"{base}/api/v4/leads/complex", content=body,
+    return await io.request("POST", f"{base}/api/v4/leads/complex", content=body,
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
 
 
@@ -103,3 +113,19 @@ def _problem(answer: Answer) -> str:
     if body.get("validation-errors"):
         parts.append(json.dumps(body["validation-errors"], ensure_ascii=False)[:300])
     return "; ".join(parts) or json.dumps(body)[:200]
+
+
+async def check_amocrm(settings: Mapping[str, Any], io: ChannelIO) -> str:
+    """GET account, refreshing the access token first when it is due."""
+    base = str(settings["base_url"]).rstrip("/")
+    token = settings.get("long_lived_token") or _fresh_access_token(settings)
+    if token is None:
+        try:
+            token = await _refresh(io, base, stale=settings.get("access_token"))
+        except NotSent as not_sent:
+            raise CheckFailed(str(not_sent)) from None
+    answer = await io.request("GET", f"{base}/api/v4/account", headers={"Authorization": f"Bearer {token}"})
+    account = answer.json()
+    if answer.status != 200 or not isinstance(account, dict):
+        raise CheckFailed(f"amoCRM answered {answer.status}: {_problem(answer)}")
+    return f"account {account.get('name')} (id {account.get('id')})"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from pgdispatch.worker.channels.delivery import ChannelIO, Delivery, done, retry, stop
+from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery, done, retry, stop
 from pgdispatch.worker.outcome import Outcome
 
 # Errors Bitrix24 names, and what they mean for a delivery.
@@ -40,7 +41,7 @@ async def send_bitrix24(delivery: Delivery, io: ChannelIO) -> Outcome:
     url = str(delivery.settings["webhook_url"]).rstrip("/") + "/crm.lead.add.json"
     body = json.dumps({"fields": fields(delivery), "params": {"REGISTER_SONET_EVENT": "Y"}},
                       ensure_ascii=False).encode()
-    answer = await io.post(url, content=body, headers={"Content-Type": "application/json"})
+    answer = await io.request("POST", url, content=body, headers={"Content-Type": "application/json"})
     # The webhook code in the URL is the credential: never written down.
     sent = f"POST .../crm.lead.add.json {body.decode()}"
     reply = answer.json()
@@ -54,3 +55,16 @@ async def send_bitrix24(delivery: Delivery, io: ChannelIO) -> Outcome:
     if code in STOP_ERRORS or 400 <= answer.status < 500:
         return stop(sent, answer, why)
     return retry(sent, answer, why)  # 500 and other answers without a known error
+
+
+async def check_bitrix24(settings: Mapping[str, Any], io: ChannelIO) -> str:
+    """profile: whose inbound webhook this is."""
+    url = str(settings["webhook_url"]).rstrip("/") + "/profile.json"
+    answer = await io.request("POST", url, content=b"{}", headers={"Content-Type": "application/json"})
+    reply = answer.json()
+    if answer.status != 200 or not isinstance(reply, dict) or not isinstance(reply.get("result"), dict):
+        error = reply if isinstance(reply, dict) else {}
+        raise CheckFailed(f"Bitrix24 answered {answer.status} {error.get('error', '')}: "
+                          f"{error.get('error_description') or answer.text[:200]}")
+    user = reply["result"]
+    return f"webhook of user {user.get('ID')} {user.get('NAME', '')} {user.get('LAST_NAME', '')}".rstrip()

@@ -73,13 +73,14 @@ class CredentialUpdate:
 
 
 class ChannelIO(Protocol):
-    """What an adapter may do besides computing: POST through the worker's shared HTTP pool,
+    """What an adapter may do besides computing: send through the worker's shared HTTP pool,
     destinations policy and shared limits (raising NotSent when nothing was exchanged), and
     change its credential's settings (tokens that rotate)."""
 
     destinations: Destinations
 
-    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> Answer: ...
+    async def request(self, method: str, url: str, *, content: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> Answer: ...
 
     def credential_for_update(self) -> AbstractAsyncContextManager[CredentialUpdate]: ...
 
@@ -90,6 +91,10 @@ class NotSent(Exception):
     def __init__(self, outcome: Retry | Discard | Postpone) -> None:
         super().__init__(outcome.reason if isinstance(outcome, Postpone) else outcome.error)
         self.outcome = outcome
+
+
+class CheckFailed(Exception):
+    """`credentials test`: what is wrong with a credential, in the API's own words."""
 
 
 def excerpt(text: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from email.message import EmailMessage
+from typing import Any
 
 import aiosmtplib
 
-from pgdispatch.worker.channels.delivery import ChannelIO, Delivery
+from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery
 from pgdispatch.worker.outbound.destinations import CheckedResolver
 from pgdispatch.worker.outcome import Discard, Done, Outcome, Retry
 
@@ -65,3 +67,19 @@ async def send_email(delivery: Delivery, io: ChannelIO) -> Outcome:
 
 def _refusals(recipients: list[aiosmtplib.SMTPRecipientRefused]) -> str:
     return ", ".join(f"{r.recipient} ({r.code} {r.message})" for r in recipients)
+
+
+async def check_email(settings: Mapping[str, Any], io: ChannelIO) -> str:
+    """Connect, say EHLO, secure the session as configured and log in; nothing is sent."""
+    host, port, security = str(settings["host"]), int(settings["port"]), settings["security"]
+    client = aiosmtplib.SMTP(hostname=host, port=port, use_tls=security == "ssl",
+                             start_tls=security == "starttls", timeout=TIMEOUT)
+    try:
+        await client.connect()
+        if settings.get("username"):
+            await client.login(str(settings["username"]), str(settings.get("password") or ""))
+        await client.quit()
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise CheckFailed(f"SMTP {host}:{port} ({security}): {type(exc).__name__}: {exc}") from None
+    login = " and the login" if settings.get("username") else ""
+    return f"SMTP {host}:{port} accepts a {security} session{login}"

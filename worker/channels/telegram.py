@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from pgdispatch.worker.channels.delivery import Answer, ChannelIO, Delivery, done, retry, stop
+from pgdispatch.worker.channels.delivery import Answer, ChannelIO, CheckFailed, Delivery, done, retry, stop
 from pgdispatch.worker.outcome import Outcome
 
 TEXT_LIMIT = 4096
@@ -56,7 +57,7 @@ async def send_telegram(delivery: Delivery, io: ChannelIO) -> Outcome:
 
 async def _send(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[Answer, str]:
     body = json.dumps(payload, ensure_ascii=False).encode()
-    answer = await io.post(url, content=body, headers={"Content-Type": "application/json"})
+    answer = await io.request("POST", url, content=body, headers={"Content-Type": "application/json"})
     # The token is part of the URL: it is never written down.
     return answer, f"POST /bot***/sendMessage {body.decode()}"
 
@@ -65,3 +66,22 @@ def _parameters(answer: Answer) -> dict[str, Any]:
     body = answer.json()
     parameters = body.get("parameters") if isinstance(body, dict) else None
     return parameters if isinstance(parameters, dict) else {}
+
+
+async def check_telegram(settings: Mapping[str, Any], io: ChannelIO) -> str:
+    """getMe (is the token a bot's?) and getChat (can it see the chat?)."""
+    base = f"{str(settings.get('base_url') or DEFAULT_BASE_URL).rstrip('/')}/bot{settings['bot_token']}"
+    me, _ = await _call(io, f"{base}/getMe", {})
+    chat, _ = await _call(io, f"{base}/getChat", {"chat_id": settings["chat_id"]})
+    title = chat.get("title") or chat.get("username") or chat.get("id")
+    return f"bot @{me.get('username')} sees chat {title}"
+
+
+async def _call(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Answer]:
+    answer, _ = await _send(io, url, payload)
+    body = answer.json()
+    if not isinstance(body, dict) or body.get("ok") is not True:
+        why = body.get("description") if isinstance(body, dict) else answer.text[:200]
+        raise CheckFailed(f"Telegram answered {answer.status}: {why}")
+    result = body.get("result")
+    return (result if isinstance(result, dict) else {}), answer

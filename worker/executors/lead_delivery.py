@@ -56,7 +56,7 @@ class LeadDeliveryExecutor:
             settings=row["settings"], lead_id=row["lead_id"], external_entity_id=row["external_entity_id"],
             external_project_id=row["external_project_id"], data=row["data"], created_at=row["created_at"])
         try:
-            return await adapter(delivery, _IO(self._context, delivery.credential_id))
+            return await adapter(delivery, DeliveryIO(self._context, delivery.credential_id))
         except NotSent as not_sent:
             return not_sent.outcome
 
@@ -69,7 +69,7 @@ class LeadDeliveryExecutor:
             return await cur.fetchone()
 
 
-class _IO:
+class DeliveryIO:
     """ChannelIO for one delivery: the worker's HTTP pool, destinations and the credential's
     shared limits (tenant:credential:ID), and its row in dispatch.credentials."""
 
@@ -93,7 +93,8 @@ class _IO:
                 await conn.execute(sql.query("merge_credential_settings"),
                                    {"id": self._credential_id, "changes": Jsonb(update.changes)})
 
-    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> Answer:
+    async def request(self, method: str, url: str, *, content: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> Answer:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
         if parts.scheme not in ("http", "https") or not host:
@@ -103,7 +104,7 @@ class _IO:
             raise NotSent(Postpone(permit.seconds, permit.reason))
         failed, retry_after, reason = True, None, "no answer"
         try:
-            async with self._context.http.exchange("POST", url, content=content, headers=headers,
+            async with self._context.http.exchange(method, url, content=content, headers=headers,
                                                    timeout=TIMEOUT) as response:
                 body = (await response.aread()).decode("utf-8", "replace")
             answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)

@@ -146,8 +146,6 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
                 return web.json_response({"ok": False, "error_code": 400,
                                           "description": "Bad Request: chat not found"}, status=400)
             return web.json_response({"ok": True, "result": {"id": chat, "title": "Sales", "type": "group"}})
-        if parts[0].startswith("bot") and len(parts) == 2:
-            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
         if parts[0] == "rest" and parts[-1] == "profile.json":
             if parts[2] == "okcode":
                 return web.json_response({"result": {"ID": "1", "NAME": "Ann", "LAST_NAME": "Admin"}})
@@ -156,6 +154,8 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
             chat = json.loads(body)["chat_id"]
             fake.calls[f"chat:{chat}"] += 1
             return _telegram(chat, fake.calls[f"chat:{chat}"])
+        if parts[0].startswith("bot") and len(parts) == 2:
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
         if parts[0] == "rest" and parts[-1] == "crm.lead.add.json":
             return _bitrix(parts[2], fake.calls[request.path])
         if parts[0] == "amo":  # /amo/<account>/...

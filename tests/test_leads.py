@@ -259,7 +259,7 @@ def test_a_revived_delivery_is_pending_again_and_counts_once(db_url: str) -> Non
                                        "finished": True}
 
 
-def test_secrets_are_readable_by_the_worker_only(db_url: str) -> None:
+def test_secrets_are_readable_by_the_worker_only_and_producers_send_leads(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         credential(conn, "telegram", {"bot_token": BOT_TOKEN, "chat_id": 1}, entity=10)
         conn.execute("SET ROLE dispatch_reader")
@@ -267,6 +267,14 @@ def test_secrets_are_readable_by_the_worker_only(db_url: str) -> None:
             conn.execute("SELECT settings FROM dispatch.credentials")
         masked = conn.execute("SELECT settings FROM dispatch.credentials_masked").fetchone()
         assert masked == ({"bot_token": "***", "chat_id": 1},)
+        conn.execute("RESET ROLE")
+        # A producer writes leads and sends them, and reads no credential.
+        conn.execute("SET ROLE dispatch_producer")
+        row = conn.execute("INSERT INTO dispatch.leads (external_entity_id, data) VALUES (10, '{}') RETURNING id"
+                           ).fetchone()
+        assert row is not None and conn.execute("SELECT dispatch.send_lead(%s)", row).fetchone() is not None
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT settings FROM dispatch.credentials")
         conn.execute("RESET ROLE")
         limit = conn.execute("SELECT rate, burst FROM dispatch.limits WHERE key LIKE 'tenant:credential:%'").fetchone()
         assert limit == (25.0, 5)  # under Telegram's ~30/s per bot, in any one second

@@ -51,7 +51,7 @@ async def send_telegram(delivery: Delivery, io: ChannelIO) -> Outcome:
     if answer.status >= 500 or answer.status == 200:  # 200 without ok: a broken answer, try again
         return retry(sent, answer, f"Telegram answered {answer.status}: {description}")
     if answer.status in (401, 404):
-        return stop(sent, answer, f"Telegram: {description} (the bot token is wrong)")
+        return stop(sent, answer, f"Telegram: {description} (a wrong bot token)")
     return stop(sent, answer, f"Telegram: {description}")
 
 

@@ -72,9 +72,11 @@ def _setup(conn: psycopg.Connection[tuple[object, ...]], base: str) -> None:
                                        VALUES (%s, %s, %s) RETURNING id)
                             INSERT INTO dispatch.entity_credentials SELECT %s, id FROM c""",
                          (type_, f"{type_} {entity}", json.dumps(settings), entity))
+    # Leads of all entities interleaved, as they arrive in a day: lead n belongs to entity n % 100.
     conn.execute("""INSERT INTO dispatch.leads (external_entity_id, external_project_id, data)
-                    SELECT e, NULL, jsonb_build_object('name', 'Lead ' || n, 'phone', '+48 600 ' || n)
-                    FROM generate_series(1, %s) e, generate_series(1, %s) n""", (ENTITIES, LEADS_PER_ENTITY))
+                    SELECT 1 + n %% %s, NULL,
+                           jsonb_build_object('name', 'Lead ' || n, 'phone', '+48 600 ' || n)
+                    FROM generate_series(1, %s) n""", (ENTITIES, ENTITIES * LEADS_PER_ENTITY))
 
 
 @contextlib.contextmanager

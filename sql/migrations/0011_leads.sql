@@ -134,26 +134,20 @@ END $$;
 CREATE TRIGGER credentials_default_limit AFTER INSERT ON dispatch.credentials
     FOR EACH ROW EXECUTE FUNCTION dispatch.credential_default_limit();
 
-CREATE TABLE dispatch.batches (
+-- A send: its deliveries say how it went (the dispatch.batches view counts them).
+CREATE TABLE dispatch.lead_batches (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     lead_id         bigint NOT NULL REFERENCES dispatch.leads (id) ON DELETE CASCADE,
     requested_types text[],  -- NULL: every enabled credential
-    total           integer NOT NULL DEFAULT 0,  -- deliveries sent (skipped ones are not)
-    pending         integer NOT NULL DEFAULT 0,
-    succeeded       integer NOT NULL DEFAULT 0,
-    failed          integer NOT NULL DEFAULT 0,
-    skipped         integer NOT NULL DEFAULT 0,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    finished_at     timestamptz,
-    CONSTRAINT batch_counters_add_up CHECK (pending >= 0 AND pending + succeeded + failed = total)
+    created_at      timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX batches_lead ON dispatch.batches (lead_id);
+CREATE INDEX lead_batches_lead ON dispatch.lead_batches (lead_id);
 
 CREATE TYPE dispatch.delivery_status AS ENUM ('pending', 'succeeded', 'failed', 'skipped');
 
 CREATE TABLE dispatch.deliveries (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    batch_id      bigint NOT NULL REFERENCES dispatch.batches (id) ON DELETE CASCADE,
+    batch_id      bigint NOT NULL REFERENCES dispatch.lead_batches (id) ON DELETE CASCADE,
     lead_id       bigint NOT NULL,
     credential_id bigint REFERENCES dispatch.credentials (id) ON DELETE SET NULL,
     type          text NOT NULL,
@@ -167,6 +161,22 @@ CREATE TABLE dispatch.deliveries (
 -- At most one delivery of a lead to a credential under way: a double click sends once.
 CREATE UNIQUE INDEX deliveries_one_pending ON dispatch.deliveries (lead_id, credential_id) WHERE status = 'pending';
 CREATE INDEX deliveries_batch ON dispatch.deliveries (batch_id);
+
+-- Each batch with its counters, counted from its deliveries: exact whatever finishes at once,
+-- and no row every delivery of a batch must lock (concurrent outcomes would deadlock on it).
+CREATE VIEW dispatch.batches AS
+SELECT b.id, b.lead_id, b.requested_types,
+       count(d.id) FILTER (WHERE d.status <> 'skipped')::integer AS total,
+       count(d.id) FILTER (WHERE d.status = 'pending')::integer AS pending,
+       count(d.id) FILTER (WHERE d.status = 'succeeded')::integer AS succeeded,
+       count(d.id) FILTER (WHERE d.status = 'failed')::integer AS failed,
+       count(d.id) FILTER (WHERE d.status = 'skipped')::integer AS skipped,
+       b.created_at,
+       CASE WHEN count(d.id) FILTER (WHERE d.status = 'pending') = 0
+            THEN coalesce(max(d.finished_at), b.created_at) END AS finished_at
+FROM dispatch.lead_batches b
+LEFT JOIN dispatch.deliveries d ON d.batch_id = b.id
+GROUP BY b.id;
 CREATE INDEX deliveries_job ON dispatch.deliveries (job_id) WHERE job_id IS NOT NULL;
 
 -- The seed's job settings: 3 tries, 300 s each.
@@ -201,7 +211,7 @@ BEGIN
         RAISE EXCEPTION 'dispatch.send_lead: delay must be zero or more, got %', coalesce(delay::text, 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    INSERT INTO dispatch.batches (lead_id, requested_types) VALUES (l.id, wanted) RETURNING id INTO batch;
+    INSERT INTO dispatch.lead_batches (lead_id, requested_types) VALUES (l.id, wanted) RETURNING id INTO batch;
     WITH targets AS MATERIALIZED (
         SELECT c.id AS credential_id, c.type, c.type = ANY (dispatch.lead_channels(true)) AS supported,
                nextval(pg_get_serial_sequence('dispatch.jobs', 'id')) AS job_id
@@ -225,25 +235,19 @@ BEGIN
                                   'type', s.type),
                now() + delay, format('lead:%s:%s:%s', l.id, s.credential_id, s.id)
         FROM sent s
-    ), recorded AS (
-        -- Recorded, not sent: channels pgdispatch does not deliver to, and integrations this
-        -- lead is already being delivered to (a double click).
-        INSERT INTO dispatch.deliveries (batch_id, lead_id, credential_id, type, status, error, finished_at)
-        SELECT batch, l.id, t.credential_id, t.type, 'skipped',
-               CASE WHEN NOT t.supported THEN format('unsupported channel %s: skipped', t.type)
-                    ELSE 'already being delivered' || coalesce((
-                        SELECT format(' (batch %s, delivery %s)', p.batch_id, p.id) FROM dispatch.deliveries p
-                        WHERE p.lead_id = l.id AND p.credential_id = t.credential_id AND p.status = 'pending'), '')
-               END,
-               now()
-        FROM targets t
-        WHERE NOT t.supported OR NOT EXISTS (SELECT FROM sent s WHERE s.credential_id = t.credential_id)
-        RETURNING 1
     )
-    UPDATE dispatch.batches b
-    SET total = c.sent, pending = c.sent, skipped = c.skipped, finished_at = CASE WHEN c.sent = 0 THEN now() END
-    FROM (SELECT (SELECT count(*) FROM sent) AS sent, (SELECT count(*) FROM recorded) AS skipped) c
-    WHERE b.id = batch;
+    -- Recorded, not sent: channels pgdispatch does not deliver to, and integrations this lead is
+    -- already being delivered to (a double click).
+    INSERT INTO dispatch.deliveries (batch_id, lead_id, credential_id, type, status, error, finished_at)
+    SELECT batch, l.id, t.credential_id, t.type, 'skipped',
+           CASE WHEN NOT t.supported THEN format('unsupported channel %s: skipped', t.type)
+                ELSE 'already being delivered' || coalesce((
+                    SELECT format(' (batch %s, delivery %s)', p.batch_id, p.id) FROM dispatch.deliveries p
+                    WHERE p.lead_id = l.id AND p.credential_id = t.credential_id AND p.status = 'pending'), '')
+           END,
+           now()
+    FROM targets t
+    WHERE NOT t.supported OR NOT EXISTS (SELECT FROM sent s WHERE s.credential_id = t.credential_id);
     RETURN batch;
 END $$;
 
@@ -279,26 +283,14 @@ CREATE FUNCTION dispatch.settle_delivery(job bigint, outcome dispatch.delivery_s
                                          error text)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    d dispatch.deliveries;
 BEGIN
+    -- Only this delivery's row: a job's outcome is written once (its lease), so concurrent
+    -- outcomes never wait for each other here.
     UPDATE dispatch.deliveries x
     SET status = outcome, attempts = greatest(x.attempts, coalesce(attempt, x.attempts)),
         error = dispatch.mask_text(settle_delivery.error),
         finished_at = CASE WHEN outcome = 'pending' THEN NULL ELSE now() END
-    WHERE x.job_id = job AND x.status <> outcome AND x.status IN ('pending', 'failed')
-    RETURNING * INTO d;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    -- One row per batch, locked by this update: the counters stay exact under concurrent outcomes.
-    UPDATE dispatch.batches b
-    SET pending = b.pending + CASE WHEN outcome = 'pending' THEN 1 ELSE -1 END,
-        succeeded = b.succeeded + CASE WHEN outcome = 'succeeded' THEN 1 ELSE 0 END,
-        failed = b.failed + CASE outcome WHEN 'failed' THEN 1 WHEN 'pending' THEN -1 ELSE 0 END,
-        finished_at = CASE WHEN b.pending + CASE WHEN outcome = 'pending' THEN 1 ELSE -1 END = 0
-                           THEN now() END
-    WHERE b.id = d.batch_id;
+    WHERE x.job_id = job AND x.status <> outcome AND x.status IN ('pending', 'failed');
 END $$;
 
 CREATE FUNCTION dispatch.lead_job_history() RETURNS trigger
@@ -371,6 +363,6 @@ GRANT EXECUTE ON FUNCTION dispatch.send_lead(bigint, text[], interval), dispatch
     TO dispatch_producer, dispatch_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.leads, dispatch.credentials, dispatch.entity_credentials,
     dispatch.project_credentials TO dispatch_worker;
-GRANT SELECT ON dispatch.batches, dispatch.deliveries TO dispatch_worker, dispatch_reader;
+GRANT SELECT ON dispatch.lead_batches, dispatch.batches, dispatch.deliveries TO dispatch_worker, dispatch_reader;
 GRANT SELECT ON dispatch.leads, dispatch.entity_credentials, dispatch.project_credentials,
     dispatch.integration_logs, dispatch.credentials_masked TO dispatch_worker, dispatch_reader;

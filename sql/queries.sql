@@ -14,7 +14,7 @@ SELECT dispatch.finish_jobs_v2(%(ids)b, %(tokens)b, %(outcomes)b, %(delays)b, %(
                                %(errors)b, %(statuses)b, %(details)b::jsonb[]);
 
 -- name: extend_leases
-SELECT lost_token FROM dispatch.extend_leases_v1(%(tokens)s,
+SELECT lost_token FROM dispatch.extend_leases_v2(%(tokens)s,
                                                  make_interval(secs => %(lease_seconds)s));
 
 -- name: rescue_expired

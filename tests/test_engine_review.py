@@ -501,3 +501,35 @@ async def test_maintenance_prunes_old_dead_letters_and_keys_batch_by_batch(db_ur
         await pool.close()
     assert scalar(db_url, "SELECT array_agg(job_id) FROM dispatch.dead_jobs") == [26]  # the recent one stays
     assert scalar(db_url, "SELECT count(*) FROM dispatch.idempotency_keys") == 0
+
+
+def test_the_heartbeat_never_waits_for_a_row_the_outcome_writer_holds(db_url: str) -> None:
+    """Seen under load: the heartbeat and the outcome writer locked the same jobs in different
+    orders and deadlocked. A row locked now is skipped: not extended, not reported lost."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        tokens = [uuid.uuid4(), uuid.uuid4()]
+        ids = [r[0] for r in conn.execute(
+            """INSERT INTO dispatch.jobs (kind, state, lease_token, leased_by, leased_at, lease_expires_at)
+               SELECT 't.k', 'running', t, 'w', now(), now() + interval '5 seconds' FROM unnest(%s::uuid[]) t
+               RETURNING id""", (tokens,)).fetchall()]
+        gone = uuid.uuid4()  # a lease this worker no longer holds
+        with psycopg.connect(db_url) as writer:
+            writer.execute("SELECT 1 FROM dispatch.jobs WHERE id = %s FOR UPDATE", (ids[0],))  # mid-finish
+            conn.execute("SET lock_timeout = '2s'")  # v1 waited here, then failed
+            lost = conn.execute(sql.query("extend_leases"), {"tokens": [*tokens, gone], "lease_seconds": 60}).fetchall()
+            assert lost == [(gone,)]
+            writer.rollback()
+        expiry = dict(conn.execute("SELECT id, lease_expires_at > now() + interval '30 seconds' FROM dispatch.jobs"
+                                   ).fetchall())
+        assert expiry == {ids[0]: False, ids[1]: True}
+
+
+def test_no_function_is_executable_by_public(db_url: str) -> None:
+    """Every SECURITY DEFINER function acts with the owner's rights: only the roles it is
+    granted to may call it."""
+    with psycopg.connect(db_url) as conn:
+        callable_by_anyone = conn.execute(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+               WHERE n.nspname = 'dispatch' AND has_function_privilege('public', p.oid, 'EXECUTE')
+               ORDER BY 1""").fetchall()
+    assert callable_by_anyone == []

@@ -9,21 +9,17 @@ refused for a limit (0 means every vendor limit was respected)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 
-from pgdispatch.bench.scenarios import OURS, Result, fresh_database
+from pgdispatch.bench.scenarios import OURS, Result, fresh_database, local_server
 
 ENTITIES, LEADS_PER_ENTITY = 100, 100
 REFUSED = "leads: requests refused for a vendor limit"
@@ -32,7 +28,8 @@ CHUNK = 500
 
 def leads(server_url: str) -> list[Result]:
     record = Path(tempfile.mkdtemp(prefix="pgd-vendors-")) / "record.json"
-    with fresh_database(server_url) as url, vendors(record) as base:
+    with fresh_database(server_url) as url, \
+            local_server("pgdispatch.bench.vendors", "--record", str(record)) as base:
         with psycopg.connect(url, autocommit=True) as conn:
             _setup(conn, base)
             ids = [r[0] for r in conn.execute("SELECT id FROM dispatch.leads ORDER BY id").fetchall()]
@@ -77,19 +74,3 @@ def _setup(conn: psycopg.Connection[tuple[object, ...]], base: str) -> None:
                     SELECT 1 + n %% %s, NULL,
                            jsonb_build_object('name', 'Lead ' || n, 'phone', '+48 600 ' || n)
                     FROM generate_series(1, %s) n""", (ENTITIES, ENTITIES * LEADS_PER_ENTITY))
-
-
-@contextlib.contextmanager
-def vendors(record: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pgdispatch.bench.vendors", "--port", str(port),
-                             "--record", str(record)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    proc.stdout.readline()  # "vendors listening ..."
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)

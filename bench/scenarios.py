@@ -55,14 +55,22 @@ def fresh_database(server_url: str, *, ours: bool = True) -> Iterator[str]:
 def sink(status: int = 202, delay: float = 0.0, record: str | None = None) -> Iterator[str]:
     """The raw asyncio sink (bench/sink.py) in its own process; `record`: where it writes its
     arrival times when it stops."""
+    with local_server("pgdispatch.bench.sink", "--status", str(status), "--delay", str(delay),
+                      *(["--record", record] if record else [])) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def local_server(module: str, *args: str) -> Iterator[str]:
+    """`python -m module --port P *args` in its own process, until the block ends (SIGTERM).
+    The server prints one line when it listens."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pgdispatch.bench.sink", "--port", str(port), "--status",
-                             str(status), "--delay", str(delay), *(["--record", record] if record else [])],
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    proc.stdout.readline()  # "sink listening ..."
+    proc.stdout.readline()  # "... listening ..."
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

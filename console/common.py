@@ -107,14 +107,24 @@ def port(text: str) -> int:
     return value
 
 
-def json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--args is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--args must be a JSON object, got {type(value).__name__}")
-    return value
+def json_object(flag: str) -> Callable[[str], dict[str, Any]]:
+    """The argument type of a flag that takes a JSON object; `@FILE` reads it from a file (so
+    secrets stay out of shell history)."""
+    def parse(text: str) -> dict[str, Any]:
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text()
+            except OSError as exc:
+                raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {type(value).__name__}")
+        return value
+
+    return parse
 
 
 # -- database -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 
     e = sub.add_parser("enqueue", help="enqueue one job")
     e.add_argument("kind")
-    e.add_argument("--args", type=json_object, default={}, help="JSON object (default {})")
+    e.add_argument("--args", type=json_object("--args"), default={}, help="JSON object (default {})")
     e.add_argument("--queue", default="default")
     e.add_argument("--priority", type=int, default=0, help="-100..100, lower runs first")
     e.add_argument("--run-in", type=duration, help="schedule for later (e.g. 10m)")

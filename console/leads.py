@@ -22,6 +22,7 @@ from pgdispatch.console.common import (
     duration,
     emit,
     fields,
+    json_object,
     say,
     table,
     warn,
@@ -58,7 +59,7 @@ def register(sub: Any) -> None:
     ca = csub.add_parser("add")
     ca.add_argument("--type", required=True)
     ca.add_argument("--name", required=True)
-    ca.add_argument("--settings", required=True, type=_settings, metavar="JSON|@FILE",
+    ca.add_argument("--settings", required=True, type=json_object("--settings"), metavar="JSON|@FILE",
                     help="the channel's settings as JSON, or @file.json (keeps secrets out of shell history)")
     ca.add_argument("--entity", action="append", type=int, default=[],
                     help="an external entity id (repeatable)")
@@ -162,21 +163,6 @@ def _ids(text: str) -> list[int]:
     if not ids:
         raise argparse.ArgumentTypeError("no lead ids given")
     return ids
-
-
-def _settings(text: str) -> dict[str, Any]:
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except OSError as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--settings is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--settings must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def credentials(env: Env, args: argparse.Namespace) -> int:

@@ -83,4 +83,4 @@ def test_schema_sql_applies_to_an_empty_database(empty_db_url: str) -> None:
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         apply_schema_sql(conn)
         assert conn.execute("SELECT name FROM dispatch.queues ORDER BY name").fetchall() == [
-            ("default",), ("leads",), ("requests",)]
+            ("crm",), ("default",), ("leads",), ("requests",)]

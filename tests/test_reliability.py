@@ -345,7 +345,7 @@ def test_sql_injection_through_every_field_is_just_data(db_url: str, monkeypatch
         assert cli.main(["dead", "list", "--queue", payload]) == 0
     capsys.readouterr()
     with psycopg.connect(db_url) as c:
-        assert c.execute("SELECT count(*) FROM dispatch.queues").fetchone() == (3,)  # default, leads, requests
+        assert c.execute("SELECT count(*) FROM dispatch.queues").fetchone() == (4,)  # crm, default, leads, requests
         tenants = {r[0] for r in c.execute("SELECT DISTINCT tenant FROM dispatch.jobs WHERE tenant IS NOT NULL")}
         assert tenants == set(INJECTIONS)  # stored verbatim, as data
         assert c.execute("SELECT count(*) FROM dispatch.jobs WHERE kind = 'http.request'").fetchone() == (len(INJECTIONS),)

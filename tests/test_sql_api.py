@@ -271,7 +271,7 @@ def test_roles_producer_can_only_enqueue_reader_sees_masked_views(conn: Conn) ->
     conn.execute("SET ROLE dispatch_reader")
     args = [r[0] for r in conn.execute("SELECT args FROM dispatch.job_list ORDER BY id").fetchall()]
     assert args[0] == {"token": "***"}
-    assert conn.execute("SELECT count(*) FROM dispatch.queue_stats").fetchone() == (3,)  # default, leads, requests
+    assert conn.execute("SELECT count(*) FROM dispatch.queue_stats").fetchone() == (4,)  # crm, default, leads, requests
     assert conn.execute("SELECT count(*) FROM dispatch.request_attempts").fetchone() == (0,)
     for forbidden in ("SELECT * FROM dispatch.jobs", "SELECT dispatch.enqueue('k')",
                       "UPDATE dispatch.queues SET paused = true", "SELECT * FROM dispatch.signing_keys",

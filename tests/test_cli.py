@@ -39,7 +39,8 @@ def test_enqueue_and_status(run) -> None:  # type: ignore[no-untyped-def]
     assert code == 0 and out.strip() == "enqueued job 2"
     code, out, _ = run("status", "--json")
     stats = json.loads(out)
-    assert code == 0 and stats["queues"][0]["available"] == 1 and stats["queues"][0]["scheduled"] == 1
+    default = next(q for q in stats["queues"] if q["queue"] == "default")
+    assert code == 0 and default["available"] == 1 and default["scheduled"] == 1
     code, out, _ = run("status")
     assert code == 0 and "default" in out
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers import served
+
 BOT_TOKEN = "123456:AAFakeTokenForTestsOnly_0123456789"
 
 
@@ -162,18 +164,8 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
             return await _amo(fake.amo[parts[1]], parts[1], "/".join(parts[2:]), request, body)
         return web.Response(status=404, text="no such endpoint")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    fake.url = f"http://127.0.0.1:{port}"
-    try:
+    async with served(handle) as fake.url:
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.contextmanager

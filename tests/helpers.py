@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import psycopg
+from aiohttp import web
 
 from pgdispatch.worker.attempt import Executor
 from pgdispatch.worker.config import WorkerConfig
@@ -61,3 +62,18 @@ async def running_worker(url: str, executors: Mapping[str, Executor], **settings
     finally:
         runner.stop()
         await asyncio.wait_for(task, timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def served(handle: Callable[[web.Request], Any], route: str = "/{tail:.*}") -> AsyncIterator[str]:
+    """A local HTTP server (aiohttp) answering every method on `route` with `handle`; its URL."""
+    app = web.Application()
+    app.router.add_route("*", route, handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()

@@ -11,11 +11,11 @@ from pgdispatch.worker.batcher import Batcher
 
 
 class BadData(Exception):
-    pass
+    """A request the remote refuses: worth sending alone."""
 
 
 class Lost(Exception):
-    pass
+    """The connection is gone: the whole batch fails."""
 
 
 class Remote:

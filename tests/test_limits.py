@@ -24,7 +24,7 @@ from aiohttp import web
 from pgdispatch.notify import CONFIG_CHANNEL
 from pgdispatch.notify.listener import Listener
 from pgdispatch.worker.outbound.limits import Limits, Permit, Wait
-from tests.helpers import execute, scalar, wait_until
+from tests.helpers import execute, scalar, served, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,15 +70,8 @@ class Counter:
 @pytest.fixture
 async def counter() -> AsyncIterator[Counter]:
     state = Counter()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
+    async with served(state.handle) as state.url:
+        yield state
 
 
 def start_pool(db_url: str, *args: str) -> subprocess.Popen[str]:

@@ -26,7 +26,7 @@ from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
-from tests.helpers import execute, scalar, wait_until
+from tests.helpers import execute, scalar, served, wait_until
 
 SECRET = "hs-secret-DO-NOT-LEAK-8c1f-0123456789abcdef"
 BEARER = "Bearer tok-DO-NOT-LEAK-77aa"
@@ -76,16 +76,8 @@ async def sink() -> AsyncIterator[Sink]:
             return web.Response(status=int(name), text=f"answer {name}")
         return web.Response(status=200, text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{name}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    async with served(handle, "/{name}") as state.url:
+        yield state
 
 
 async def drain(db_url: str, *, allow_private_networks: bool = True, per_host_limit: int = 64,

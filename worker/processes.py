@@ -86,9 +86,14 @@ class ProcessType:
     backoff: float = 60.0  # seconds before the second attempt; doubles each time, up to 1 hour
     step_timeout: float = 300.0  # the seed's bound on a step
     names: tuple[str, ...] = field(init=False)
+    following: Mapping[str, str | None] = field(init=False)  # each step's next (None: the last)
+    _targets: Mapping[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "names", tuple(name for name, _ in self.steps))
+        names = tuple(name for name, _ in self.steps)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "following", dict(zip(names, (*names[1:], None), strict=True)))
+        object.__setattr__(self, "_targets", dict(self.steps))
         if not TYPE_FORMAT.match(self.key):
             raise ConfigurationError(f"process type {self.key!r} must match {TYPE_FORMAT.pattern}")
         if self.version < 1 or self.max_attempts < 1 or self.step_timeout <= 0 or self.backoff < 0:
@@ -115,7 +120,7 @@ class ProcessType:
         return KIND_PREFIX + self.key
 
     def step_function(self, name: str) -> StepFunction:
-        target = dict(self.steps)[name]
+        target = self._targets[name]
         if isinstance(target, str):
             function: StepFunction = getattr(self.cls(), target)
             return function
@@ -225,10 +230,8 @@ class ProcessRunner:
                 result: StepResult, *, continue_here: bool) -> _Finish:
         at = (process_id, run_seq, step, attempt, started)
         if isinstance(result, StepDone):
-            names = self.ptype.names
-            following = names[names.index(step) + 1] if step != names[-1] else None
             return _Finish(*at, "done", message=result.message, payload=_payload(result.payload),
-                           state=Jsonb(dict(result.state or {})), next_step=following,
+                           state=Jsonb(dict(result.state or {})), next_step=self.ptype.following[step],
                            continue_here=continue_here)
         if isinstance(result, StepRetry) and attempt < self.ptype.max_attempts:
             return _Finish(*at, "retry", error=result.reason, delay=self.ptype.delay(attempt, result.after))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from pgdispatch.worker.outbound.destinations import Destinations
+from pgdispatch.worker.outbound.transport import retry_after_seconds
 from pgdispatch.worker.outcome import Discard, Done, Postpone, Retry
 
 EXCERPT_CHARS = 2048
@@ -52,11 +54,8 @@ class Answer:
             return None
 
     def retry_after(self, default: float | None = None) -> float | None:
-        value = self.headers.get("retry-after", "")
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return default
+        seconds = retry_after_seconds(self.headers.get("retry-after"), time.time())
+        return default if seconds is None else seconds
 
 
 @dataclass(slots=True)

@@ -26,26 +26,23 @@ def message(delivery: Delivery) -> str:
 
 async def send_telegram(delivery: Delivery, io: ChannelIO) -> Outcome:
     settings = delivery.settings
-    base = str(settings.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
-    url = f"{base}/bot{settings['bot_token']}/sendMessage"
+    url = f"{_bot_url(settings)}/sendMessage"
     payload: dict[str, Any] = {"chat_id": settings["chat_id"], "text": message(delivery),
                                "parse_mode": "HTML", "link_preview_options": {"is_disabled": True}}
-    answer, sent = await _send(io, url, payload)
-    migrated = _parameters(answer).get("migrate_to_chat_id")
+    answer, body, sent = await _send(io, url, payload)
+    migrated = _parameters(body).get("migrate_to_chat_id")
     if answer.status == 400 and migrated is not None:
         # The group became a supergroup: Telegram names its new id; send there at once.
         payload["chat_id"] = migrated
-        answer, sent = await _send(io, url, payload)
+        answer, body, sent = await _send(io, url, payload)
         if answer.status == 200:
             note = f" (chat {settings['chat_id']} is now {migrated}: update the credential's chat_id)"
             return done(sent + note, answer)
-    parsed = answer.json()
-    body = parsed if isinstance(parsed, dict) else {}
     description = str(body.get("description") or answer.text[:200])
     if answer.status == 200 and body.get("ok") is True:
         return done(sent, answer)
     if answer.status == 429:
-        after = _parameters(answer).get("retry_after")
+        after = _parameters(body).get("retry_after")
         return retry(sent, answer, f"Telegram: {description}",
                      float(after) if isinstance(after, int | float) else answer.retry_after(5.0))
     if answer.status >= 500 or answer.status == 200:  # 200 without ok: a broken answer, try again
@@ -55,33 +52,37 @@ async def send_telegram(delivery: Delivery, io: ChannelIO) -> Outcome:
     return stop(sent, answer, f"Telegram: {description}")
 
 
-async def _send(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[Answer, str]:
-    body = json.dumps(payload, ensure_ascii=False).encode()
-    answer = await io.request("POST", url, content=body, headers={"Content-Type": "application/json"})
-    # The token is part of the URL: it is never written down.
-    return answer, f"POST /bot***/sendMessage {body.decode()}"
-
-
-def _parameters(answer: Answer) -> dict[str, Any]:
-    body = answer.json()
-    parameters = body.get("parameters") if isinstance(body, dict) else None
-    return parameters if isinstance(parameters, dict) else {}
-
-
 async def check_telegram(settings: Mapping[str, Any], io: ChannelIO) -> str:
     """getMe (is the token a bot's?) and getChat (can it see the chat?)."""
-    base = f"{str(settings.get('base_url') or DEFAULT_BASE_URL).rstrip('/')}/bot{settings['bot_token']}"
-    me, _ = await _call(io, f"{base}/getMe", {})
-    chat, _ = await _call(io, f"{base}/getChat", {"chat_id": settings["chat_id"]})
+    me = await _call(io, f"{_bot_url(settings)}/getMe", {})
+    chat = await _call(io, f"{_bot_url(settings)}/getChat", {"chat_id": settings["chat_id"]})
     title = chat.get("title") or chat.get("username") or chat.get("id")
     return f"bot @{me.get('username')} sees chat {title}"
 
 
-async def _call(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Answer]:
-    answer, _ = await _send(io, url, payload)
-    body = answer.json()
-    if not isinstance(body, dict) or body.get("ok") is not True:
-        why = body.get("description") if isinstance(body, dict) else answer.text[:200]
+def _bot_url(settings: Mapping[str, Any]) -> str:
+    return f"{str(settings.get('base_url') or DEFAULT_BASE_URL).rstrip('/')}/bot{settings['bot_token']}"
+
+
+async def _send(io: ChannelIO, url: str, payload: dict[str, Any]) -> tuple[Answer, dict[str, Any], str]:
+    """The answer, its JSON object (empty when it is none) and what is logged of the request."""
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    answer = await io.request("POST", url, content=body, headers={"Content-Type": "application/json"})
+    parsed = answer.json()
+    # The token is part of the URL: it is never written down.
+    method = url.rsplit("/", 1)[1]
+    return answer, parsed if isinstance(parsed, dict) else {}, f"POST /bot***/{method} {body.decode()}"
+
+
+async def _call(io: ChannelIO, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    answer, body, _ = await _send(io, url, payload)
+    if body.get("ok") is not True:
+        why = body.get("description") or answer.text[:200]
         raise CheckFailed(f"Telegram answered {answer.status}: {why}")
     result = body.get("result")
-    return (result if isinstance(result, dict) else {}), answer
+    return result if isinstance(result, dict) else {}
+
+
+def _parameters(body: dict[str, Any]) -> dict[str, Any]:
+    parameters = body.get("parameters")
+    return parameters if isinstance(parameters, dict) else {}

@@ -20,7 +20,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +31,7 @@ from pgdispatch.worker.outbound.deadlines import Deadlines
 from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
+from pgdispatch.worker.outbound.transport import read_at_most, retry_after_seconds
 from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
@@ -331,29 +331,15 @@ def _transport_error(exc: httpx.HTTPError) -> tuple[str, str]:
 
 
 def _retry_after(response: httpx.Response, now: float) -> float | None:
-    """The Retry-After of a 429/503 in seconds (given as seconds or an HTTP date), if any."""
+    """The Retry-After of a 429/503 in seconds, if any."""
     if response.status_code not in (429, 503):
         return None
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(min(int(value), 86400))
-    try:
-        when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, min(when - now, 86400.0))
+    return retry_after_seconds(response.headers.get("retry-after"), now)
 
 
 async def _read_excerpt(response: httpx.Response) -> str:
-    """The first 2 KB of the body; the rest is never read into memory."""
-    chunks = bytearray()
-    async for chunk in response.aiter_raw():
-        chunks += chunk
-        if len(chunks) >= RESPONSE_EXCERPT_BYTES:
-            break
-    return bytes(chunks[:RESPONSE_EXCERPT_BYTES]).decode("utf-8", "replace")
+    """The first 2 KB of the body."""
+    return (await read_at_most(response, RESPONSE_EXCERPT_BYTES)).decode("utf-8", "replace")
 
 
 def _detail(started: datetime, t0: float, response: httpx.Response, excerpt: str) -> dict[str, Any]:

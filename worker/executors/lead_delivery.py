@@ -24,9 +24,11 @@ from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.limits import Wait
+from pgdispatch.worker.outbound.transport import read_at_most
 from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 TIMEOUT = 30.0  # seconds for one request; the job's own bound is the queue's (300 s)
+ANSWER_BYTES = 65_536  # of a vendor's answer read: its JSON verdict fits, a flood does not
 
 
 class LeadDeliveryExecutor:
@@ -106,7 +108,7 @@ class DeliveryIO:
         try:
             async with self._context.http.exchange(method, url, content=content, headers=headers,
                                                    timeout=TIMEOUT) as response:
-                body = (await response.aread()).decode("utf-8", "replace")
+                body = (await read_at_most(response, ANSWER_BYTES)).decode("utf-8", "replace")
             answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)
             failed = answer.status >= 500 or answer.status == 429
             if answer.status in (429, 503):

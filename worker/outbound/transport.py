@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
+from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -57,3 +58,28 @@ class HttpTransport:
             yield response
         finally:
             await response.aclose()
+
+
+async def read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The first `limit` bytes of the body; the rest is never read into memory (an endpoint
+    may answer with gigabytes)."""
+    chunks = bytearray()
+    async for chunk in response.aiter_raw():
+        chunks += chunk
+        if len(chunks) >= limit:
+            break
+    return bytes(chunks[:limit])
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header in seconds (given as seconds or an HTTP date, at most a day)."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(min(int(value), 86400))
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(when - now, 86400.0))

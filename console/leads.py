@@ -108,8 +108,7 @@ def leads(env: Env, args: argparse.Namespace) -> int:
 
 
 def _show_batch(conn: Conn, args: argparse.Namespace, batch_id: int) -> int:
-    rows = conn.execute("SELECT type, credential_id, status::text AS status, error FROM dispatch.deliveries "
-                        "WHERE batch_id = %s ORDER BY id", (batch_id,)).fetchall()
+    rows = conn.execute(sql.query("batch_deliveries"), {"batch_id": batch_id}).fetchall()
     result = {"batch_id": batch_id, "deliveries": rows}
 
     def render(r: dict[str, Any]) -> None:

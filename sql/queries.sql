@@ -409,6 +409,10 @@ UPDATE dispatch.credentials SET settings = settings || %(changes)s WHERE id = %(
 -- name: send_lead
 SELECT dispatch.send_lead(%(lead_id)s, %(types)s, make_interval(secs => %(delay)s)) AS batch_id;
 
+-- name: batch_deliveries
+SELECT type, credential_id, status::text AS status, error FROM dispatch.deliveries
+WHERE batch_id = %(batch_id)s ORDER BY id;
+
 -- name: resend_leads
 SELECT dispatch.resend_leads(%(lead_ids)s, %(types)s) AS summary;
 

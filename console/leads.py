@@ -224,7 +224,8 @@ async def _test(env: Env, credential: dict[str, Any]) -> int:
         try:
             verdict = await check(credential["settings"], io)
         except (CheckFailed, NotSent) as exc:
-            warn(f"credential {credential['id']} ({credential['type']} {credential['name']!r}): {exc}")
+            why = " ".join(str(exc).split())  # an HTML error page: one line of it
+            warn(f"credential {credential['id']} ({credential['type']} {credential['name']!r}): {why}")
             return EXIT_ERROR
         finally:
             await keys.close()

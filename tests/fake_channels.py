@@ -138,6 +138,9 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
         fake.seen.append(Seen(request.path, dict(request.headers), body))
         fake.calls[request.path] += 1
         parts = request.path.strip("/").split("/")
+        if parts[0] == "hook" and parts[1] == "html":  # a proxy's error page
+            return web.Response(status=502, content_type="text/html",
+                                text="<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n</body>\n</html>\n")
         if parts[0] == "hook":  # /hook/<status>
             return web.Response(status=int(parts[1]), text=f"answer {parts[1]}")
         if parts[0] == f"bot{BOT_TOKEN}" and parts[1] == "getMe":

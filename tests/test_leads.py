@@ -442,6 +442,9 @@ def test_leads_and_credentials_cli(db_url: str, capsys: pytest.CaptureFixture[st
                 (("credentials", "test", "2"), 0, "ok, the webhook answered 200 to a test event (signed)"),
                 (("credentials", "test", "3"), 0, "ok, account acme (id 31)"),
                 (("credentials", "test", "4"), 1, "Bitrix24 answered 401 NO_AUTH_FOUND: Wrong authorization data"),
+                (("credentials", "add", "--type", "webhooks", "--name", "proxy", "--settings",
+                  json.dumps({"url": f"{url}/hook/html"})), 0, "credential 6"),
+                (("credentials", "test", "6"), 1, "the webhook answered 502: <html> <head><title>502 Bad Gateway"),
                 (("credentials", "test", "99"), 3, "no credential 99"),
                 (("credentials", "disable", "4"), 0, "credential 4 (bitrix24 'bx') disabled"),
                 (("credentials", "enable", "99"), 3, "no credential 99"),
@@ -458,6 +461,8 @@ def test_leads_and_credentials_cli(db_url: str, capsys: pytest.CaptureFixture[st
             ]:
                 got, output = run(*argv)
                 assert (got, expect in output) == (code, True), (argv, got, output)
+                if got and "--json" not in argv:  # a refusal is one line
+                    assert len(output.strip().splitlines()) == 1, (argv, output)
                 outputs.append(output)
             ids = tmp_path / "ids.txt"
             ids.write_text("1\n2  # a comment\n")

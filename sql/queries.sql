@@ -455,3 +455,15 @@ UPDATE dispatch.credentials SET enabled = %(enabled)s WHERE id = %(id)s RETURNIN
 
 -- name: credential_get
 SELECT id, type, name, enabled, settings FROM dispatch.credentials WHERE id = %(id)s;
+
+-- name: enterprise_config
+-- The integration config cache (notify/integrations.py): one enterprise, secrets included.
+SELECT integrations_config FROM dispatch.enterprises WHERE number = %(number)s;
+
+-- name: enterprise_configs
+SELECT number, integrations_config FROM dispatch.enterprises;
+
+-- name: integration_status
+SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_error, breaker,
+       breaker_open_until, breaker_reason, paused_until
+FROM dispatch.integration_status ORDER BY enterprise, integration;

@@ -25,7 +25,9 @@ def enterprise(conn: psycopg.Connection[Any], number: str = "0367", **config: An
     ({"retailcrm": {**RETAILCRM, "api_url": "acme.retailcrm.ru"}}, "retailcrm.api_url must be the account URL"),
     ({"retailcrm": {**RETAILCRM, "api_key": ""}}, "retailcrm.api_key must be a non-empty string"),
     ({"retailcrm": {**RETAILCRM, "user_mappings": {"151": "Ann"}}}, "retailcrm.user_mappings must map extensions"),
-    ({"bitrix": {"enabled": True}}, "bitrix: unknown integration; known: retailcrm"),
+    ({"bitrix": {"enabled": True}}, "bitrix: unknown integration; known: retailcrm, webhook"),
+    ({"webhook": {"enabled": True, "url": "ftp://x"}}, "webhook.url must be an http(s) URL"),
+    ({"webhook": {"enabled": True, "url": "https://x", "secret": "short"}}, "webhook.secret must be a Standard Webhooks secret"),
     ([], "integrations_config must be a JSON object"),
 ])
 def test_the_config_of_each_integration_is_checked(conn: psycopg.Connection[Any], config: Any, message: str) -> None:
@@ -38,7 +40,8 @@ def test_each_committed_change_notifies_the_enterprise_and_integration_changed(d
         listener.execute("LISTEN dispatch_config")
 
         def heard() -> list[dict[str, Any]]:
-            return [json.loads(n.payload) for n in listener.notifies(timeout=0.5, stop_after=200)]
+            messages = [json.loads(n.payload) for n in listener.notifies(timeout=0.5, stop_after=200)]
+            return [m for m in messages if m["table"] == "enterprises"]  # not the default limit's
 
         enterprise(conn)
         assert heard() == []  # not committed yet

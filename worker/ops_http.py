@@ -1,7 +1,9 @@
-"""HTTP for operators on the pool: /health, /stats (JSON), /metrics (Prometheus).
+"""HTTP on the pool: /health, /stats (JSON), /metrics (Prometheus) for operators, and
+/smart-redirect for the telephony side (worker/smart_redirect.py).
 
-Figures come from the database (dispatch.queue_stats, dispatch.worker_status), so every pool
-on every host reports the same truth, plus this pool's own process table.
+Figures come from the database (dispatch.queue_stats, dispatch.worker_status,
+dispatch.integration_status), so every pool on every host reports the same truth, plus this
+pool's own process table and smart-redirect counters.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from psycopg.rows import dict_row
 
 from pgdispatch import sql
+from pgdispatch.worker.smart_redirect import BadRequest, SmartRedirect
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,17 @@ async def read_stats(database_url: str) -> dict[str, Any]:
         workers = await cur.fetchall()
         await cur.execute(sql.query("limit_status"))
         limits = await cur.fetchall()
-    return {"queues": queues, "workers": workers, "limits": limits}
+        await cur.execute(sql.query("integration_status"))
+        integrations = await cur.fetchall()
+    return {"queues": queues, "workers": workers, "limits": limits, "integrations": integrations}
 
 
 class _Snapshot:
     """A prometheus collector over the last stats read."""
 
     def __init__(self) -> None:
-        self.stats: dict[str, Any] = {"queues": [], "workers": [], "limits": []}
+        self.stats: dict[str, Any] = {"queues": [], "workers": [], "limits": [], "integrations": []}
+        self.redirect: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("pgdispatch_jobs", "Jobs by queue and state", labels=["queue", "state"])
@@ -73,7 +79,31 @@ class _Snapshot:
             blocked.add_metric([limit["key"], "breaker"], 1 if limit["breaker"] == "open" else 0)
             blocked.add_metric([limit["key"], "paused"], 1 if limit["paused_until"] else 0)
         yield from (jobs, wait, done, running, in_flight, tokens, blocked)
+        yield from self._integrations()
 
+    def _integrations(self) -> Iterator[Metric]:
+        cache = CounterMetricFamily("pgdispatch_config_cache", "Integration config cache events per worker",
+                                    labels=["worker", "event"])
+        for w in self.stats["workers"]:
+            counters = (w.get("stats") or {}).get("integration_config_cache") or {}
+            for event in CACHE_EVENTS:
+                if event in counters:
+                    cache.add_metric([w["id"], event], counters[event])
+        breaker = GaugeMetricFamily("pgdispatch_crm_breaker_open",
+                                    "1 while the circuit breaker of an enterprise's CRM is open",
+                                    labels=["enterprise", "integration"])
+        for i in self.stats.get("integrations", []):
+            breaker.add_metric([i["enterprise"], i["integration"]], 1 if i["breaker"] == "open" else 0)
+        yield from (cache, breaker)
+        if self.redirect is not None:
+            asked = CounterMetricFamily("pgdispatch_smart_redirect", "Smart redirect answers by result",
+                                        labels=["result"])
+            for result in ("redirected", "not_redirected", "over_budget"):
+                asked.add_metric([result], self.redirect[result])
+            yield asked
+
+
+CACHE_EVENTS = ("hits", "misses", "loads", "load_seconds", "invalidations", "full_reloads", "reconnects")
 
 PoolInfo = Callable[[], dict[str, Any]]
 
@@ -86,6 +116,8 @@ class OpsServer:
                  host: str = "127.0.0.1") -> None:
         self._database_url = database_url
         self._pool_info = pool_info
+        # Set once its connections are up (the pool starts its workers meanwhile).
+        self.redirect: SmartRedirect | None = None
         self._host = host
         self._port = port
         self._snapshot = _Snapshot()
@@ -95,12 +127,13 @@ class OpsServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/smart-redirect", self._smart_redirect)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
-        log.info("ops HTTP on http://%s:%d (/health /stats /metrics)", self._host, self._port)
+        log.info("ops HTTP on http://%s:%d (/health /stats /metrics /smart-redirect)", self._host, self._port)
 
     async def stop(self) -> None:
         await self._runner.cleanup()
@@ -126,6 +159,8 @@ class OpsServer:
             return web.json_response({"error": f"database unavailable: {type(exc).__name__}"},
                                      status=503)
         stats["pool"] = self._pool_info()
+        if self.redirect is not None:
+            stats["smart_redirect"] = self.redirect.stats()
         return web.Response(text=json.dumps(stats, default=_json_default),
                             content_type="application/json")
 
@@ -134,8 +169,19 @@ class OpsServer:
             self._snapshot.stats = await read_stats(self._database_url)
         except psycopg.Error:
             return web.Response(status=503, text="database unavailable\n")
+        self._snapshot.redirect = None if self.redirect is None else self.redirect.stats()
         return web.Response(body=generate_latest(self._registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+    async def _smart_redirect(self, request: web.Request) -> web.Response:
+        if self.redirect is None:
+            return web.json_response({"redirect": False, "reason": "smart redirect is starting"})
+        try:
+            answer = await self.redirect.answer(request.query.get("enterprise"), request.query.get("phone"))
+        except BadRequest as bad:
+            return web.json_response({"error": str(bad)}, status=400)
+        return web.json_response(answer)
 
 
 def _json_default(value: object) -> object:

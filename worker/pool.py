@@ -15,11 +15,15 @@ import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from pgdispatch.db.errors import ConfigurationError
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.process import child_main
 from pgdispatch.worker.runner import EXIT_NEWER_BUILD, EXIT_NO_DATABASE, EXIT_OK, EXIT_RECYCLE
+
+if TYPE_CHECKING:
+    from pgdispatch.worker.ops_http import OpsServer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class WorkerPool:
                 raise ConfigurationError(
                     f"--http-port {self.http_port}: {exc.strerror or exc} "
                     "(is another pool running? choose another port)") from None
+        redirects = None if ops is None else asyncio.create_task(self._serve_redirects(ops))
         for slot in range(self.processes):
             self._spawn(slot)
         try:
@@ -107,9 +112,19 @@ class WorkerPool:
                                   child.process.pid)
                         child.process.kill()
         finally:
+            if redirects is not None:
+                redirects.cancel()
+                await asyncio.gather(redirects, return_exceptions=True)
             if ops is not None:
                 await ops.stop()
         return self._exit_code
+
+    async def _serve_redirects(self, ops: OpsServer) -> None:
+        from pgdispatch.worker.smart_redirect import smart_redirect_service
+
+        async with smart_redirect_service(self.config) as redirect:
+            ops.redirect = redirect
+            await asyncio.Event().wait()  # until the pool stops
 
     def info(self) -> dict[str, object]:
         """This pool's processes, for /health and /stats."""

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import config_message
+from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.commands import CommandScheduler
 from pgdispatch.worker.config import WorkerConfig
@@ -46,21 +47,28 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             max_connections=max(config.concurrency, 10), destinations=destinations))
         stack.push_async_callback(keys.close)
 
+        executor_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=4, open=False,
+                                            name="executors", kwargs={"autocommit": True})
+        await executor_pool.open(wait=False)
+        stack.push_async_callback(executor_pool.close)
+        integrations = IntegrationConfigs(executor_pool)
+        refreshing = asyncio.create_task(integrations.reload_forever(), name="integration-configs")
+        stack.push_async_callback(_cancelled, refreshing)
+
         def stats() -> dict[str, Any]:
-            return {"signing_key_cache": keys.stats(), "limits": limits.stats()}
+            return {"signing_key_cache": keys.stats(), "limits": limits.stats(),
+                    "integration_config_cache": integrations.stats()}
 
         def on_config_change(payload: str | None) -> None:
             if config_message(payload).get("table") in ("signing_keys", None):
                 keys.invalidate()
             limits.on_notify(payload)
+            integrations.on_notify(payload)
 
-        executor_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=4, open=False,
-                                            name="executors", kwargs={"autocommit": True})
-        await executor_pool.open(wait=False)
-        stack.push_async_callback(executor_pool.close)
         context = ExecutorContext(http=http, keys=keys, limits=limits,
                                   per_host_limit=config.per_host_limit,
-                                  destinations=destinations, database=executor_pool.connection)
+                                  destinations=destinations, database=executor_pool.connection,
+                                  integrations=integrations)
         executors = builtin_executors(context, debug_kinds=config.debug_kinds)
         if config.app is not None:
             app = load_app(config.app)

@@ -1,4 +1,5 @@
-"""Channel adapters (seed 002): each speaks one vendor's API and maps its answers to outcomes.
+"""Channel adapters (seeds 002 and 004): each speaks one vendor's API and maps its answers to
+outcomes.
 
 An adapter gets a Delivery (the lead, the credential's settings) and the worker's outbound
 machinery; it returns Done, Retry or Discard with what it sent and what it got back (kept,
@@ -13,10 +14,12 @@ from typing import Any
 
 from pgdispatch.worker.channels.amocrm import check_amocrm, send_amocrm
 from pgdispatch.worker.channels.bitrix24 import check_bitrix24, send_bitrix24
-from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery
+from pgdispatch.worker.channels.calls import CallEvent
+from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery, Outbound
 from pgdispatch.worker.channels.email import check_email, send_email
+from pgdispatch.worker.channels.retailcrm import check_retailcrm, send_retailcrm
 from pgdispatch.worker.channels.telegram import check_telegram, send_telegram
-from pgdispatch.worker.channels.webhooks import check_webhook, send_webhook
+from pgdispatch.worker.channels.webhooks import check_webhook, send_call_webhook, send_webhook
 from pgdispatch.worker.outcome import Outcome
 
 Adapter = Callable[[Delivery, ChannelIO], Awaitable[Outcome]]
@@ -40,4 +43,20 @@ CHECKS: Mapping[str, Check] = {
     "email": check_email,
 }
 
-__all__ = ["ADAPTERS", "CHECKS", "Adapter", "ChannelIO", "Check", "CheckFailed", "Delivery"]
+# Call events (seed 004): one adapter per CRM of dispatch.crm_integrations(), and its check
+# (`pgdispatch crm config test`).
+CrmAdapter = Callable[[CallEvent, Outbound], Awaitable[Outcome]]
+CrmCheck = Callable[[Mapping[str, Any], Outbound], Awaitable[str]]
+
+CRM_ADAPTERS: Mapping[str, CrmAdapter] = {
+    "retailcrm": send_retailcrm,
+    "webhook": send_call_webhook,
+}
+
+CRM_CHECKS: Mapping[str, CrmCheck] = {
+    "retailcrm": check_retailcrm,
+    "webhook": check_webhook,
+}
+
+__all__ = ["ADAPTERS", "CHECKS", "CRM_ADAPTERS", "CRM_CHECKS", "Adapter", "CallEvent", "ChannelIO", "Check",
+           "CheckFailed", "CrmAdapter", "CrmCheck", "Delivery", "Outbound"]

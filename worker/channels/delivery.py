@@ -71,15 +71,19 @@ class CredentialUpdate:
         self.settings.update(changes)
 
 
-class ChannelIO(Protocol):
+class Outbound(Protocol):
     """What an adapter may do besides computing: send through the worker's shared HTTP pool,
-    destinations policy and shared limits (raising NotSent when nothing was exchanged), and
-    change its credential's settings (tokens that rotate)."""
+    destinations policy and shared limits (raising NotSent when nothing was exchanged)."""
 
     destinations: Destinations
 
     async def request(self, method: str, url: str, *, content: bytes | None = None,
                       headers: Mapping[str, str] | None = None) -> Answer: ...
+
+
+class ChannelIO(Outbound, Protocol):
+    """A lead adapter's way out: Outbound, and changing its credential's settings (tokens
+    that rotate)."""
 
     def credential_for_update(self) -> AbstractAsyncContextManager[CredentialUpdate]: ...
 

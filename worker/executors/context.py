@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.worker.job import ConnectionSource
 from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.outbound.limits import Limits
@@ -27,3 +28,5 @@ class ExecutorContext:
     # Connections for executors that read their own records (lead deliveries: the lead and the
     # credential), apart from the engine's, so claims and outcomes never wait behind them.
     database: ConnectionSource | None = None
+    # Enterprises' integration configs (call events), kept fresh by NOTIFY.
+    integrations: IntegrationConfigs | None = None

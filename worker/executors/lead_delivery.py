@@ -9,26 +9,21 @@ go through the worker's shared HTTP pool, its allow-list of destinations and the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
 from pgdispatch.worker.channels import ADAPTERS, Delivery
-from pgdispatch.worker.channels.delivery import Answer, CredentialUpdate, NotSent
+from pgdispatch.worker.channels.delivery import CredentialUpdate, NotSent
 from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.outbound_io import LimitedIO
 from pgdispatch.worker.job import Job
-from pgdispatch.worker.outbound.destinations import forbidden_cause
-from pgdispatch.worker.outbound.limits import Wait
-from pgdispatch.worker.outbound.transport import read_at_most
-from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
+from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome
 
 TIMEOUT = 30.0  # seconds for one request; the job's own bound is the queue's (300 s)
-ANSWER_BYTES = 65_536  # of a vendor's answer read: its JSON verdict fits, a flood does not
 
 
 class LeadDeliveryExecutor:
@@ -71,15 +66,13 @@ class LeadDeliveryExecutor:
             return await cur.fetchone()
 
 
-class DeliveryIO:
-    """ChannelIO for one delivery: the worker's HTTP pool, destinations and the credential's
-    shared limits (tenant:credential:ID), and its row in dispatch.credentials."""
+class DeliveryIO(LimitedIO):
+    """ChannelIO for one delivery: limited as its credential (tenant:credential:ID), and its
+    row in dispatch.credentials."""
 
     def __init__(self, context: ExecutorContext, credential_id: int) -> None:
-        self._context = context
+        super().__init__(context, f"credential:{credential_id}", timeout=TIMEOUT)
         self._credential_id = credential_id
-        self._tenant = f"credential:{credential_id}"
-        self.destinations = context.destinations
 
     @contextlib.asynccontextmanager
     async def credential_for_update(self) -> AsyncIterator[CredentialUpdate]:
@@ -94,34 +87,3 @@ class DeliveryIO:
             if update.changes:
                 await conn.execute(sql.query("merge_credential_settings"),
                                    {"id": self._credential_id, "changes": Jsonb(update.changes)})
-
-    async def request(self, method: str, url: str, *, content: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> Answer:
-        parts = urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-        if parts.scheme not in ("http", "https") or not host:
-            raise NotSent(Discard("invalid", error=f"not an http(s) URL: {parts.scheme}://{host}"))
-        permit = await self._context.limits.admit(self._tenant, host)
-        if isinstance(permit, Wait):
-            raise NotSent(Postpone(permit.seconds, permit.reason))
-        failed, retry_after, reason = True, None, "no answer"
-        try:
-            async with self._context.http.exchange(method, url, content=content, headers=headers,
-                                                   timeout=TIMEOUT) as response:
-                body = (await read_at_most(response, ANSWER_BYTES)).decode("utf-8", "replace")
-            answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)
-            failed = answer.status >= 500 or answer.status == 429
-            if answer.status in (429, 503):
-                retry_after = answer.retry_after()
-            reason = f"answered {answer.status}"
-            return answer
-        except httpx.TimeoutException:
-            raise NotSent(Retry(error=f"no answer from {host} within {TIMEOUT:g}s")) from None
-        except httpx.TransportError as exc:
-            cause = forbidden_cause(exc)
-            if cause is not None:
-                failed = False
-                raise NotSent(Discard("discarded", error=f"{host}: {cause}")) from None
-            raise NotSent(Retry(error=f"{host}: {type(exc).__name__}: {exc}")) from None
-        finally:
-            await self._context.limits.settle(permit, failed=failed, retry_after=retry_after, reason=reason)

@@ -1,0 +1,210 @@
+"""Call events delivered (seed 004): the crm.event executor, the RetailCRM adapter against a
+local fake that answers as RetailCRM does, the webhook CRM, logs, status and the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from standardwebhooks import Webhook
+
+from pgdispatch.notify.integrations import IntegrationConfigs
+from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.executors import builtin_executors
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.destinations import Destinations
+from pgdispatch.worker.outbound.limits import Limits
+from pgdispatch.worker.outbound.signing import SigningKeys
+from pgdispatch.worker.outbound.transport import HttpTransport
+from pgdispatch.worker.runner import Runner
+from tests.fake_retailcrm import API_KEY, FakeRetailCrm, fake_retailcrm
+from tests.helpers import execute, running_worker, scalar, wait_until
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+PHONE = "+79990001122"
+
+
+def retailcrm(fake: FakeRetailCrm, account: str, **settings: Any) -> dict[str, Any]:
+    return {"enabled": True, "api_url": fake.api_url(account), "api_key": API_KEY, **settings}
+
+
+def enterprise(db_url: str, number: str, **config: Any) -> None:
+    execute(db_url, "INSERT INTO dispatch.enterprises (number, name, integrations_config) VALUES (%s, %s, %s)",
+            (number, f"Enterprise {number}", json.dumps(config)))
+
+
+def call_event(db_url: str, number: str, event: str, call_id: str, **payload: Any) -> None:
+    execute(db_url, "SELECT dispatch.call_event(%s, %s, %s, %s)", (number, event, call_id, json.dumps(payload)))
+
+
+@asynccontextmanager
+async def worker_context(db_url: str, **limits: Any) -> AsyncIterator[ExecutorContext]:
+    execute(db_url, "UPDATE dispatch.queues SET backoff_base = '10 ms', backoff_cap = '50 ms', backoff_jitter = 0 "
+                    "WHERE name = 'crm'")
+    keys = SigningKeys(db_url)
+    destinations = Destinations(allow_private=True)
+    async with HttpTransport(max_connections=50, destinations=destinations) as http, \
+            Limits.open(db_url, **limits) as shared, \
+            AsyncConnectionPool(db_url, min_size=1, max_size=4, kwargs={"autocommit": True}) as pool:
+        yield ExecutorContext(http=http, keys=keys, limits=shared, destinations=destinations,
+                              database=pool.connection, integrations=IntegrationConfigs(pool))
+    await keys.close()
+
+
+async def drain(db_url: str) -> None:
+    """Drain the crm queue until no job is left (a retry that comes due is run by the next drain)."""
+    async with worker_context(db_url) as context:
+        while True:
+            runner = Runner(WorkerConfig(database_url=db_url, queues=("crm",), drain=True, concurrency=20),
+                            builtin_executors(context))
+            await asyncio.wait_for(runner.run(), 60)
+            if not scalar(db_url, "SELECT count(*) FROM dispatch.jobs"):
+                return
+            await wait_until(lambda: scalar(db_url, "SELECT min(run_at) <= now() FROM dispatch.jobs"))
+
+
+def outcomes(db_url: str) -> dict[str, list[tuple[str, str | None]]]:
+    """Each enterprise's attempts in order: (outcome, error)."""
+    rows = scalar(db_url, """
+        SELECT jsonb_object_agg(enterprise, attempts) FROM (
+            SELECT enterprise, jsonb_agg(jsonb_build_array(status, error) ORDER BY at) AS attempts
+            FROM dispatch.integration_logs WHERE enterprise IS NOT NULL GROUP BY enterprise) x""")
+    return {k: [tuple(a) for a in v] for k, v in (rows or {}).items()}
+
+
+async def test_each_event_reaches_retailcrm_as_its_telephony_api_wants_it(db_url: str) -> None:
+    async with fake_retailcrm() as fake:
+        enterprise(db_url, "0367", retailcrm=retailcrm(fake, "ok", client_id="vochi-asterisk",
+                                                        user_mappings={"151": 16, "152": 18}))
+        common = {"phone": PHONE, "line": "+74950000000"}
+        call_event(db_url, "0367", "dial", "c1", extensions=["151", "152", "153"], **common)
+        call_event(db_url, "0367", "bridge", "c1", extension="152", **common)
+        call_event(db_url, "0367", "hangup", "c1", extension="152", status="no_answer", duration=0, waiting=12,
+                   started_at="2026-11-25T10:00:00+03:00", **common)
+        call_event(db_url, "0367", "download", "c1", extension="152", status="no_answer",
+                   started_at="2026-11-25T10:00:00+03:00", record_url="https://rec.example/c1.mp3", **common)
+        call_event(db_url, "0367", "dial", "c2", direction="out", extension="151", phone="+79990003344")
+        await drain(db_url)
+        assert outcomes(db_url) == {"0367": [("completed", None)] * 5}
+        events = [s.form for s in fake.to("telephony/call/event")]
+        assert {e["clientId"] for e in events} == {"vochi-asterisk"}
+        by_call = sorted((e["event"]["callExternalId"], e["event"]["type"], e["event"].get("hangupStatus"))
+                         for e in events)
+        assert by_call == [("c1", "hangup", "no answered"), ("c1", "in", None), ("c1", "in", None),
+                           ("c2", "out", None)]
+        dial = next(e["event"] for e in events if e["event"]["codes"] == ["151", "152", "153"])
+        assert dial == {"phone": PHONE, "type": "in", "codes": ["151", "152", "153"], "userIds": [16, 18],
+                        "callExternalId": "c1", "externalPhone": "+74950000000"}
+        uploads = [s.form["calls"][0] for s in fake.to("telephony/calls/upload")]
+        assert uploads[0] == {"date": "2026-11-25 10:00:00", "type": "in", "phone": PHONE, "result": "no answer",
+                              "duration": 0, "durationWaiting": 12, "externalId": "c1", "code": "152",
+                              "userId": 18, "externalPhone": "+74950000000"}
+        # download: the call again with its recording; RetailCRM calls it a duplicate, which is success.
+        assert uploads[1]["recordUrl"] == "https://rec.example/c1.mp3"
+        logged = scalar(db_url, "SELECT string_agg(concat_ws(' ', error, request_excerpt, response_excerpt), ' ') "
+                                "FROM dispatch.integration_logs")
+        assert "duplicateCalls" in logged and API_KEY not in logged
+        with psycopg.connect(db_url) as conn:
+            status = conn.execute("SELECT enabled, last_success_at IS NOT NULL, last_error, breaker "
+                                  "FROM dispatch.integration_status").fetchall()
+        assert status == [(True, True, None, "closed")]
+
+
+async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str) -> None:
+    async with fake_retailcrm() as fake:
+        for account in ("off", "html", "bad", "busy"):
+            enterprise(db_url, account, retailcrm=retailcrm(fake, account))
+        enterprise(db_url, "key", retailcrm={**retailcrm(fake, "ok"), "api_key": "wrong-key"})
+        enterprise(db_url, "payload", retailcrm=retailcrm(fake, "ok"))
+        enterprise(db_url, "disabled", retailcrm=retailcrm(fake, "ok"))
+        for number in ("off", "html", "bad", "busy", "key", "disabled"):
+            call_event(db_url, number, "dial", f"call-{number}", phone=PHONE)
+        call_event(db_url, "payload", "hangup", "call-p", phone=PHONE, status="hung")
+        call_event(db_url, "payload", "download", "call-p", phone=PHONE)
+        # Switched off after the event was queued: honoured when the attempt starts.
+        execute(db_url, "UPDATE dispatch.enterprises SET integrations_config = "
+                        "jsonb_set(integrations_config, '{retailcrm,enabled}', 'false') WHERE number = 'disabled'")
+        await drain(db_url)
+        assert outcomes(db_url) == {
+            "off": [("dead", "RetailCRM answered 200: Telephony is not enabled")],
+            "html": [("dead", "RetailCRM answered 404 with an HTML page: the account does not exist (check api_url)")],
+            "bad": [("dead", "RetailCRM answered 400: Errors in the entity format "
+                             "(phone: This value should not be blank.)")],
+            "busy": [("retried", "RetailCRM rate limit (503): Rate limit exceeded"), ("completed", None)],
+            "key": [("dead", 'RetailCRM answered 403: Wrong "apiKey" value.')],
+            "payload": [("dead", "payload.status must be one of answered, busy, cancel, failed, no_answer, "
+                                 "got 'hung'"),
+                        ("dead", "a download event needs payload.record_url")],
+            "disabled": [("dead", "retailcrm is not enabled for enterprise disabled")],
+        }
+        assert not fake.to("telephony/call/event", "disabled") and not fake.to("telephony/call/event", "payload")
+        # Retry-After paused the enterprise's key for every worker: its retry came after it.
+        busy = [s.at for s in fake.seen if s.account == "busy"]
+        assert busy[1] - busy[0] >= 0.9
+        assert scalar(db_url, "SELECT count(*) FROM dispatch.integration_status WHERE last_error IS NOT NULL") == 7  # busy: its retry
+
+
+async def test_the_webhook_crm_gets_signed_events_with_one_id_per_call_and_event(db_url: str) -> None:
+    from aiohttp import web
+
+    from tests.helpers import served
+
+    received: list[tuple[dict[str, str], bytes]] = []
+    answers = iter([503, 200, 200])
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(status=next(answers))
+
+    async with served(hook) as url, fake_retailcrm() as fake:
+        enterprise(db_url, "0367", retailcrm=retailcrm(fake, "ok"),
+                   webhook={"enabled": True, "url": f"{url}/calls", "secret": SECRET})
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT integration, created FROM dispatch.call_event('0367', 'dial', 'c9', %s)",
+                                (json.dumps({"phone": PHONE}),)).fetchall()
+        assert rows == [("retailcrm", True), ("webhook", True)]
+        call_event(db_url, "0367", "hangup", "c9", phone=PHONE, status="answered", duration=30)
+        await drain(db_url)
+    assert len(received) == 3 and len(fake.seen) == 3  # dial, hangup event, hangup upload
+    ids = [headers["webhook-id"] for headers, _ in received]
+    # The same id on the retry; a retried event may arrive after a later one (no order is promised).
+    assert sorted(ids) == ["call-c9-dial", "call-c9-dial", "call-c9-hangup"]
+    events = {e["type"]: e for e in (Webhook(SECRET).verify(body, headers) for headers, body in received)}
+    assert events["call.dial"]["data"] == {"enterprise": "0367", "call_unique_id": "c9", "phone": PHONE}
+    assert events["call.hangup"]["data"] == {"enterprise": "0367", "call_unique_id": "c9", "phone": PHONE,
+                                 "status": "answered", "duration": 30}
+
+
+async def test_the_breaker_of_an_enterprises_crm_opens_and_a_probe_closes_it(db_url: str) -> None:
+    async with fake_retailcrm() as fake:
+        enterprise(db_url, "0367", retailcrm=retailcrm(fake, "down"))
+        enterprise(db_url, "0368", retailcrm=retailcrm(fake, "ok"))
+        for i in range(6):
+            call_event(db_url, "0367", "dial", f"d{i}", phone=PHONE)
+        call_event(db_url, "0368", "dial", "healthy", phone=PHONE)
+
+        def breaker(number: str) -> str:
+            return str(scalar(db_url, "SELECT breaker FROM dispatch.integration_status WHERE enterprise = %s",
+                              (number,)))
+
+        async with worker_context(db_url, breaker_failures=3, breaker_cooldown=1.0) as context, \
+                running_worker(db_url, builtin_executors(context), queues=("crm",), concurrency=1):
+            await wait_until(lambda: breaker("0367") == "open")
+            failures = len(fake.to("telephony/call/event", "down"))
+            assert failures == 3  # then nothing is sent while it is open
+            reason = scalar(db_url, "SELECT breaker_reason FROM dispatch.integration_status "
+                                    "WHERE enterprise = '0367'")
+            assert "after 3 consecutive failures (answered 500)" in reason
+            # Another enterprise's CRM is not held back.
+            await wait_until(lambda: fake.to("telephony/call/event", "ok"))
+            fake.down = False  # the CRM recovers: after the cooldown, one probe closes it
+            await wait_until(lambda: breaker("0367") == "closed", timeout=20)
+            await wait_until(lambda: not scalar(db_url, "SELECT count(*) FROM dispatch.jobs"), timeout=20)
+        assert scalar(db_url, "SELECT count(*) FROM dispatch.dead_jobs") == 0
+        sent = len(fake.to("telephony/call/event", "down"))
+        assert sent == 3 + 6  # three failures, then each event once

@@ -1,0 +1,61 @@
+"""Kind `crm.event` (seed 004): one call event to one CRM of an enterprise.
+
+dispatch.call_event made the job; the CRM's settings are read from the process's integration
+config cache when the attempt starts (a dictionary lookup when cached; NOTIFY keeps it fresh),
+so a CRM disabled or reconfigured meanwhile is honoured. Requests go through the worker's one
+HTTP pool and the shared limits of the enterprise's CRM, tenant key
+`enterprise:NUMBER:CRM`: its rate limit and concurrency cap across every worker and host, and,
+with the CRM's host, its circuit breaker.
+"""
+
+from __future__ import annotations
+
+from pgdispatch.worker.channels import CRM_ADAPTERS, CallEvent
+from pgdispatch.worker.channels.calls import EVENTS
+from pgdispatch.worker.channels.delivery import NotSent
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.outbound_io import LimitedIO
+from pgdispatch.worker.job import Job
+from pgdispatch.worker.outcome import Discard, InvalidJob, Outcome
+
+TIMEOUT = 3.0  # seconds for one CRM request (the seed: 2-3 s); the queue bounds the job (10 s)
+
+
+def crm_tenant(enterprise: str, integration: str) -> str:
+    """The shared-limits tenant of an enterprise's CRM (dispatch.crm_limit_key without 'tenant:')."""
+    return f"enterprise:{enterprise}:{integration}"
+
+
+class CrmEventExecutor:
+    def __init__(self, context: ExecutorContext) -> None:
+        if context.integrations is None:
+            raise RuntimeError("crm.event needs the integration config cache")
+        self._context = context
+        self._configs = context.integrations
+
+    async def __call__(self, job: Job) -> Outcome:
+        args = job.args
+        enterprise, integration, event = args.get("enterprise"), args.get("integration"), args.get("event")
+        call_unique_id, payload = args.get("call_unique_id"), args.get("payload")
+        if not (isinstance(enterprise, str) and isinstance(integration, str) and isinstance(call_unique_id, str)):
+            raise InvalidJob("enterprise, integration and call_unique_id must be strings")
+        if event not in EVENTS:
+            raise InvalidJob(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
+        if not isinstance(payload, dict):
+            raise InvalidJob("payload must be a JSON object")
+        config = await self._configs.get(enterprise)
+        if config is None:
+            return Discard("discarded", error=f"enterprise {enterprise} no longer exists")
+        crm = config.integrations.get(integration)
+        if crm is None or not crm.enabled:
+            return Discard("discarded", error=f"{integration} is not enabled for enterprise {enterprise}")
+        adapter = CRM_ADAPTERS.get(integration)
+        if adapter is None:
+            return Discard("discarded", error=f"no adapter for {integration} in this build")
+        call = CallEvent(enterprise=enterprise, integration=integration, event=event,
+                         call_unique_id=call_unique_id, payload=payload, settings=crm.settings)
+        try:
+            return await adapter(call, LimitedIO(self._context, crm_tenant(enterprise, integration),
+                                                 timeout=TIMEOUT))
+        except NotSent as not_sent:
+            return not_sent.outcome

@@ -1,0 +1,61 @@
+"""Outbound for executors that speak a vendor's API through a channel adapter: the worker's
+one HTTP pool, its destinations policy and the shared limits of one tenant key (rates,
+concurrency caps, breakers, Retry-After pauses, across every worker and host)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import httpx
+
+from pgdispatch.worker.channels.delivery import Answer, NotSent
+from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.outbound.destinations import forbidden_cause
+from pgdispatch.worker.outbound.limits import Wait
+from pgdispatch.worker.outbound.transport import read_at_most
+from pgdispatch.worker.outcome import Discard, Postpone, Retry
+
+ANSWER_BYTES = 65_536  # of a vendor's answer read: its JSON verdict fits, a flood does not
+
+
+class LimitedIO:
+    """Outbound (worker/channels/delivery.py) for one job, limited as `tenant`; each request
+    waits at most `timeout` seconds for its answer."""
+
+    def __init__(self, context: ExecutorContext, tenant: str, *, timeout: float) -> None:
+        self._context = context
+        self._tenant = tenant
+        self._timeout = timeout
+        self.destinations = context.destinations
+
+    async def request(self, method: str, url: str, *, content: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> Answer:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        if parts.scheme not in ("http", "https") or not host:
+            raise NotSent(Discard("invalid", error=f"not an http(s) URL: {parts.scheme}://{host}"))
+        permit = await self._context.limits.admit(self._tenant, host)
+        if isinstance(permit, Wait):
+            raise NotSent(Postpone(permit.seconds, permit.reason))
+        failed, retry_after, reason = True, None, "no answer"
+        try:
+            async with self._context.http.exchange(method, url, content=content, headers=headers,
+                                                   timeout=self._timeout) as response:
+                body = (await read_at_most(response, ANSWER_BYTES)).decode("utf-8", "replace")
+            answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)
+            failed = answer.status >= 500 or answer.status == 429
+            if answer.status in (429, 503):
+                retry_after = answer.retry_after()
+            reason = f"answered {answer.status}"
+            return answer
+        except httpx.TimeoutException:
+            raise NotSent(Retry(error=f"no answer from {host} within {self._timeout:g}s")) from None
+        except httpx.TransportError as exc:
+            cause = forbidden_cause(exc)
+            if cause is not None:
+                failed = False
+                raise NotSent(Discard("discarded", error=f"{host}: {cause}")) from None
+            raise NotSent(Retry(error=f"{host}: {type(exc).__name__}: {exc}")) from None
+        finally:
+            await self._context.limits.settle(permit, failed=failed, retry_after=retry_after, reason=reason)

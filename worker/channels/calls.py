@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pgdispatch.worker.outcome import Discard
@@ -63,12 +63,12 @@ class CallEvent:
     def started_at(self) -> datetime:
         value = self.payload.get("started_at")
         if value is None:
-            return datetime.now(timezone.utc)
+            return datetime.now(UTC)
         try:
             started = datetime.fromisoformat(str(value))
         except ValueError:
             raise BadEvent(f"payload.started_at must be an ISO 8601 time, got {value!r}") from None
-        return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+        return started if started.tzinfo else started.replace(tzinfo=UTC)
 
 
 class BadEvent(Exception):

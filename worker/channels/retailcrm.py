@@ -144,7 +144,8 @@ def _user_ids(settings: Mapping[str, Any], codes: list[str]) -> list[int]:
 
 
 def _form(call: CallEvent, **fields: Any) -> dict[str, str]:
-    form = {name: json.dumps(value, ensure_ascii=False, separators=(",", ":")) for name, value in fields.items()}
+    form = {name: json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            for name, value in fields.items()}
     if call.settings.get("client_id"):
         form["clientId"] = str(call.settings["client_id"])
     return form

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pgdispatch.worker.channels.calls import CallEvent
-from pgdispatch.worker.channels.delivery import Answer, ChannelIO, CheckFailed, Delivery, Outbound, done, retry, stop
+from pgdispatch.worker.channels.delivery import (
+    Answer,
+    ChannelIO,
+    CheckFailed,
+    Delivery,
+    Outbound,
+    done,
+    retry,
+    stop,
+)
 from pgdispatch.worker.outbound.signing import SigningKey, webhook_headers
 from pgdispatch.worker.outcome import Outcome
 
@@ -26,7 +35,7 @@ async def send_webhook(delivery: Delivery, io: ChannelIO) -> Outcome:
 async def send_call_webhook(call: CallEvent, io: Outbound) -> Outcome:
     """A call event as a `call.dial|bridge|hangup|download` webhook: the payload as the
     telephony side sent it, with the enterprise and the call's id."""
-    body = json.dumps({"type": f"call.{call.event}", "timestamp": datetime.now(timezone.utc).isoformat(),
+    body = json.dumps({"type": f"call.{call.event}", "timestamp": datetime.now(UTC).isoformat(),
                        "data": {"enterprise": call.enterprise, "call_unique_id": call.call_unique_id,
                                 **call.payload}},
                       ensure_ascii=False, separators=(",", ":")).encode()

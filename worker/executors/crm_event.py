@@ -35,10 +35,9 @@ class CrmEventExecutor:
 
     async def __call__(self, job: Job) -> Outcome:
         args = job.args
-        enterprise, integration, event = args.get("enterprise"), args.get("integration"), args.get("event")
-        call_unique_id, payload = args.get("call_unique_id"), args.get("payload")
-        if not (isinstance(enterprise, str) and isinstance(integration, str) and isinstance(call_unique_id, str)):
-            raise InvalidJob("enterprise, integration and call_unique_id must be strings")
+        enterprise, integration, call_unique_id = (_text(args, name) for name in
+                                                   ("enterprise", "integration", "call_unique_id"))
+        event, payload = args.get("event"), args.get("payload")
         if event not in EVENTS:
             raise InvalidJob(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
         if not isinstance(payload, dict):
@@ -59,3 +58,10 @@ class CrmEventExecutor:
                                                  timeout=TIMEOUT))
         except NotSent as not_sent:
             return not_sent.outcome
+
+
+def _text(args: dict[str, object], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidJob(f"{name} must be a non-empty string, got {value!r}")
+    return value

@@ -25,6 +25,7 @@ from pgdispatch.console import (
     bench,
     build,
     commands,
+    crm,
     dead,
     embedded,
     jobs,
@@ -45,7 +46,8 @@ from pgdispatch.db.errors import (
 )
 
 # One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, requests, build, bench, embedded)
+NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, crm, requests, build, bench,
+         embedded)
 
 
 class _Parser(argparse.ArgumentParser):

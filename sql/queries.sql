@@ -467,3 +467,39 @@ SELECT number, integrations_config FROM dispatch.enterprises;
 SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_error, breaker,
        breaker_open_until, breaker_reason, paused_until
 FROM dispatch.integration_status ORDER BY enterprise, integration;
+
+-- name: enterprise_config_masked
+SELECT number, name, dispatch.mask_secrets(integrations_config) AS integrations_config, updated_at
+FROM dispatch.enterprises WHERE number = %(number)s;
+
+-- name: enterprise_integration_set
+-- crm config set: the fields given are merged into the integration's config (a new integration
+-- starts disabled; a new enterprise is created); the config trigger checks the result. An
+-- UPDATE, else an INSERT: a BEFORE INSERT trigger would check the proposed row even when
+-- ON CONFLICT turns it into an update.
+WITH updated AS (
+    UPDATE dispatch.enterprises e
+    SET integrations_config = e.integrations_config || jsonb_build_object(%(integration)s::text,
+            coalesce(e.integrations_config -> %(integration)s::text, '{"enabled": false}') || %(changes)s::jsonb)
+    WHERE e.number = %(number)s
+    RETURNING e.integrations_config
+), created AS (
+    INSERT INTO dispatch.enterprises (number, name, integrations_config)
+    SELECT %(number)s, %(name)s,
+           jsonb_build_object(%(integration)s::text, '{"enabled": false}'::jsonb || %(changes)s::jsonb)
+    WHERE NOT EXISTS (SELECT FROM updated)
+    RETURNING integrations_config
+)
+SELECT coalesce((c.integrations_config -> %(integration)s::text ->> 'enabled')::boolean, false) AS enabled
+FROM (SELECT * FROM updated UNION ALL SELECT * FROM created) c;
+
+-- name: integration_status_of
+SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_error, breaker,
+       breaker_open_until, breaker_reason, paused_until
+FROM dispatch.integration_status
+WHERE %(number)s::text IS NULL OR enterprise = %(number)s
+ORDER BY enterprise, integration;
+
+-- name: call_event
+SELECT integration, job_id, created
+FROM dispatch.call_event(%(number)s, %(event)s, %(call)s, %(payload)s);

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.helpers import served
+from tests.helpers import in_a_thread, served
 
 BOT_TOKEN = "123456:AAFakeTokenForTestsOnly_0123456789"
 
@@ -174,15 +173,5 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
 @contextlib.contextmanager
 def fake_channels_in_a_thread() -> Iterator[FakeChannels]:
     """The same server on an event loop of its own, for code that runs its own (the CLI)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    context = fake_channels()
-    fake = asyncio.run_coroutine_threadsafe(context.__aenter__(), loop).result(10)
-    try:
+    with in_a_thread(fake_channels()) as fake:
         yield fake
-    finally:
-        asyncio.run_coroutine_threadsafe(context.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()

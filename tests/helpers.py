@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import psycopg
 from aiohttp import web
@@ -77,3 +78,23 @@ async def served(handle: Callable[[web.Request], Any], route: str = "/{tail:.*}"
         yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     finally:
         await runner.cleanup()
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def in_a_thread(context: contextlib.AbstractAsyncContextManager[T]) -> Iterator[T]:
+    """An async context (a local fake server) entered on an event loop of its own in a thread,
+    for code that runs its own loop (the CLI)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    value = asyncio.run_coroutine_threadsafe(context.__aenter__(), loop).result(10)
+    try:
+        yield value
+    finally:
+        asyncio.run_coroutine_threadsafe(context.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

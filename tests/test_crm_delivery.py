@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
@@ -23,7 +24,7 @@ from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
 from tests.fake_retailcrm import API_KEY, FakeRetailCrm, fake_retailcrm
-from tests.helpers import execute, running_worker, scalar, wait_until
+from tests.helpers import execute, in_a_thread, running_worker, scalar, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PHONE = "+79990001122"
@@ -208,3 +209,56 @@ async def test_the_breaker_of_an_enterprises_crm_opens_and_a_probe_closes_it(db_
         assert scalar(db_url, "SELECT count(*) FROM dispatch.dead_jobs") == 0
         sent = len(fake.to("telephony/call/event", "down"))
         assert sent == 3 + 6  # three failures, then each event once
+
+
+def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                 tmp_path: Any) -> None:
+    """Every command's happy and error paths, exit codes, and the API key in no output."""
+    from pgdispatch.console import main as cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+
+    def run(*argv: str) -> tuple[int, str]:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exit_:  # argparse refuses a flag before main returns
+            code = int(exit_.code or 0)
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    with in_a_thread(fake_retailcrm()) as fake:
+        settings = tmp_path / "retailcrm.json"
+        settings.write_text(json.dumps({"api_url": fake.api_url("ok"), "api_key": API_KEY}))
+        for argv, code, expect in [
+            (("crm", "config", "set", "0367", "retailcrm", "--settings", f"@{settings}", "--enable",
+              "--name", "Acme"), 0, "enterprise 0367: retailcrm enabled, api_key, api_url, enabled set"),
+            (("crm", "config", "set", "0367", "retailcrm", "--settings", '{"user_mappings": {"151": 16}}'), 0,
+             "retailcrm enabled, user_mappings set"),
+            (("crm", "config", "set", "0367", "retailcrm", "--settings", '{"api_url": "nope"}'), 2,
+             "enterprise 0367: retailcrm.api_url must be the account URL"),
+            (("crm", "config", "set", "0367", "bitrix", "--enable"), 2, "bitrix: unknown integration"),
+            (("crm", "config", "set", "0367", "webhook", "--settings", '{"url": "https://hooks.example/calls"}'), 0,
+             "webhook disabled, url set"),  # a new integration starts disabled
+            (("crm", "config", "set", "0367", "retailcrm"), 2, "nothing to set: give --settings"),
+            (("crm", "config", "set", "0368", "retailcrm", "--settings", "{oops"), 2, "--settings is not valid JSON"),
+            (("crm", "config", "get", "0367"), 0, '"api_key": "***"'),
+            (("crm", "config", "get", "0404"), 3, "no enterprise 0404"),
+            (("crm", "config", "test", "0367"), 0, "enterprise 0367 retailcrm: ok, RetailCRM answered 200"),
+            (("crm", "config", "set", "0369", "retailcrm", "--settings",
+              json.dumps({"api_url": fake.api_url("html"), "api_key": API_KEY, "enabled": True})), 0, "enabled"),
+            (("crm", "config", "test", "0369"), 1, "enterprise 0369 retailcrm: RetailCRM answered 404 with an HTML "
+                                                   "page: the account does not exist"),
+            (("crm", "config", "test", "0367", "webhook"), 3, "enterprise 0367 has no webhook config"),
+            (("crm", "config", "test", "0404"), 3, "no enterprise 0404"),
+            (("crm", "event", "0367", "dial", "c1", "--payload", '{"phone": "+79990001122"}'), 0, "retailcrm"),
+            (("crm", "event", "0367", "ring", "c1"), 2, "invalid choice: 'ring'"),
+            (("crm", "event", "0404", "dial", "c1"), 3, "no enterprise 0404"),
+            (("crm", "status"), 0, "0367"),
+            (("crm", "status", "0367", "--json"), 0, '"breaker": "closed"'),
+        ]:
+            got, output = run(*argv)
+            assert (got, expect in output) == (code, True), (argv, got, output)
+            if got:  # a refusal is one line
+                assert len(output.strip().splitlines()) == 1, (argv, output)
+            assert API_KEY not in output, argv
+        assert [s.method for s in fake.seen] == ["credentials", "credentials"]

@@ -248,7 +248,7 @@ def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: p
               json.dumps({"api_url": fake.api_url("html"), "api_key": API_KEY, "enabled": True})), 0, "enabled"),
             (("crm", "config", "test", "0369"), 1, "enterprise 0369 retailcrm: RetailCRM answered 404 with an HTML "
                                                    "page: the account does not exist"),
-            (("crm", "config", "test", "0367", "webhook"), 3, "enterprise 0367 has no webhook config"),
+            (("crm", "config", "test", "0369", "webhook"), 3, "enterprise 0369 has no webhook config"),
             (("crm", "config", "test", "0404"), 3, "no enterprise 0404"),
             (("crm", "event", "0367", "dial", "c1", "--payload", '{"phone": "+79990001122"}'), 0, "retailcrm"),
             (("crm", "event", "0367", "ring", "c1"), 2, "invalid choice: 'ring'"),

@@ -262,3 +262,69 @@ def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: p
                 assert len(output.strip().splitlines()) == 1, (argv, output)
             assert API_KEY not in output, argv
         assert [s.method for s in fake.seen] == ["credentials", "credentials"]
+
+
+async def test_two_worker_processes_share_the_enterprises_rate_limit_and_serve_smart_redirect(
+        db_url: str, tmp_path: Any) -> None:
+    """A real pool (`pgdispatch worker --processes 2 --http-port`): the enterprise's rate limit
+    holds across both processes (the rate RetailCRM sees is within 10% of it), and the pool's
+    HTTP port answers smart redirects and reports the CRMs and the config caches."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with fake_retailcrm() as fake:
+        enterprise(db_url, "0367", retailcrm=retailcrm(fake, "ok", user_mappings={"151": 16}))
+        execute(db_url, "UPDATE dispatch.limits SET rate = 20, burst = 1, concurrency = 5 "
+                        "WHERE key = 'tenant:enterprise:0367:retailcrm'")
+        log = (tmp_path / "pool.log").open("w")
+        pool = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgdispatch", "worker", "--queue", "crm", "--processes", "2", "--concurrency", "20",
+            "--http-port", str(port), env={**os.environ, "DATABASE_URL": db_url, "PGDISPATCH_LOG": "WARNING"},
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.worker_status "
+                                                    "WHERE status = 'alive'") == 2, timeout=30)
+            with psycopg.connect(db_url) as conn:  # one commit: both processes find work at once
+                for i in range(100):
+                    conn.execute("SELECT dispatch.call_event('0367', 'dial', %s, %s)",
+                                 (f"r{i}", json.dumps({"phone": PHONE})))
+            await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history "
+                                                    "WHERE outcome = 'completed'") == 100, timeout=60)
+            times = sorted(s.at for s in fake.to("telephony/call/event"))
+            rate = (len(times) - 1) / (times[-1] - times[0])
+            print(f"rate at RetailCRM across 2 processes: {rate:.2f}/s (limit 20/s)")
+            assert len(times) == 100 and 18.0 <= rate <= 22.0, rate
+            assert scalar(db_url, "SELECT count(DISTINCT worker) FROM dispatch.job_history") == 2
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                async def redirect() -> dict[str, Any]:
+                    response = await client.get("/smart-redirect", params={"enterprise": "0367", "phone": PHONE})
+                    assert response.status_code == 200
+                    return dict(response.json())
+
+                answer = await redirect()
+                while answer.get("reason") == "smart redirect is starting":  # its connections are opening
+                    await asyncio.sleep(0.05)
+                    answer = await redirect()
+                assert answer["redirect"] is True and answer["extension"] == "151"
+                bad = await client.get("/smart-redirect", params={"enterprise": "0367"})
+                assert bad.status_code == 400 and "phone must be" in bad.json()["error"]
+                stats = (await client.get("/stats")).json()
+                assert [(i["enterprise"], i["breaker"]) for i in stats["integrations"]] == [("0367", "closed")]
+                assert stats["smart_redirect"]["redirected"] == 1
+                assert all("integration_config_cache" in w["stats"] for w in stats["workers"])
+                metrics = (await client.get("/metrics")).text
+                assert 'pgdispatch_smart_redirect_total{result="redirected"} 1.0' in metrics
+                assert 'pgdispatch_crm_breaker_open{enterprise="0367",integration="retailcrm"} 0.0' in metrics
+                assert API_KEY not in json.dumps(stats) and API_KEY not in metrics
+        finally:
+            pool.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(pool.wait(), 60) == 0, (tmp_path / "pool.log").read_text()
+            log.close()

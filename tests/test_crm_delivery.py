@@ -282,7 +282,7 @@ async def test_two_worker_processes_share_the_enterprises_rate_limit_and_serve_s
         port = probe.getsockname()[1]
     async with fake_retailcrm() as fake:
         enterprise(db_url, "0367", retailcrm=retailcrm(fake, "ok", user_mappings={"151": 16}))
-        execute(db_url, "UPDATE dispatch.limits SET rate = 20, burst = 1, concurrency = 5 "
+        execute(db_url, "UPDATE dispatch.limits SET rate = 10, burst = 1, concurrency = 5 "
                         "WHERE key = 'tenant:enterprise:0367:retailcrm'")
         log = (tmp_path / "pool.log").open("w")
         pool = await asyncio.create_subprocess_exec(
@@ -293,15 +293,15 @@ async def test_two_worker_processes_share_the_enterprises_rate_limit_and_serve_s
             await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.worker_status "
                                                     "WHERE status = 'alive'") == 2, timeout=30)
             with psycopg.connect(db_url) as conn:  # one commit: both processes find work at once
-                for i in range(100):
+                for i in range(80):
                     conn.execute("SELECT dispatch.call_event('0367', 'dial', %s, %s)",
                                  (f"r{i}", json.dumps({"phone": PHONE})))
             await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history "
-                                                    "WHERE outcome = 'completed'") == 100, timeout=60)
+                                                    "WHERE outcome = 'completed'") == 80, timeout=60)
             times = sorted(s.at for s in fake.to("telephony/call/event"))
             rate = (len(times) - 1) / (times[-1] - times[0])
-            print(f"rate at RetailCRM across 2 processes: {rate:.2f}/s (limit 20/s)")
-            assert len(times) == 100 and 18.0 <= rate <= 22.0, rate
+            print(f"rate at RetailCRM across 2 processes: {rate:.2f}/s (limit 10/s)")
+            assert len(times) == 80 and 9.0 <= rate <= 11.0, rate  # RetailCRM's 10/s per key
             assert scalar(db_url, "SELECT count(DISTINCT worker) FROM dispatch.job_history") == 2
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 async def redirect() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pgdispatch.bench import calls as bench_calls
 from pgdispatch.bench import leads as bench_leads
 from pgdispatch.bench import limits as shared_limits
 from pgdispatch.bench import processes as bench_processes
@@ -50,6 +51,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "limits": ([OURS], lambda s: shared_limits.limits(server_url)),
         "processes": ([OURS], lambda s: bench_processes.processes(server_url)),
         "leads": ([OURS], lambda s: bench_leads.leads(server_url)),
+        "calls": ([OURS], lambda s: bench_calls.calls(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):

@@ -9,9 +9,14 @@ leads scenario. Run in its own process:
 - POST /rest/<user>/<code>/crm.lead.add.json: Bitrix24; a leaky bucket per portal (webhook
   code) that holds 50 and drains 2 per second; a request that finds it full is answered 503
   QUERY_LIMIT_EXCEEDED.
+- POST /crm/<account>/api/v5/telephony/(call/event|calls/upload): RetailCRM; more than 10
+  requests in one second with one API key are answered 503 "Rate limit exceeded".
+- POST /calls/<enterprise>: a call-event webhook receiver, always 200.
 
 On SIGTERM it writes to FILE, as JSON, per channel: requests accepted and requests refused for
-a limit (each refusal is a vendor limit the sender did not respect).
+a limit (each refusal is a vendor limit the sender did not respect), and for call events the
+seconds from each event to its arrival (the call's id carries the time it was sent:
+`ID@EPOCH_SECONDS`).
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import signal
 import time
 from collections import defaultdict, deque
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
 TELEGRAM_PER_SECOND = 30
 BITRIX_BUCKET, BITRIX_DRAIN = 50, 2.0
+RETAILCRM_PER_SECOND = 10
 
 
 class Vendors:
@@ -36,13 +43,31 @@ class Vendors:
         self.refused: dict[str, int] = defaultdict(int)
         self._bots: dict[str, deque[float]] = defaultdict(deque)
         self._portals: dict[str, tuple[float, float]] = {}  # code -> (level, when)
+        self._keys: dict[str, deque[float]] = defaultdict(deque)
+        self.latencies: dict[str, list[float]] = defaultdict(list)
 
     async def handle(self, request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
         parts = request.path.strip("/").split("/")
         now = time.monotonic()
         if parts[0] == "hook":
             return self._ok("webhooks", web.json_response({"ok": True}))
+        if parts[0] == "calls":
+            self._arrived("webhook", json.loads(body)["data"]["call_unique_id"])
+            return self._ok("webhook", web.json_response({"ok": True}))
+        if parts[0] == "crm" and parts[-2:] in (["call", "event"], ["calls", "upload"]):
+            sent = self._keys[request.headers.get("X-API-KEY", "")]
+            while sent and sent[0] <= now - 1.0:
+                sent.popleft()
+            if len(sent) >= RETAILCRM_PER_SECOND:
+                self.refused["retailcrm"] += 1
+                return web.json_response({"success": False, "errorMsg": "Rate limit exceeded"}, status=503)
+            sent.append(now)
+            form = parse_qs(body.decode())
+            call = json.loads(form["event"][0])["callExternalId"] if "event" in form else \
+                json.loads(form["calls"][0])[0]["externalId"]
+            self._arrived("retailcrm", call)
+            return self._ok("retailcrm", web.json_response({"success": True}))
         if parts[0].startswith("bot") and parts[-1] == "sendMessage":
             sent = self._bots[parts[0]]
             while sent and sent[0] <= now - 1.0:
@@ -64,6 +89,11 @@ class Vendors:
             self._portals[parts[2]] = (level + 1, now)
             return self._ok("bitrix24", web.json_response({"result": 1, "time": {}}))
         return web.Response(status=404)
+
+    def _arrived(self, crm: str, call_unique_id: str) -> None:
+        sent_at = call_unique_id.rpartition("@")[2]
+        if sent_at:
+            self.latencies[crm].append(time.time() - float(sent_at))
 
     def _ok(self, channel: str, response: web.Response) -> web.Response:
         self.accepted[channel] += 1
@@ -91,7 +121,8 @@ def main() -> None:
     parser.add_argument("--record", type=Path, required=True)
     args = parser.parse_args()
     vendors = asyncio.run(serve(args.port))
-    args.record.write_text(json.dumps({"accepted": vendors.accepted, "refused": vendors.refused}))
+    args.record.write_text(json.dumps({"accepted": vendors.accepted, "refused": vendors.refused,
+                                       "latencies": vendors.latencies}))
 
 
 if __name__ == "__main__":

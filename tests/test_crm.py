@@ -133,5 +133,45 @@ def test_config_secrets_are_for_the_worker_and_producers_send_events(db_url: str
         conn.execute("RESET ROLE")
         conn.execute("SET ROLE dispatch_producer")
         assert conn.execute("SELECT * FROM dispatch.call_event('0367', 'dial', 'c-3', '{}')").fetchone() is not None
+        assert conn.execute("SELECT * FROM dispatch.call_events(%s)", (json.dumps([
+            {"enterprise": "0367", "event": "hangup", "call_unique_id": "c-3", "payload": {}}]),)).fetchone()
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT integrations_config FROM dispatch.enterprises")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM dispatch.call_event_targets('[]')")
+
+
+def test_a_batch_of_events_is_taken_as_each_event_would_be(conn: psycopg.Connection[Any]) -> None:
+    enterprise(conn)
+    enterprise(conn, "0400", retailcrm={**RETAILCRM, "enabled": False})
+
+    def batch(*events: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return conn.execute("SELECT n, enterprise, event, call_unique_id, integration, job_id, created "
+                            "FROM dispatch.call_events(%s)", (json.dumps(events),)).fetchall()
+
+    first = conn.execute("SELECT job_id FROM dispatch.call_event('0367', 'dial', 'c-1', '{}')").fetchone()
+    rows = batch({"enterprise": "0367", "event": "dial", "call_unique_id": "c-1", "payload": {}},  # sent before
+                 {"enterprise": "0367", "event": "bridge", "call_unique_id": "c-1", "payload": {"extension": "151"}},
+                 {"enterprise": "0367", "event": "bridge", "call_unique_id": "c-1", "payload": {}},  # twice in it
+                 {"enterprise": "0400", "event": "dial", "call_unique_id": "c-2", "payload": {}})  # no CRM enabled
+    assert [(n, event, created) for n, _, event, _, _, _, created in rows] == [
+        (1, "dial", False), (2, "bridge", True), (3, "bridge", False)]
+    assert rows[0][5] == first[0] and rows[1][5] == rows[2][5]  # type: ignore[index]
+    job = conn.execute("SELECT args -> 'payload' FROM dispatch.jobs WHERE id = %s", (rows[1][5],)).fetchone()
+    assert job == ({"extension": "151"},)  # the first of the batch's duplicates
+    for events, error, message in [
+        ({"enterprise": "0367"}, psycopg.errors.CheckViolation, "dispatch.call_events: events must be a JSON array"),
+        ([{"enterprise": "0367", "event": "dial", "call_unique_id": "x", "payload": {}}, "oops"],
+         psycopg.errors.CheckViolation, r"dispatch.call_events: events\[2\]: must be an object"),
+        ([{"enterprise": "0367", "event": "dial", "call_unique_id": "x", "payload": {}},
+          {"enterprise": "9999", "event": "dial", "call_unique_id": "x", "payload": {}}],
+         psycopg.errors.NoDataFound, r"dispatch.call_events: events\[2\]: no enterprise 9999"),
+        ([{"enterprise": "0367", "event": "dial", "call_unique_id": "", "payload": {}}, {}],
+         psycopg.errors.CheckViolation, r"events\[1\]: call_unique_id must be 1 to 255 characters"),
+        ([{"enterprise": "0367", "event": "dial", "call_unique_id": "x"}, {}],
+         psycopg.errors.CheckViolation, r"events\[1\]: payload must be a JSON object"),
+    ]:
+        with pytest.raises(error, match=message):
+            conn.execute("SELECT * FROM dispatch.call_events(%s)", (json.dumps(events),))
+    # A refused batch leaves nothing, not even its valid elements' jobs: the two jobs are c-1's.
+    assert conn.execute("SELECT count(*) FROM dispatch.jobs").fetchone() == (2,)

@@ -1,6 +1,6 @@
 -- 0014: CRM call events delivered (seed 004): a second CRM (webhook), each RetailCRM
--- enterprise's default shared limit, call-event attempts in dispatch.integration_logs,
--- dispatch.integration_status. Kept in step with sql/schema.sql.
+-- enterprise's default shared limit, call events in batches, call-event attempts in
+-- dispatch.integration_logs, dispatch.integration_status. Kept in step with sql/schema.sql.
 
 -- The CRMs pgdispatch delivers call events to: RetailCRM's telephony API, and any system that
 -- takes signed JSON webhooks (Standard Webhooks).
@@ -92,6 +92,105 @@ FROM dispatch.job_history h
 JOIN dispatch.call_events c ON c.job_id = h.job_id
 WHERE h.kind = 'crm.event';
 
+-- Call events in a batch, for a telephony gateway that gathers what arrives within a few
+-- milliseconds: one transaction (one durable commit, one NOTIFY) for many events, each as
+-- dispatch.call_event would take it. `events`: a JSON array of {enterprise, event,
+-- call_unique_id, payload}. An invalid element refuses the whole batch, naming it. Returns one
+-- row per event and enabled CRM, with n, the element's position (from 1).
+CREATE FUNCTION dispatch.call_events(events jsonb)
+RETURNS TABLE (n integer, enterprise text, event text, call_unique_id text, integration text,
+               job_id bigint, created boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    bad record;
+    what text;
+    made text[];
+BEGIN
+    IF jsonb_typeof(events) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'dispatch.call_events: events must be a JSON array of {enterprise, event, call_unique_id, payload}'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT e.n, e.value, x.number AS known INTO bad
+    FROM jsonb_array_elements(events) WITH ORDINALITY e (value, n)
+    LEFT JOIN dispatch.enterprises x ON x.number = e.value ->> 'enterprise'
+    WHERE jsonb_typeof(e.value) IS DISTINCT FROM 'object' OR x.number IS NULL
+       OR (e.value ->> 'event') IS NULL OR (e.value ->> 'event') NOT IN ('dial', 'bridge', 'hangup', 'download')
+       OR length(coalesce(e.value ->> 'call_unique_id', '')) NOT BETWEEN 1 AND 255
+       OR jsonb_typeof(e.value -> 'payload') IS DISTINCT FROM 'object'
+    ORDER BY e.n LIMIT 1;
+    IF FOUND THEN
+        what := CASE WHEN jsonb_array_length(events) = 1 THEN 'dispatch.call_event'
+                     ELSE format('dispatch.call_events: events[%s]', bad.n) END;
+        IF jsonb_typeof(bad.value) IS DISTINCT FROM 'object' THEN
+            RAISE EXCEPTION '%: must be an object {enterprise, event, call_unique_id, payload}', what
+                USING ERRCODE = 'check_violation';
+        ELSIF bad.known IS NULL THEN
+            RAISE EXCEPTION '%: no enterprise %', what, coalesce(bad.value ->> 'enterprise', 'NULL')
+                USING ERRCODE = 'no_data_found';
+        ELSIF (bad.value ->> 'event') IS NULL OR (bad.value ->> 'event') NOT IN ('dial', 'bridge', 'hangup', 'download') THEN
+            RAISE EXCEPTION '%: event must be dial, bridge, hangup or download, got %', what,
+                coalesce(bad.value ->> 'event', 'NULL') USING ERRCODE = 'check_violation';
+        ELSIF length(coalesce(bad.value ->> 'call_unique_id', '')) NOT BETWEEN 1 AND 255 THEN
+            RAISE EXCEPTION '%: call_unique_id must be 1 to 255 characters', what USING ERRCODE = 'check_violation';
+        ELSE
+            RAISE EXCEPTION '%: payload must be a JSON object', what USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    WITH recorded AS (
+        INSERT INTO dispatch.call_events AS c (call_unique_id, event, integration, enterprise, job_id)
+        SELECT t.call_unique_id, t.event, t.integration, t.enterprise,
+               nextval(pg_get_serial_sequence('dispatch.jobs', 'id'))
+        FROM dispatch.call_event_targets(events) t
+        WHERE t.first
+        ORDER BY t.call_unique_id, t.event, t.integration  -- one lock order: concurrent batches never deadlock
+        ON CONFLICT ON CONSTRAINT call_events_pkey DO NOTHING  -- a duplicate, also a concurrent one
+        RETURNING c.call_unique_id, c.event, c.integration, c.enterprise, c.job_id
+    ), queued AS (
+        INSERT INTO dispatch.jobs (id, queue, kind, args, tenant, idempotency_key)
+        SELECT r.job_id, 'crm', 'crm.event',
+               jsonb_build_object('enterprise', r.enterprise, 'integration', r.integration, 'event', r.event,
+                                  'call_unique_id', r.call_unique_id, 'payload', t.payload),
+               'enterprise:' || r.enterprise, format('call:%s:%s:%s', r.call_unique_id, r.event, r.integration)
+        FROM recorded r
+        JOIN dispatch.call_event_targets(events) t
+          ON t.first AND (t.call_unique_id, t.event, t.integration) = (r.call_unique_id, r.event, r.integration)
+    )
+    SELECT coalesce(array_agg(concat_ws(':', r.call_unique_id, r.event, r.integration)), '{}') INTO made
+    FROM recorded r;
+    -- A statement of its own: it sees a concurrent duplicate's rows, committed meanwhile.
+    RETURN QUERY
+    SELECT t.n, t.enterprise, t.event, t.call_unique_id, t.integration, c.job_id,
+           t.first AND concat_ws(':', t.call_unique_id, t.event, t.integration) = ANY (made)
+    FROM dispatch.call_event_targets(events) t
+    JOIN dispatch.call_events c
+      ON (c.call_unique_id, c.event, c.integration) = (t.call_unique_id, t.event, t.integration)
+    ORDER BY t.n, t.integration;
+END $$;
+
+-- Each (element, enabled CRM) of a batch; `first` marks the first element of each (call, event,
+-- CRM), the one that makes the job when the batch repeats an event.
+CREATE FUNCTION dispatch.call_event_targets(events jsonb)
+RETURNS TABLE (n integer, enterprise text, event text, call_unique_id text, integration text,
+               payload jsonb, first boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT e.n::integer, x.number, e.value ->> 'event', e.value ->> 'call_unique_id', c.key, e.value -> 'payload',
+           row_number() OVER (PARTITION BY e.value ->> 'call_unique_id', e.value ->> 'event', c.key ORDER BY e.n) = 1
+    FROM jsonb_array_elements(events) WITH ORDINALITY e (value, n)
+    JOIN dispatch.enterprises x ON x.number = e.value ->> 'enterprise'
+    CROSS JOIN LATERAL jsonb_each(x.integrations_config) c
+    WHERE (c.value ->> 'enabled')::boolean
+$$;
+
+-- One event: dispatch.call_events with a batch of one.
+CREATE OR REPLACE FUNCTION dispatch.call_event(enterprise_number text, event text, call_unique_id text, payload jsonb)
+RETURNS TABLE (integration text, job_id bigint, created boolean)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT b.integration, b.job_id, b.created
+    FROM dispatch.call_events(jsonb_build_array(jsonb_build_object(
+        'enterprise', enterprise_number, 'event', event, 'call_unique_id', call_unique_id, 'payload', payload))) b
+$$;
+
 -- Each enterprise's CRMs as operators want to see them: enabled, the last success and the last
 -- failure of its call events, and its circuit breaker. No secrets.
 CREATE VIEW dispatch.integration_status AS
@@ -123,3 +222,4 @@ GRANT EXECUTE ON FUNCTION dispatch.crm_limit_key(text, text) TO dispatch_reader;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
 GRANT EXECUTE ON FUNCTION dispatch.call_event(text, text, text, jsonb) TO dispatch_producer;
+GRANT EXECUTE ON FUNCTION dispatch.call_events(jsonb) TO dispatch_producer;

@@ -2862,8 +2862,10 @@ BEGIN
     SELECT t.n, t.enterprise, t.event, t.call_unique_id, t.integration, c.job_id,
            t.first AND concat_ws(':', t.call_unique_id, t.event, t.integration) = ANY (made)
     FROM dispatch.call_event_targets(events) t
-    JOIN dispatch.call_events c
-      ON (c.call_unique_id, c.event, c.integration) = (t.call_unique_id, t.event, t.integration)
+    CROSS JOIN LATERAL (  -- LIMIT 1: an index lookup per target, however many the planner guesses
+        SELECT c.job_id FROM dispatch.call_events c
+        WHERE c.call_unique_id = t.call_unique_id AND c.event = t.event AND c.integration = t.integration
+        LIMIT 1) c
     ORDER BY t.n, t.integration;
 END $$;
 
@@ -2872,11 +2874,13 @@ END $$;
 CREATE FUNCTION dispatch.call_event_targets(events jsonb)
 RETURNS TABLE (n integer, enterprise text, event text, call_unique_id text, integration text,
                payload jsonb, first boolean)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$  -- no SET clause: inlined into call_events' statements (every name qualified)
     SELECT e.n::integer, x.number, e.value ->> 'event', e.value ->> 'call_unique_id', c.key, e.value -> 'payload',
            row_number() OVER (PARTITION BY e.value ->> 'call_unique_id', e.value ->> 'event', c.key ORDER BY e.n) = 1
     FROM jsonb_array_elements(events) WITH ORDINALITY e (value, n)
-    JOIN dispatch.enterprises x ON x.number = e.value ->> 'enterprise'
+    CROSS JOIN LATERAL (  -- LIMIT 1: an index lookup per element, not a scan of every enterprise
+        SELECT x.number, x.integrations_config FROM dispatch.enterprises x
+        WHERE x.number = e.value ->> 'enterprise' LIMIT 1) x
     CROSS JOIN LATERAL jsonb_each(x.integrations_config) c
     WHERE (c.value ->> 'enabled')::boolean
 $$;

@@ -255,7 +255,7 @@ SELECT granted, wait_seconds FROM dispatch.take_tokens_v1(%(key)s, %(rate)s, %(b
 SELECT dispatch.acquire_slots_v1(%(key)s, %(holder)s, %(cap)s, %(want)s, %(lease)s);
 
 -- name: release_slots
-SELECT dispatch.release_slots_v1(%(key)s, %(holder)s, %(n)s);
+SELECT dispatch.release_slots_v1(r.key, %(holder)s, r.n) FROM unnest(%(keys)s::text[], %(counts)s::int[]) AS r (key, n);
 
 -- name: renew_slots
 SELECT dispatch.renew_slots_v1(%(holder)s, %(lease)s);

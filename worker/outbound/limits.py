@@ -4,7 +4,9 @@ dispatch.limit_slots; sql/schema.sql).
 
 What keeps it cheap: rules are a snapshot in memory, reloaded on NOTIFY; tokens are taken in
 blocks (one update of the bucket row per block, not per request) and spent within a second;
-slots are held while this process has requests waiting for them and returned when it has none;
+slots are held while this process has requests waiting for them and returned, many keys in one
+round trip, once it has had none for a moment (SLOT_LINGER: a key's next request often comes
+sooner, and takes the slot with no round trip at all);
 breakers count failures in the process and write only their transitions, with a compare-and-
 set for the one probe per cooldown; pauses and breaker transitions are announced with
 pg_notify, and the jobs of a key that sends nothing are moved out of the claim's way (parked)
@@ -42,6 +44,7 @@ TOKENS_LAST = 1.0  # tokens taken in a block are spent within this, or dropped
 MAX_WAIT = 2.0  # the longest a job waits in its worker slot for a token
 MAX_SLOT_WAIT = 10.0  # ... or for a slot, while slots keep coming free
 STALLED = 1.0  # no slot came free for this long: the key's requests hang, stop waiting
+SLOT_LINGER = 0.2  # a slot nobody here waits for is kept this long for the key's next request
 PROBE_LEASE = 60.0  # a probe whose worker died is given to another after this
 BLOCK_SHARE = 0.1  # a token block is this share of a second's rate
 MAX_TRACKED = 10_000  # failure counts kept per process before they are forgotten
@@ -131,6 +134,8 @@ class Limits:
         self._slots: dict[str, _Slots] = {}
         self._tokens: dict[str, _Tokens] = {}
         self._spread_at: dict[str, float] = {}
+        self._spare_since: dict[str, float] = {}  # keys with a slot nobody here uses, since when
+        self._releasing: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self.counters = LimitCounters()
 
@@ -324,15 +329,40 @@ class Limits:
         slots = self._slots[key]
         slots.in_use -= 1
         slots.progress = self._clock()
-        if slots.waiting == 0:  # nobody here wants it: back to the other workers
-            spare, slots.held = slots.held - slots.in_use, slots.in_use
-            if spare > 0:
-                self._background(self._release_slots(key, spare))
+        if slots.waiting == 0 and slots.held > slots.in_use:  # nobody here wants it, for now
+            self._spare_since[key] = slots.progress
+            if self._releasing is None or self._releasing.done():
+                self._releasing = self._background(self._release_spare_slots())
 
-    async def _release_slots(self, key: str, n: int) -> None:
-        async with self._pool.connection() as conn:
-            await conn.execute(sql.query("release_slots"), {"key": key, "holder": self.holder, "n": n})
-        self.counters.slot_round_trips += 1
+    async def _release_spare_slots(self) -> None:
+        """Give the other workers back the slots this process has not used for SLOT_LINGER, every
+        key's in one round trip; until no slot is spare."""
+        while self._spare_since:
+            await asyncio.sleep(SLOT_LINGER / 2)
+            due = self._clock() - SLOT_LINGER
+            keys, counts = [], []
+            for key, since in list(self._spare_since.items()):
+                slots = self._slots.get(key)
+                if slots is None or slots.held <= slots.in_use:
+                    del self._spare_since[key]  # in use again
+                elif since <= due and slots.waiting == 0:
+                    del self._spare_since[key]
+                    keys.append(key)
+                    counts.append(slots.held - slots.in_use)
+                    slots.held = slots.in_use
+            if not keys:
+                continue
+            try:
+                async with self._pool.connection() as conn:
+                    await conn.execute(sql.query("release_slots"), {
+                        "keys": keys, "counts": counts, "holder": self.holder})
+                self.counters.slot_round_trips += 1
+            except Exception as exc:  # still ours (and renewed): offered again at the next pass
+                log.warning("shared limits: returning slots failed: %s", exc)
+                for key, n in zip(keys, counts, strict=True):
+                    if key in self._slots:
+                        self._slots[key].held += n
+                        self._spare_since.setdefault(key, self._clock())
 
     async def _take_probe(self, key: str) -> bool:
         async with self._pool.connection() as conn:

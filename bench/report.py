@@ -154,6 +154,16 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if refused:
         checks.append(("leads: no vendor limit tripped by a bulk resend",
                        f"{refused['max']} refusals at most", refused["max"] == 0))
+    seen = next((r for r in rows
+                 if r["scenario"].startswith("calls: a committed config change") and "median" in r), None)
+    if seen:
+        checks.append(("calls: a config change seen by every process within 100 ms",
+                       f"{seen['max']} ms at worst", seen["max"] < 100))
+    lost = [r for r in rows if r["scenario"].startswith("calls ") and r["scenario"].endswith(": lost")
+            and "median" in r]
+    if lost:
+        checks.append(("calls: no call event lost", f"{max(r['max'] for r in lost)} requests at most",
+                       all(r["max"] == 0 for r in lost)))
     memory = next((r for r in rows if r["scenario"].startswith("memory") and "median" in r), None)
     if memory:
         checks.append(("memory ≤ 100 MB per worker process at 256 in flight", f"{memory['median']} MB",

@@ -98,3 +98,15 @@ def in_a_thread(context: contextlib.AbstractAsyncContextManager[T]) -> Iterator[
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str]:
+    """`pgdispatch ARGV` in this process: its exit code and everything it printed."""
+    from pgdispatch.console import main as cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse refuses a flag before main returns
+        code = int(exit_.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err

@@ -24,7 +24,7 @@ from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
 from tests.fake_retailcrm import API_KEY, FakeRetailCrm, fake_retailcrm
-from tests.helpers import execute, in_a_thread, running_worker, scalar, wait_until
+from tests.helpers import execute, in_a_thread, run_cli, running_worker, scalar, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PHONE = "+79990001122"
@@ -214,18 +214,7 @@ async def test_the_breaker_of_an_enterprises_crm_opens_and_a_probe_closes_it(db_
 def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                  tmp_path: Any) -> None:
     """Every command's happy and error paths, exit codes, and the API key in no output."""
-    from pgdispatch.console import main as cli
-
     monkeypatch.setenv("DATABASE_URL", db_url)
-
-    def run(*argv: str) -> tuple[int, str]:
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exit_:  # argparse refuses a flag before main returns
-            code = int(exit_.code or 0)
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
     with in_a_thread(fake_retailcrm()) as fake:
         settings = tmp_path / "retailcrm.json"
         settings.write_text(json.dumps({"api_url": fake.api_url("ok"), "api_key": API_KEY}))
@@ -256,7 +245,7 @@ def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: p
             (("crm", "status"), 0, "0367"),
             (("crm", "status", "0367", "--json"), 0, '"breaker": "closed"'),
         ]:
-            got, output = run(*argv)
+            got, output = run_cli(capsys, *argv)
             assert (got, expect in output) == (code, True), (argv, got, output)
             if got:  # a refusal is one line
                 assert len(output.strip().splitlines()) == 1, (argv, output)

@@ -23,7 +23,7 @@ from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
 from tests.fake_channels import BOT_TOKEN, FakeChannels, fake_channels, fake_channels_in_a_thread
-from tests.helpers import execute, scalar, wait_until
+from tests.helpers import execute, run_cli, scalar, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -400,8 +400,6 @@ def test_email_goes_over_smtp_and_refusals_map_to_outcomes(db_url: str) -> None:
 def test_leads_and_credentials_cli(db_url: str, capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """Every command's happy and error paths, exit codes, and no secret in any output."""
-    from pgdispatch.console import main as cli
-
     monkeypatch.setenv("DATABASE_URL", db_url)
     amo_secret = "amo-client-secret-PLANTED"
 
@@ -410,12 +408,7 @@ def test_leads_and_credentials_cli(db_url: str, capsys: pytest.CaptureFixture[st
             url = fake.url
 
             def run(*argv: str) -> tuple[int, str]:
-                try:
-                    code = cli.main(list(argv))
-                except SystemExit as exit_:  # argparse refuses a flag before main returns
-                    code = int(exit_.code or 0)
-                out = capsys.readouterr()
-                return code, out.out + out.err
+                return run_cli(capsys, *argv)
 
             settings = tmp_path / "tg.json"
             settings.write_text(json.dumps({"bot_token": BOT_TOKEN, "chat_id": 1001, "base_url": url}))

@@ -62,7 +62,7 @@ async def test_the_responsible_managers_extension_or_no_redirect_with_the_reason
         # A change is seen at once (NOTIFY): the mapping moves to another extension.
         execute(db_url, "UPDATE dispatch.enterprises SET integrations_config = jsonb_set(integrations_config, "
                         "'{retailcrm,user_mappings}', '{\"160\": 16}') WHERE number = '0367'")
-        await wait_until(lambda: not redirect._configs.cached("0367")[0])
+        await wait_until(lambda: not redirect.configs.cached("0367")[0])
         assert (await ask("0367"))["extension"] == "160"
         assert API_KEY not in json.dumps(redirect.stats())
         assert scalar(db_url, "SELECT count(*) FROM dispatch.enterprises") == 5

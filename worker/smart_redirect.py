@@ -55,7 +55,7 @@ class BadRequest(Exception):
 class SmartRedirect:
     def __init__(self, configs: IntegrationConfigs, context: ExecutorContext, *,
                  budget: float = BUDGET) -> None:
-        self._configs = configs
+        self.configs = configs
         self._context = context
         self._budget = budget
         self.counters = RedirectCounters()
@@ -85,12 +85,12 @@ class SmartRedirect:
         return answer
 
     def stats(self) -> dict[str, Any]:
-        return {**asdict(self.counters), "config_cache": self._configs.stats()}
+        return {**asdict(self.counters), "config_cache": self.configs.stats()}
 
     async def _ask(self, enterprise: str, phone: str) -> tuple[str, dict[str, Any]]:
-        cached, config = self._configs.cached(enterprise)
+        cached, config = self.configs.cached(enterprise)
         if not cached:
-            config = await self._configs.get(enterprise)
+            config = await self.configs.get(enterprise)
         if config is None:
             raise NoRedirect(f"no enterprise {enterprise}")
         crm = config.integrations.get("retailcrm")

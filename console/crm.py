@@ -125,14 +125,17 @@ async def _test(env: Env, number: str, config: Mapping[str, Any], only: str | No
     async with HttpTransport(max_connections=4, destinations=destinations) as http, \
             Limits.open(env.url()) as limits:
         context = ExecutorContext(http=http, keys=keys, limits=limits, destinations=destinations)
-        for name, settings in sorted(chosen.items()):
-            io = LimitedIO(context, crm_tenant(number, name), timeout=TIMEOUT)
-            try:
-                verdict = await CRM_CHECKS[name](settings, io)
-            except (CheckFailed, NotSent) as exc:
-                warn(f"enterprise {number} {name}: {' '.join(str(exc).split())}")
-                failed = True
-                continue
-            say(f"enterprise {number} {name}: ok, {verdict}")
-        await keys.close()
+        try:
+            for name, settings in sorted(chosen.items()):
+                io = LimitedIO(context, crm_tenant(number, name), timeout=TIMEOUT)
+                try:
+                    verdict = await CRM_CHECKS[name](settings, io)
+                except (CheckFailed, NotSent) as exc:
+                    why = " ".join(str(exc).split())  # an HTML error page: one line of it
+                    warn(f"enterprise {number} {name}: {why}")
+                    failed = True
+                    continue
+                say(f"enterprise {number} {name}: ok, {verdict}")
+        finally:
+            await keys.close()
     return EXIT_ERROR if failed else EXIT_OK

@@ -71,8 +71,7 @@ class IntegrationConfigs:
         self._full_reload_every = full_reload_every
         self._cache: KeyedCache[str, EnterpriseConfig | None] = KeyedCache(
             self._load, ttl=ttl, clock=clock)
-        self._full_load: asyncio.Future[dict[str, EnterpriseConfig | None]] | None = None
-        self._reloading: asyncio.Task[None] | None = None
+        self._full_reload: asyncio.Future[None] | None = None
         self.reconnects = 0
 
     async def get(self, number: str) -> EnterpriseConfig | None:
@@ -92,6 +91,7 @@ class IntegrationConfigs:
         again before calling this, so nothing committed from now on is missed)."""
         if payload is None:
             self.reconnects += 1
+            self._cache.invalidate()  # also a reload that began before: it may miss what was lost
             self._reload_soon()
             return
         message = config_message(payload)
@@ -105,14 +105,15 @@ class IntegrationConfigs:
             self._reload_soon()
 
     async def reload_all(self) -> None:
-        """Read every enterprise and swap them in; again if everything was invalidated meanwhile.
-        Concurrent callers share one query."""
-        while True:
+        """Read every enterprise and swap them all in; concurrent callers share one reload."""
+        if self._full_reload is None or self._full_reload.done():
+            self._full_reload = asyncio.ensure_future(self._reload_all())
+        await asyncio.shield(self._full_reload)
+
+    async def _reload_all(self) -> None:
+        while True:  # again when everything was invalidated while it read
             started = self._cache.generation
-            if self._full_load is None or self._full_load.done():
-                self._full_load = asyncio.ensure_future(self._load_all())
-            configs = await asyncio.shield(self._full_load)
-            if self._cache.replace_all(configs, started):
+            if self._cache.replace_all(await self._load_all(), started):
                 return
 
     async def reload_forever(self) -> None:
@@ -130,9 +131,7 @@ class IntegrationConfigs:
         return {**counters, "reconnects": self.reconnects, "enterprises": len(self._cache.values())}
 
     def _reload_soon(self) -> None:
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.ensure_future(self.reload_all())
-            self._reloading.add_done_callback(_log_failure)
+        asyncio.ensure_future(self.reload_all()).add_done_callback(_log_failure)
 
     async def _load(self, number: str) -> EnterpriseConfig | None:
         async with self._pool.connection() as conn:

@@ -7,6 +7,7 @@ event adapter and smart redirect. The account is the first part of the path
 - html:    an HTML page (the account does not exist)
 - bad:     400 "Errors in the entity format"
 - busy:    503 "Rate limit exceeded" with Retry-After: 1 on the first request, then as ok
+- proxy:   a proxy's HTML 502 page on the first request, then as ok
 - down:    500 while `down` is set, then as ok
 - slow:    answers after `delay` seconds
 A wrong X-API-KEY is answered 403 `Wrong "apiKey" value.` Every request is recorded."""
@@ -76,6 +77,9 @@ class FakeRetailCrm:
             case "busy" if self.calls[account] == 1:
                 return web.json_response({"success": False, "errorMsg": "Rate limit exceeded"}, status=503,
                                          headers={"Retry-After": "1"})
+            case "proxy" if self.calls[account] == 1:
+                return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
+                                    content_type="text/html")
             case "down" if self.down:
                 return web.json_response({"success": False, "errorMsg": "Internal error"}, status=500)
             case "slow":

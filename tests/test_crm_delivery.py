@@ -70,10 +70,10 @@ async def drain(db_url: str) -> None:
 
 
 def outcomes(db_url: str) -> dict[str, list[tuple[str, str | None]]]:
-    """Each enterprise's attempts in order: (outcome, error)."""
+    """Each enterprise's attempts by attempt number, then error: (outcome, error)."""
     rows = scalar(db_url, """
         SELECT jsonb_object_agg(enterprise, attempts) FROM (
-            SELECT enterprise, jsonb_agg(jsonb_build_array(status, error) ORDER BY at) AS attempts
+            SELECT enterprise, jsonb_agg(jsonb_build_array(status, error) ORDER BY attempt, error) AS attempts
             FROM dispatch.integration_logs WHERE enterprise IS NOT NULL GROUP BY enterprise) x""")
     return {k: [tuple(a) for a in v] for k, v in (rows or {}).items()}
 
@@ -118,12 +118,12 @@ async def test_each_event_reaches_retailcrm_as_its_telephony_api_wants_it(db_url
 
 async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str) -> None:
     async with fake_retailcrm() as fake:
-        for account in ("off", "html", "bad", "busy"):
+        for account in ("off", "html", "bad", "busy", "proxy"):
             enterprise(db_url, account, retailcrm=retailcrm(fake, account))
         enterprise(db_url, "key", retailcrm={**retailcrm(fake, "ok"), "api_key": "wrong-key"})
         enterprise(db_url, "payload", retailcrm=retailcrm(fake, "ok"))
         enterprise(db_url, "disabled", retailcrm=retailcrm(fake, "ok"))
-        for number in ("off", "html", "bad", "busy", "key", "disabled"):
+        for number in ("off", "html", "bad", "busy", "proxy", "key", "disabled"):
             call_event(db_url, number, "dial", f"call-{number}", phone=PHONE)
         call_event(db_url, "payload", "hangup", "call-p", phone=PHONE, status="hung")
         call_event(db_url, "payload", "download", "call-p", phone=PHONE)
@@ -137,17 +137,19 @@ async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str
             "bad": [("dead", "RetailCRM answered 400: Errors in the entity format "
                              "(phone: This value should not be blank.)")],
             "busy": [("retried", "RetailCRM rate limit (503): Rate limit exceeded"), ("completed", None)],
+            "proxy": [("retried", "RetailCRM answered 502 with no JSON"), ("completed", None)],
             "key": [("dead", 'RetailCRM answered 403: Wrong "apiKey" value.')],
-            "payload": [("dead", "payload.status must be one of answered, busy, cancel, failed, no_answer, "
-                                 "got 'hung'"),
-                        ("dead", "a download event needs payload.record_url")],
+            "payload": [("dead", "a download event needs payload.record_url"),
+                        ("dead", "payload.status must be one of answered, busy, cancel, failed, no_answer, "
+                                 "got 'hung'")],
             "disabled": [("dead", "retailcrm is not enabled for enterprise disabled")],
         }
         assert not fake.to("telephony/call/event", "disabled") and not fake.to("telephony/call/event", "payload")
         # Retry-After paused the enterprise's key for every worker: its retry came after it.
         busy = [s.at for s in fake.seen if s.account == "busy"]
         assert busy[1] - busy[0] >= 0.9
-        assert scalar(db_url, "SELECT count(*) FROM dispatch.integration_status WHERE last_error IS NOT NULL") == 7  # busy: its retry
+        errors = scalar(db_url, "SELECT count(*) FROM dispatch.integration_status WHERE last_error IS NOT NULL")
+        assert errors == 8  # busy and proxy: their retries
 
 
 async def test_the_webhook_crm_gets_signed_events_with_one_id_per_call_and_event(db_url: str) -> None:

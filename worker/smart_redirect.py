@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,8 @@ from pgdispatch.worker.outbound.limits import Limits
 from pgdispatch.worker.outbound.signing import SigningKeys
 from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.services import supervised
+
+log = logging.getLogger(__name__)
 
 BUDGET = 2.0  # seconds, everything included
 PHONE = re.compile(r"^\+?[0-9]{3,20}$")
@@ -79,6 +82,9 @@ class SmartRedirect:
             answer = {"redirect": False, "reason": f"no answer from the CRM within {self._budget:g}s"}
         except (NoRedirect, CheckFailed, NotSent) as why:
             answer = {"redirect": False, "reason": str(why)}
+        except Exception as exc:  # the caller is ringing: an answer, whatever broke
+            log.exception("smart redirect for enterprise %s failed", enterprise)
+            answer = {"redirect": False, "reason": f"internal error: {type(exc).__name__}"}
         if not answer["redirect"]:
             self.counters.not_redirected += 1
         answer["took_ms"] = round((time.perf_counter() - began) * 1000, 1)
@@ -88,9 +94,7 @@ class SmartRedirect:
         return {**asdict(self.counters), "config_cache": self.configs.stats()}
 
     async def _ask(self, enterprise: str, phone: str) -> tuple[str, dict[str, Any]]:
-        cached, config = self.configs.cached(enterprise)
-        if not cached:
-            config = await self.configs.get(enterprise)
+        config = await self.configs.get(enterprise)  # a dict lookup unless never read or just changed
         if config is None:
             raise NoRedirect(f"no enterprise {enterprise}")
         crm = config.integrations.get("retailcrm")

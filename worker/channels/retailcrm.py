@@ -50,12 +50,9 @@ async def send_retailcrm(call: CallEvent, io: Outbound) -> Outcome:
 def verdict(sent: str, answer: Answer) -> Outcome:
     reply = answer.json()
     if not isinstance(reply, dict):
-        if "<html" in answer.text[:500].lower():
-            return stop(sent, answer, f"RetailCRM answered {answer.status} with an HTML page: "
-                                      "the account does not exist (check api_url)")
-        if answer.status >= 500 or answer.status == 429:
-            return retry(sent, answer, f"RetailCRM answered {answer.status}", answer.retry_after())
-        return stop(sent, answer, f"RetailCRM answered {answer.status} with no JSON")
+        if answer.status >= 500 or answer.status == 429:  # a proxy's error page, say
+            return retry(sent, answer, _not_json(answer), answer.retry_after())
+        return stop(sent, answer, _not_json(answer))
     if answer.status in (429, 503):
         return retry(sent, answer, f"RetailCRM rate limit ({answer.status}): {_message(reply)}",
                      answer.retry_after())
@@ -163,13 +160,17 @@ async def _post(io: Outbound, settings: Mapping[str, Any], method: str,
 def _reply_or_fail(answer: Answer) -> dict[str, Any]:
     reply = answer.json()
     if not isinstance(reply, dict):
-        if "<html" in answer.text[:500].lower():
-            raise CheckFailed(f"RetailCRM answered {answer.status} with an HTML page: "
-                              "the account does not exist (check api_url)")
-        raise CheckFailed(f"RetailCRM answered {answer.status} with no JSON")
+        raise CheckFailed(_not_json(answer))
     if not 200 <= answer.status < 300 or reply.get("success") is not True:
         raise CheckFailed(f"RetailCRM answered {answer.status}: {_message(reply)}")
     return reply
+
+
+def _not_json(answer: Answer) -> str:
+    if answer.status < 500 and "<html" in answer.text[:500].lower():
+        return (f"RetailCRM answered {answer.status} with an HTML page: "
+                "the account does not exist (check api_url)")
+    return f"RetailCRM answered {answer.status} with no JSON"
 
 
 def _message(reply: Mapping[str, Any]) -> str:

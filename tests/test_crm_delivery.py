@@ -121,9 +121,10 @@ async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str
         for account in ("off", "html", "bad", "busy", "proxy"):
             enterprise(db_url, account, retailcrm=retailcrm(fake, account))
         enterprise(db_url, "key", retailcrm={**retailcrm(fake, "ok"), "api_key": "wrong-key"})
+        enterprise(db_url, "refused", retailcrm={**retailcrm(fake, "ok"), "api_url": "http://127.0.0.1:9"})
         enterprise(db_url, "payload", retailcrm=retailcrm(fake, "ok"))
         enterprise(db_url, "disabled", retailcrm=retailcrm(fake, "ok"))
-        for number in ("off", "html", "bad", "busy", "proxy", "key", "disabled"):
+        for number in ("off", "html", "bad", "busy", "proxy", "key", "refused", "disabled"):
             call_event(db_url, number, "dial", f"call-{number}", phone=PHONE)
         call_event(db_url, "payload", "hangup", "call-p", phone=PHONE, status="hung")
         call_event(db_url, "payload", "download", "call-p", phone=PHONE)
@@ -139,6 +140,8 @@ async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str
             "busy": [("retried", "RetailCRM rate limit (503): Rate limit exceeded"), ("completed", None)],
             "proxy": [("retried", "RetailCRM answered 502 with no JSON"), ("completed", None)],
             "key": [("dead", 'RetailCRM answered 403: Wrong "apiKey" value.')],
+            "refused": [("retried", "127.0.0.1:9: ConnectError: connection refused")] * 2
+                       + [("dead", "127.0.0.1:9: ConnectError: connection refused")],
             "payload": [("dead", "a download event needs payload.record_url"),
                         ("dead", "payload.status must be one of answered, busy, cancel, failed, no_answer, "
                                  "got 'hung'")],
@@ -149,7 +152,7 @@ async def test_each_refusal_stops_or_retries_with_the_crms_own_words(db_url: str
         busy = [s.at for s in fake.seen if s.account == "busy"]
         assert busy[1] - busy[0] >= 0.9
         errors = scalar(db_url, "SELECT count(*) FROM dispatch.integration_status WHERE last_error IS NOT NULL")
-        assert errors == 8  # busy and proxy: their retries
+        assert errors == 9  # busy and proxy: their retries
 
 
 async def test_the_webhook_crm_gets_signed_events_with_one_id_per_call_and_event(db_url: str) -> None:

@@ -28,6 +28,7 @@ async def test_the_responsible_managers_extension_or_no_redirect_with_the_reason
         execute(db_url, "UPDATE dispatch.enterprises SET integrations_config = jsonb_set(integrations_config, "
                         "'{retailcrm,api_key}', '\"wrong\"') WHERE number = 'denied'")
         enterprise(db_url, "off", api_url=fake.api_url("ok"), enabled=False)
+        enterprise(db_url, "refused", api_url="http://127.0.0.1:9")
 
         async def ask(number: str, phone: str = "+79990001122") -> dict[str, Any]:
             answer = await redirect.answer(number, phone)
@@ -46,6 +47,7 @@ async def test_the_responsible_managers_extension_or_no_redirect_with_the_reason
         assert await ask("denied") == {"redirect": False, "reason": 'RetailCRM answered 403: Wrong "apiKey" value.'}
         assert await ask("off") == {"redirect": False, "reason": "retailcrm is not enabled for enterprise off"}
         assert await ask("nope") == {"redirect": False, "reason": "no enterprise nope"}
+        assert await ask("refused") == {"redirect": False, "reason": "127.0.0.1:9: ConnectError: connection refused"}
         began = time.perf_counter()
         assert await ask("slow") == {"redirect": False, "reason": "no answer from the CRM within 2s"}
         assert 1.9 < time.perf_counter() - began < 2.5
@@ -65,4 +67,4 @@ async def test_the_responsible_managers_extension_or_no_redirect_with_the_reason
         await wait_until(lambda: not redirect.configs.cached("0367")[0])
         assert (await ask("0367"))["extension"] == "160"
         assert API_KEY not in json.dumps(redirect.stats())
-        assert scalar(db_url, "SELECT count(*) FROM dispatch.enterprises") == 5
+        assert scalar(db_url, "SELECT count(*) FROM dispatch.enterprises") == 6

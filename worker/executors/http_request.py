@@ -10,12 +10,10 @@ anything else, timeouts and network errors → Retry after attempt_interval (or 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import random
 import re
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from pgdispatch.worker.outbound.deadlines import Deadlines
 from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
-from pgdispatch.worker.outbound.transport import read_at_most, retry_after_seconds
+from pgdispatch.worker.outbound.transport import read_at_most, retry_after_seconds, timed_out, transport_error
 from pgdispatch.worker.outcome import Discard, Done, InvalidJob, Outcome, Postpone, Retry
 
 log = logging.getLogger(__name__)
@@ -233,10 +231,10 @@ class HttpRequestExecutor:
             forbidden = forbidden_cause(exc)
             if forbidden is not None:
                 return Discard("invalid", str(forbidden))
-            if _timed_out(exc):
+            if timed_out(exc):
                 return self._retry(request, job, started, t0, f"timed out after {request.timeout}s",
                                    type(exc).__name__)
-            error_class, error = _transport_error(exc)
+            error_class, error = transport_error(exc)
             return self._retry(request, job, started, t0, error, error_class)
         detail = _detail(started, t0, response, excerpt)
         status = response.status_code
@@ -301,33 +299,6 @@ def mask_url(uri: str) -> str:
     if parts.username or parts.password:
         uri = uri.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)
     return _SECRET_QUERY.sub(r"\1***", uri)
-
-
-def _timed_out(exc: httpx.HTTPError) -> bool:
-    # Transports differ in how they map errors (httpx-aiohttp reports a refused connection as
-    # ConnectTimeout): trust the underlying cause when there is one.
-    cause = exc.__cause__
-    if cause is not None:
-        return isinstance(cause, TimeoutError)
-    return isinstance(exc, httpx.TimeoutException)
-
-
-def _transport_error(exc: httpx.HTTPError) -> tuple[str, str]:
-    """(error class, message) named after what really failed: transports mislabel causes
-    (httpx-aiohttp reports a refused connection and a failed DNS lookup as ConnectTimeout).
-    httpx messages can quote the URL and its credentials: the message is in our own words."""
-    cause = exc.__cause__
-    os_error = getattr(cause, "os_error", cause)
-    if isinstance(os_error, socket.gaierror):
-        return "DNSError", "DNSError: could not resolve the host name"
-    if isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED:
-        return "ConnectError", "ConnectError: connection refused"
-    error_class = "ConnectError" if isinstance(exc, httpx.ConnectTimeout) else type(exc).__name__
-    if isinstance(os_error, OSError) and os_error.strerror:
-        reason = os_error.strerror.lower()
-    else:
-        reason = type(cause or exc).__name__
-    return error_class, f"{error_class}: could not complete the request ({reason})"
 
 
 def _retry_after(response: httpx.Response, now: float) -> float | None:

@@ -13,7 +13,7 @@ from pgdispatch.worker.channels.delivery import Answer, NotSent
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.limits import Wait
-from pgdispatch.worker.outbound.transport import read_at_most
+from pgdispatch.worker.outbound.transport import read_at_most, timed_out, transport_error
 from pgdispatch.worker.outcome import Discard, Postpone, Retry
 
 ANSWER_BYTES = 65_536  # of a vendor's answer read: its JSON verdict fits, a flood does not
@@ -49,13 +49,13 @@ class LimitedIO:
                 retry_after = answer.retry_after()
             reason = f"answered {answer.status}"
             return answer
-        except httpx.TimeoutException:
-            raise NotSent(Retry(error=f"no answer from {host} within {self._timeout:g}s")) from None
         except httpx.TransportError as exc:
             cause = forbidden_cause(exc)
             if cause is not None:
                 failed = False
                 raise NotSent(Discard("discarded", error=f"{host}: {cause}")) from None
-            raise NotSent(Retry(error=f"{host}: {type(exc).__name__}: {exc}")) from None
+            if timed_out(exc):
+                raise NotSent(Retry(error=f"no answer from {host} within {self._timeout:g}s")) from None
+            raise NotSent(Retry(error=f"{host}: {transport_error(exc)[1]}")) from None
         finally:
             await self._context.limits.settle(permit, failed=failed, retry_after=retry_after, reason=reason)

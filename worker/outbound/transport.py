@@ -11,6 +11,8 @@ tenant of the process would carry one endpoint's cookies into another's requests
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 from collections.abc import AsyncIterator, Mapping
 from email.utils import parsedate_to_datetime
 
@@ -83,3 +85,30 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, min(when - now, 86400.0))
+
+
+def timed_out(exc: httpx.HTTPError) -> bool:
+    # Transports differ in how they map errors (httpx-aiohttp reports a refused connection as
+    # ConnectTimeout): trust the underlying cause when there is one.
+    cause = exc.__cause__
+    if cause is not None:
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException)
+
+
+def transport_error(exc: httpx.HTTPError) -> tuple[str, str]:
+    """(error class, message) named after what really failed: transports mislabel causes
+    (httpx-aiohttp reports a refused connection and a failed DNS lookup as ConnectTimeout).
+    httpx messages can quote the URL and its credentials: the message is in our own words."""
+    cause = exc.__cause__
+    os_error = getattr(cause, "os_error", cause)
+    if isinstance(os_error, socket.gaierror):
+        return "DNSError", "DNSError: could not resolve the host name"
+    if isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED:
+        return "ConnectError", "ConnectError: connection refused"
+    error_class = "ConnectError" if isinstance(exc, httpx.ConnectTimeout) else type(exc).__name__
+    if isinstance(os_error, OSError) and os_error.strerror:
+        reason = os_error.strerror.lower()
+    else:
+        reason = type(cause or exc).__name__
+    return error_class, f"{error_class}: could not complete the request ({reason})"

@@ -16,7 +16,7 @@ DEFAULT_FILE = Path("var/build/version")
 
 def register(sub: Any) -> None:
     b = sub.add_parser("build", help="build stamps for the version guard")
-    bsub = b.add_subparsers(dest="build_command", required=True)
+    bsub = b.add_subparsers(dest="build_command", required=True, metavar="COMMAND")
     s = bsub.add_parser("stamp", help="write {git-sha}-{timestamp} for this deploy")
     s.add_argument("--file", type=Path, default=DEFAULT_FILE, help=f"default {DEFAULT_FILE}")
     s.add_argument("--sha", help="the commit (default: git rev-parse --short=12 HEAD)")

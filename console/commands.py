@@ -15,7 +15,7 @@ SAFE = ("Disabled", "Idle")
 
 def register(sub: Any) -> None:
     p = sub.add_parser("commands", help="periodic commands: status, disable, enable, unlock, run")
-    csub = p.add_subparsers(dest="commands_command", required=True)
+    csub = p.add_subparsers(dest="commands_command", required=True, metavar="COMMAND")
     cs = csub.add_parser("status", help="Idle / Working / Queued / Disabled / Locked, last and next run")
     cs.add_argument("--json", action="store_true")
     for name, text in (("disable", "no new runs (a running one finishes)"), ("enable", "runs again")):

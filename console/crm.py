@@ -28,9 +28,9 @@ from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 def register(sub: Any) -> None:
     p = sub.add_parser("crm", help="CRM call events: enterprises' integrations config, status, a test event")
-    csub = p.add_subparsers(dest="crm_command", required=True)
+    csub = p.add_subparsers(dest="crm_command", required=True, metavar="COMMAND")
     config = csub.add_parser("config", help="an enterprise's integrations config: get, set, test")
-    osub = config.add_subparsers(dest="config_command", required=True)
+    osub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     get = osub.add_parser("get", help="the config, secrets masked")
     get.add_argument("enterprise")
     get.add_argument("--json", action="store_true")

@@ -23,7 +23,7 @@ from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 def register(sub: Any) -> None:
     d = sub.add_parser("dead", help="dead letters: list, show, retry, purge")
-    dsub = d.add_subparsers(dest="dead_command", required=True)
+    dsub = d.add_subparsers(dest="dead_command", required=True, metavar="COMMAND")
     dl = dsub.add_parser("list")
     dl.add_argument("--queue")
     dl.add_argument("--limit", type=int, default=50)

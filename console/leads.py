@@ -34,7 +34,7 @@ RESEND_CHUNK = 500  # leads per transaction of a bulk resend
 
 def register(sub: Any) -> None:
     p = sub.add_parser("leads", help="send a lead to its integrations, resend, show what happened")
-    lsub = p.add_subparsers(dest="leads_command", required=True)
+    lsub = p.add_subparsers(dest="leads_command", required=True, metavar="COMMAND")
     ls = lsub.add_parser("send", help="to every enabled integration of its entity and project, or to --type")
     ls.add_argument("id", type=int)
     ls.add_argument("--type", action="append", dest="types", metavar="T",
@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=leads)
 
     c = sub.add_parser("credentials", help="integration credentials: list, add, enable, disable, test")
-    csub = c.add_subparsers(dest="credentials_command", required=True)
+    csub = c.add_subparsers(dest="credentials_command", required=True, metavar="COMMAND")
     cl = csub.add_parser("list", help="secrets masked")
     cl.add_argument("--json", action="store_true")
     ca = csub.add_parser("add")

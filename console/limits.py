@@ -32,7 +32,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str]] = {
 
 def register(sub: Any) -> None:
     p = sub.add_parser("limits", help="shared rate limits, caps and breakers: list, set, clear, reset")
-    lsub = p.add_subparsers(dest="limits_command", required=True)
+    lsub = p.add_subparsers(dest="limits_command", required=True, metavar="COMMAND")
     ll = lsub.add_parser("list", help="every rule and every key in use, with its live state")
     ll.add_argument("--json", action="store_true")
     ls = lsub.add_parser("set", help="create or change a rule (the settings given; 'off' removes one)")

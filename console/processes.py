@@ -14,7 +14,7 @@ STATUSES = ("pending", "running", "retry", "error", "done", "abandoned")
 
 def register(sub: Any) -> None:
     p = sub.add_parser("process", help="processes: list, show, restart, work, abandon")
-    psub = p.add_subparsers(dest="process_command", required=True)
+    psub = p.add_subparsers(dest="process_command", required=True, metavar="COMMAND")
     pl = psub.add_parser("list")
     pl.add_argument("--status", choices=STATUSES)
     pl.add_argument("--type")

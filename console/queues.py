@@ -18,7 +18,7 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
 
 def register(sub: Any) -> None:
     q = sub.add_parser("queues", help="queue policies: list, create, pause, resume, set")
-    qsub = q.add_subparsers(dest="queues_command", required=True)
+    qsub = q.add_subparsers(dest="queues_command", required=True, metavar="COMMAND")
     ql = qsub.add_parser("list")
     ql.add_argument("--json", action="store_true")
     for name in ("create", "pause", "resume"):

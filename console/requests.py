@@ -14,7 +14,7 @@ from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
 def register(sub: Any) -> None:
     r = sub.add_parser("request", help="outbound HTTP requests: send, show")
-    rsub = r.add_subparsers(dest="request_command", required=True)
+    rsub = r.add_subparsers(dest="request_command", required=True, metavar="COMMAND")
     rs = rsub.add_parser("send", help="queue one request (dispatch.send_request)")
     rs.add_argument("--method", required=True, help="GET, POST, PUT, PATCH or DELETE")
     rs.add_argument("--uri", required=True)

@@ -153,7 +153,12 @@ async def smart_redirect_service(config: WorkerConfig) -> AsyncIterator[SmartRed
 
         listener = Listener(config.listen_url or config.database_url, [CONFIG_CHANNEL],
                             on_notify=on_notify, on_reconnect=on_reconnect)
+        async def warm() -> None:  # LISTEN first, then read: no change can fall in between
+            await listener.connected.wait()
+            await configs.reload_all()
+
         tasks = [asyncio.create_task(supervised("smart-redirect listener", listener.run)),
+                 asyncio.create_task(supervised("integration config warm-up", warm)),
                  asyncio.create_task(supervised("integration config reload", configs.reload_forever))]
         try:
             yield SmartRedirect(configs, ExecutorContext(http=http, keys=keys, limits=limits,

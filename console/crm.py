@@ -104,13 +104,10 @@ def crm(env: Env, args: argparse.Namespace) -> int:
 async def _test(env: Env, number: str, config: Mapping[str, Any], only: str | None) -> int:
     from pgdispatch.worker.channels import CRM_CHECKS, CheckFailed
     from pgdispatch.worker.channels.delivery import NotSent
-    from pgdispatch.worker.executors.context import ExecutorContext
+    from pgdispatch.worker.executors.context import executor_context
     from pgdispatch.worker.executors.crm_event import TIMEOUT, crm_tenant
     from pgdispatch.worker.executors.outbound_io import LimitedIO
     from pgdispatch.worker.outbound.destinations import Destinations
-    from pgdispatch.worker.outbound.limits import Limits
-    from pgdispatch.worker.outbound.signing import SigningKeys
-    from pgdispatch.worker.outbound.transport import HttpTransport
 
     if only is not None and only not in config:
         raise NotFound(f"enterprise {number} has no {only} config")
@@ -120,22 +117,16 @@ async def _test(env: Env, number: str, config: Mapping[str, Any], only: str | No
         return EXIT_ERROR
     # The operator's own call: private addresses allowed, the enterprise's shared limits kept.
     destinations = Destinations(allow_private=True, allowed=env.allowed_destinations)
-    keys = SigningKeys(env.url())
     failed = False
-    async with HttpTransport(max_connections=4, destinations=destinations) as http, \
-            Limits.open(env.url()) as limits:
-        context = ExecutorContext(http=http, keys=keys, limits=limits, destinations=destinations)
-        try:
-            for name, settings in sorted(chosen.items()):
-                io = LimitedIO(context, crm_tenant(number, name), timeout=TIMEOUT)
-                try:
-                    verdict = await CRM_CHECKS[name](settings, io)
-                except (CheckFailed, NotSent) as exc:
-                    why = " ".join(str(exc).split())  # an HTML error page: one line of it
-                    warn(f"enterprise {number} {name}: {why}")
-                    failed = True
-                    continue
-                say(f"enterprise {number} {name}: ok, {verdict}")
-        finally:
-            await keys.close()
+    async with executor_context(env.url(), destinations=destinations, max_connections=4) as context:
+        for name, settings in sorted(chosen.items()):
+            io = LimitedIO(context, crm_tenant(number, name), timeout=TIMEOUT)
+            try:
+                verdict = await CRM_CHECKS[name](settings, io)
+            except (CheckFailed, NotSent) as exc:
+                why = " ".join(str(exc).split())  # an HTML error page: one line of it
+                warn(f"enterprise {number} {name}: {why}")
+                failed = True
+                continue
+            say(f"enterprise {number} {name}: ok, {verdict}")
     return EXIT_ERROR if failed else EXIT_OK

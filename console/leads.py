@@ -197,16 +197,11 @@ def credentials(env: Env, args: argparse.Namespace) -> int:
 
 
 async def _test(env: Env, credential: dict[str, Any]) -> int:
-    from psycopg_pool import AsyncConnectionPool
-
     from pgdispatch.worker.channels import CHECKS, CheckFailed
     from pgdispatch.worker.channels.delivery import NotSent
-    from pgdispatch.worker.executors.context import ExecutorContext
+    from pgdispatch.worker.executors.context import executor_context
     from pgdispatch.worker.executors.lead_delivery import DeliveryIO
     from pgdispatch.worker.outbound.destinations import Destinations
-    from pgdispatch.worker.outbound.limits import Limits
-    from pgdispatch.worker.outbound.signing import SigningKeys
-    from pgdispatch.worker.outbound.transport import HttpTransport
 
     check = CHECKS.get(credential["type"])
     if check is None:
@@ -215,19 +210,12 @@ async def _test(env: Env, credential: dict[str, Any]) -> int:
         return EXIT_ERROR
     # The operator's own call: private addresses allowed, the credential's shared limits kept.
     destinations = Destinations(allow_private=True, allowed=env.allowed_destinations)
-    keys = SigningKeys(env.url())
-    async with HttpTransport(max_connections=4, destinations=destinations) as http, \
-            Limits.open(env.url()) as limits, \
-            AsyncConnectionPool(env.url(), min_size=1, max_size=2, kwargs={"autocommit": True}) as pool:
-        io = DeliveryIO(ExecutorContext(http=http, keys=keys, limits=limits, destinations=destinations,
-                                        database=pool.connection), credential["id"])
+    async with executor_context(env.url(), destinations=destinations, max_connections=4) as context:
         try:
-            verdict = await check(credential["settings"], io)
+            verdict = await check(credential["settings"], DeliveryIO(context, credential["id"]))
         except (CheckFailed, NotSent) as exc:
             why = " ".join(str(exc).split())  # an HTML error page: one line of it
             warn(f"credential {credential['id']} ({credential['type']} {credential['name']!r}): {why}")
             return EXIT_ERROR
-        finally:
-            await keys.close()
     say(f"credential {credential['id']} ({credential['type']} {credential['name']!r}): ok, {verdict}")
     return EXIT_OK

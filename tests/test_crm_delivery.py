@@ -11,17 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
-from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
-from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.context import ExecutorContext, executor_context
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.outbound.limits import Limits
-from pgdispatch.worker.outbound.signing import SigningKeys
-from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
 from tests.fake_retailcrm import API_KEY, FakeRetailCrm, fake_retailcrm
 from tests.helpers import execute, in_a_thread, run_cli, running_worker, scalar, wait_until
@@ -47,14 +42,9 @@ def call_event(db_url: str, number: str, event: str, call_id: str, **payload: An
 async def worker_context(db_url: str, **limits: Any) -> AsyncIterator[ExecutorContext]:
     execute(db_url, "UPDATE dispatch.queues SET backoff_base = '10 ms', backoff_cap = '50 ms', backoff_jitter = 0 "
                     "WHERE name = 'crm'")
-    keys = SigningKeys(db_url)
-    destinations = Destinations(allow_private=True)
-    async with HttpTransport(max_connections=50, destinations=destinations) as http, \
-            Limits.open(db_url, **limits) as shared, \
-            AsyncConnectionPool(db_url, min_size=1, max_size=4, kwargs={"autocommit": True}) as pool:
-        yield ExecutorContext(http=http, keys=keys, limits=shared, destinations=destinations,
-                              database=pool.connection, integrations=IntegrationConfigs(pool))
-    await keys.close()
+    async with executor_context(db_url, destinations=Destinations(allow_private=True), max_connections=50,
+                                **limits) as context:
+        yield context
 
 
 async def drain(db_url: str) -> None:

@@ -11,16 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
 from standardwebhooks import Webhook
 
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
-from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.context import executor_context
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.outbound.limits import Limits
-from pgdispatch.worker.outbound.signing import SigningKeys
-from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import Runner
 from tests.fake_channels import BOT_TOKEN, FakeChannels, fake_channels, fake_channels_in_a_thread
 from tests.helpers import execute, run_cli, scalar, wait_until
@@ -69,17 +65,10 @@ async def drain(db_url: str) -> None:
 async def _drain_once(db_url: str) -> Runner:
     execute(db_url, "UPDATE dispatch.queues SET backoff_base = '10 ms', backoff_cap = '50 ms', backoff_jitter = 0 "
                     "WHERE name = 'leads'")
-    keys = SigningKeys(db_url)
-    destinations = Destinations(allow_private=True)
-    async with HttpTransport(max_connections=100, destinations=destinations) as http, \
-            Limits.open(db_url) as limits, \
-            AsyncConnectionPool(db_url, min_size=1, max_size=4, kwargs={"autocommit": True}) as pool:
-        context = ExecutorContext(http=http, keys=keys, limits=limits, destinations=destinations,
-                                  database=pool.connection)
+    async with executor_context(db_url, destinations=Destinations(allow_private=True), max_connections=100) as context:
         runner = Runner(WorkerConfig(database_url=db_url, queues=("leads",), drain=True, concurrency=50),
                         builtin_executors(context))
         await asyncio.wait_for(runner.run(), 60)
-    await keys.close()
     return runner
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import signal
@@ -16,17 +17,12 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch.db.errors import DatabaseUnavailable
-from pgdispatch.notify import config_message
-from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.commands import CommandScheduler
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
-from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.context import executor_context, on_config_change
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.outbound.limits import Limits
-from pgdispatch.worker.outbound.signing import SigningKeys
-from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner
 from pgdispatch.worker.services import periodic
 
@@ -36,39 +32,22 @@ log = logging.getLogger(__name__)
 async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> int:
     """Run one worker in this process until drained or signalled; returns its exit code.
     With `parent_pid`, the worker also stops when that process is gone (the pool was killed)."""
-    keys = SigningKeys(config.database_url)
+    destinations = Destinations(allow_private=config.allow_private_networks,
+                                allowed=config.allowed_destinations)
     async with contextlib.AsyncExitStack() as stack:
-        limits = await stack.enter_async_context(Limits.open(
-            config.database_url, breaker_failures=config.breaker_failures,
+        context = await stack.enter_async_context(executor_context(
+            config.database_url, destinations=destinations, max_connections=max(config.concurrency, 10),
+            per_host_limit=config.per_host_limit, breaker_failures=config.breaker_failures,
             breaker_cooldown=config.breaker_cooldown, slot_lease=config.lease_seconds))
-        destinations = Destinations(allow_private=config.allow_private_networks,
-                                    allowed=config.allowed_destinations)
-        http = await stack.enter_async_context(HttpTransport(
-            max_connections=max(config.concurrency, 10), destinations=destinations))
-        stack.push_async_callback(keys.close)
-
-        executor_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=4, open=False,
-                                            name="executors", kwargs={"autocommit": True})
-        await executor_pool.open(wait=False)
-        stack.push_async_callback(executor_pool.close)
-        integrations = IntegrationConfigs(executor_pool)
+        integrations = context.integrations
+        assert integrations is not None
         refreshing = asyncio.create_task(integrations.reload_forever(), name="integration-configs")
         stack.push_async_callback(_cancelled, refreshing)
 
         def stats() -> dict[str, Any]:
-            return {"signing_key_cache": keys.stats(), "limits": limits.stats(),
+            return {"signing_key_cache": context.keys.stats(), "limits": context.limits.stats(),
                     "integration_config_cache": integrations.stats()}
 
-        def on_config_change(payload: str | None) -> None:
-            if config_message(payload).get("table") in ("signing_keys", None):
-                keys.invalidate()
-            limits.on_notify(payload)
-            integrations.on_notify(payload)
-
-        context = ExecutorContext(http=http, keys=keys, limits=limits,
-                                  per_host_limit=config.per_host_limit,
-                                  destinations=destinations, database=executor_pool.connection,
-                                  integrations=integrations)
         executors = builtin_executors(context, debug_kinds=config.debug_kinds)
         if config.app is not None:
             app = load_app(config.app)
@@ -86,7 +65,8 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                 ticking = asyncio.create_task(periodic("command scheduler", 1.0, scheduler.tick),
                                               name="command-scheduler")
                 stack.push_async_callback(_cancelled, ticking)
-        runner = Runner(config, executors, on_config_change=on_config_change, stats=stats)
+        runner = Runner(config, executors, on_config_change=functools.partial(on_config_change, context),
+                        stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
         loop.add_signal_handler(signal.SIGINT, runner.signalled)

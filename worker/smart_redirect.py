@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
 from pgdispatch.notify import CONFIG_CHANNEL
 from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.notify.listener import Listener
@@ -28,13 +26,10 @@ from pgdispatch.worker.channels import CheckFailed
 from pgdispatch.worker.channels.delivery import NotSent
 from pgdispatch.worker.channels.retailcrm import responsible_manager
 from pgdispatch.worker.config import WorkerConfig
-from pgdispatch.worker.executors.context import ExecutorContext
+from pgdispatch.worker.executors.context import ExecutorContext, executor_context, on_config_change
 from pgdispatch.worker.executors.crm_event import crm_tenant
 from pgdispatch.worker.executors.outbound_io import LimitedIO
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.outbound.limits import Limits
-from pgdispatch.worker.outbound.signing import SigningKeys
-from pgdispatch.worker.outbound.transport import HttpTransport
 from pgdispatch.worker.services import supervised
 
 log = logging.getLogger(__name__)
@@ -126,33 +121,26 @@ def extension_of(settings: Mapping[str, Any], manager: Mapping[str, Any]) -> str
 
 @contextlib.asynccontextmanager
 async def smart_redirect_service(config: WorkerConfig) -> AsyncIterator[SmartRedirect]:
-    """What the pool's HTTP port needs to answer smart redirects: a config cache with a LISTEN
-    connection of its own, the shared limits, and one HTTP pool."""
-    async with contextlib.AsyncExitStack() as stack:
-        pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=2, open=False,
-                                   name="smart-redirect", kwargs={"autocommit": True})
-        await pool.open(wait=False)
-        stack.push_async_callback(pool.close)
-        configs = IntegrationConfigs(pool)
-        limits = await stack.enter_async_context(Limits.open(
-            config.database_url, breaker_failures=config.breaker_failures,
-            breaker_cooldown=config.breaker_cooldown, slot_lease=config.lease_seconds))
-        destinations = Destinations(allow_private=config.allow_private_networks,
-                                    allowed=config.allowed_destinations)
-        http = await stack.enter_async_context(HttpTransport(max_connections=50, destinations=destinations))
-        keys = SigningKeys(config.database_url)
-        stack.push_async_callback(keys.close)
+    """What the pool's HTTP port needs to answer smart redirects: the outbound context (with its
+    config cache) and a LISTEN connection of its own feeding it."""
+    destinations = Destinations(allow_private=config.allow_private_networks,
+                                allowed=config.allowed_destinations)
+    async with executor_context(config.database_url, destinations=destinations, max_connections=50,
+                                breaker_failures=config.breaker_failures,
+                                breaker_cooldown=config.breaker_cooldown,
+                                slot_lease=config.lease_seconds) as context:
+        configs = context.integrations
+        assert configs is not None
 
         def on_notify(channel: str, payload: str) -> None:
-            configs.on_notify(payload)
-            limits.on_notify(payload)
+            on_config_change(context, payload)
 
         async def on_reconnect() -> None:
-            configs.on_notify(None)
-            limits.on_notify(None)
+            on_config_change(context, None)
 
         listener = Listener(config.listen_url or config.database_url, [CONFIG_CHANNEL],
                             on_notify=on_notify, on_reconnect=on_reconnect)
+
         async def warm() -> None:  # LISTEN first, then read: no change can fall in between
             await listener.connected.wait()
             await configs.reload_all()
@@ -161,8 +149,7 @@ async def smart_redirect_service(config: WorkerConfig) -> AsyncIterator[SmartRed
                  asyncio.create_task(supervised("integration config warm-up", warm)),
                  asyncio.create_task(supervised("integration config reload", configs.reload_forever))]
         try:
-            yield SmartRedirect(configs, ExecutorContext(http=http, keys=keys, limits=limits,
-                                                         destinations=destinations, integrations=configs))
+            yield SmartRedirect(configs, context)
         finally:
             for task in tasks:
                 task.cancel()

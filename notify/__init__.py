@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 JOBS_CHANNEL = "dispatch_jobs"
@@ -17,3 +20,11 @@ def config_message(payload: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
+
+
+def log_failure(log: logging.Logger, what: str) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a background task nobody awaits: its failure is logged, as `what: error`."""
+    def done(task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s: %s", what, task.exception())
+    return done

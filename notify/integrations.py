@@ -30,7 +30,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch import sql
-from pgdispatch.notify import config_message
+from pgdispatch.notify import config_message, log_failure
 from pgdispatch.notify.cache import KeyedCache
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ class IntegrationConfigs:
         return {**counters, "reconnects": self.reconnects, "enterprises": len(self._cache.values())}
 
     def _reload_soon(self) -> None:
-        asyncio.ensure_future(self.reload_all()).add_done_callback(_log_failure)
+        reloading = asyncio.ensure_future(self.reload_all())
+        reloading.add_done_callback(log_failure(log, "integration config reload failed"))
 
     async def _load(self, number: str) -> EnterpriseConfig | None:
         async with self._pool.connection() as conn:
@@ -148,8 +149,3 @@ class IntegrationConfigs:
         finally:
             self._cache.counters.load_seconds += time.perf_counter() - began
         return {number: enterprise_config(number, config) for number, config in rows}
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("integration config reload failed: %s", task.exception())

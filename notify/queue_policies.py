@@ -17,6 +17,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch import sql
+from pgdispatch.notify import log_failure
 from pgdispatch.notify.cache import CacheCounters, KeyedCache
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class QueuePolicies:
         self._cache.invalidate()
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.ensure_future(self.reload())
-            self._reloading.add_done_callback(_log_failure)
+            self._reloading.add_done_callback(log_failure(log, "queue policy load failed"))
 
     async def refresh_forever(self) -> None:
         """The safety net under NOTIFY: a full reload every `refresh_every` seconds."""
@@ -94,8 +95,3 @@ class QueuePolicies:
 
 
 ALL = "*"
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("queue policy load failed: %s", task.exception())

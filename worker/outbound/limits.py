@@ -36,7 +36,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch import sql
-from pgdispatch.notify import config_message
+from pgdispatch.notify import config_message, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ class Limits:
 
     def _background(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(log_failure(log, "shared limits"))
         return task
 
     def stats(self) -> dict[str, Any]:
@@ -542,8 +542,3 @@ class Limits:
                             for key, b in self._blocked.items()},
                 "slots_held": {key: s.held for key, s in self._slots.items() if s.held},
                 **{name: getattr(self.counters, name) for name in self.counters.__dataclass_fields__}}
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("shared limits: %s", task.exception())

@@ -463,6 +463,9 @@ SELECT integrations_config FROM dispatch.enterprises WHERE number = %(number)s;
 -- name: enterprise_configs
 SELECT number, integrations_config FROM dispatch.enterprises;
 
+-- name: crm_breakers
+SELECT enterprise, integration, breaker FROM dispatch.crm_breakers ORDER BY enterprise, integration;
+
 -- name: integration_status
 SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_error, breaker,
        breaker_open_until, breaker_reason, paused_until

@@ -2737,6 +2737,9 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                         format('%s.url must be an http(s) URL', i.key)
                     WHEN i.key = 'webhook' AND i.value ? 'secret' AND coalesce(i.value ->> 'secret', '') !~ '^whsec_[A-Za-z0-9+/=]{16,}$' THEN
                         format('%s.secret must be a Standard Webhooks secret (whsec_ and base64)', i.key)
+                    WHEN i.key = 'webhook' AND i.value ? 'headers' AND (jsonb_typeof(i.value -> 'headers') <> 'object'
+                         OR EXISTS (SELECT FROM jsonb_each(i.value -> 'headers') h WHERE jsonb_typeof(h.value) <> 'string')) THEN
+                        format('%s.headers must map header names to strings', i.key)
                 END AS problem
                 FROM jsonb_each(config) i
             ) p WHERE problem IS NOT NULL)
@@ -2894,12 +2897,9 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         'enterprise', enterprise_number, 'event', event, 'call_unique_id', call_unique_id, 'payload', payload))) b
 $$;
 
--- Each enterprise's CRMs as operators want to see them: enabled, the last success and the last
--- failure of its call events, and its circuit breaker. No secrets.
-CREATE VIEW dispatch.integration_status AS
+-- Each enterprise's CRMs and their circuit breakers: cheap (no history), for /metrics.
+CREATE VIEW dispatch.crm_breakers AS
 SELECT e.number AS enterprise, i.key AS integration, coalesce((i.value ->> 'enabled')::boolean, false) AS enabled,
-       ok.finished_at AS last_success_at, bad.finished_at AS last_error_at,
-       dispatch.mask_text(bad.error) AS last_error,
        CASE WHEN s.open_until IS NULL THEN 'closed'
             WHEN s.open_until > now() THEN 'open'
             ELSE 'half-open' END AS breaker,
@@ -2908,19 +2908,32 @@ SELECT e.number AS enterprise, i.key AS integration, coalesce((i.value ->> 'enab
        CASE WHEN s.paused_until > now() THEN s.paused_until END AS paused_until
 FROM dispatch.enterprises e
 CROSS JOIN LATERAL jsonb_each(e.integrations_config) i
-LEFT JOIN LATERAL (
-    SELECT h.finished_at FROM dispatch.call_events c JOIN dispatch.job_history h ON h.job_id = c.job_id
-    WHERE c.enterprise = e.number AND c.integration = i.key AND h.kind = 'crm.event' AND h.outcome = 'completed'
-    ORDER BY c.created_at DESC, h.finished_at DESC LIMIT 1) ok ON true
-LEFT JOIN LATERAL (
-    SELECT h.finished_at, h.error FROM dispatch.call_events c JOIN dispatch.job_history h ON h.job_id = c.job_id
-    WHERE c.enterprise = e.number AND c.integration = i.key AND h.kind = 'crm.event' AND h.outcome <> 'completed'
-    ORDER BY c.created_at DESC, h.finished_at DESC LIMIT 1) bad ON true
 LEFT JOIN dispatch.limit_state s
     ON s.key = dispatch.crm_limit_key(e.number, i.key) || '|host:'
                || substring(coalesce(i.value ->> 'api_url', i.value ->> 'url') FROM '^[A-Za-z]+://(?:[^@/]*@)?([^/?#]+)');
 
-GRANT SELECT ON dispatch.integration_logs, dispatch.integration_status TO dispatch_worker, dispatch_reader;
+-- Each enterprise's CRMs as operators want to see them: enabled, the last success and the last
+-- failure of its call events, and its circuit breaker. No secrets. It reads each enterprise's
+-- recent call events and their attempts: for operators (/stats, `crm status`), not for scrapes.
+CREATE VIEW dispatch.integration_status AS
+SELECT b.enterprise, b.integration, b.enabled,
+       ok.finished_at AS last_success_at, bad.finished_at AS last_error_at,
+       dispatch.mask_text(bad.error) AS last_error,
+       b.breaker, b.breaker_open_until, b.breaker_reason, b.paused_until
+FROM dispatch.crm_breakers b
+LEFT JOIN LATERAL (
+    SELECT h.finished_at FROM dispatch.call_events c JOIN dispatch.job_history h ON h.job_id = c.job_id
+    WHERE c.enterprise = b.enterprise AND c.integration = b.integration AND h.kind = 'crm.event'
+      AND h.outcome = 'completed'
+    ORDER BY c.created_at DESC, h.finished_at DESC LIMIT 1) ok ON true
+LEFT JOIN LATERAL (
+    SELECT h.finished_at, h.error FROM dispatch.call_events c JOIN dispatch.job_history h ON h.job_id = c.job_id
+    WHERE c.enterprise = b.enterprise AND c.integration = b.integration AND h.kind = 'crm.event'
+      AND h.outcome <> 'completed'
+    ORDER BY c.created_at DESC, h.finished_at DESC LIMIT 1) bad ON true;
+
+GRANT SELECT ON dispatch.integration_logs, dispatch.integration_status, dispatch.crm_breakers
+    TO dispatch_worker, dispatch_reader;
 GRANT EXECUTE ON FUNCTION dispatch.crm_limit_key(text, text) TO dispatch_reader;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;

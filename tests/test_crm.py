@@ -28,6 +28,7 @@ def enterprise(conn: psycopg.Connection[Any], number: str = "0367", **config: An
     ({"bitrix": {"enabled": True}}, "bitrix: unknown integration; known: retailcrm, webhook"),
     ({"webhook": {"enabled": True, "url": "ftp://x"}}, "webhook.url must be an http(s) URL"),
     ({"webhook": {"enabled": True, "url": "https://x", "secret": "short"}}, "webhook.secret must be a Standard Webhooks secret"),
+    ({"webhook": {"enabled": True, "url": "https://x", "headers": {"X-Team": 7}}}, "webhook.headers must map header names"),
     ([], "integrations_config must be a JSON object"),
 ])
 def test_the_config_of_each_integration_is_checked(conn: psycopg.Connection[Any], config: Any, message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -21,12 +22,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from psycopg.rows import dict_row
 
 from pgdispatch import sql
+from pgdispatch.notify.cache import CacheCounters
 from pgdispatch.worker.smart_redirect import BadRequest, SmartRedirect
 
 log = logging.getLogger(__name__)
 
 
-async def read_stats(database_url: str) -> dict[str, Any]:
+async def read_stats(database_url: str, *, integrations: str = "integration_status") -> dict[str, Any]:
+    """What /stats shows; /metrics reads `integrations` from crm_breakers, which skips the history."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True,
                                                      connect_timeout=5) as conn:
         cur = conn.cursor(row_factory=dict_row)
@@ -36,9 +39,9 @@ async def read_stats(database_url: str) -> dict[str, Any]:
         workers = await cur.fetchall()
         await cur.execute(sql.query("limit_status"))
         limits = await cur.fetchall()
-        await cur.execute(sql.query("integration_status"))
-        integrations = await cur.fetchall()
-    return {"queues": queues, "workers": workers, "limits": limits, "integrations": integrations}
+        await cur.execute(sql.query(integrations))
+        crms = await cur.fetchall()
+    return {"queues": queues, "workers": workers, "limits": limits, "integrations": crms}
 
 
 class _Snapshot:
@@ -103,7 +106,7 @@ class _Snapshot:
             yield asked
 
 
-CACHE_EVENTS = ("hits", "misses", "loads", "load_seconds", "invalidations", "full_reloads", "reconnects")
+CACHE_EVENTS = (*(f.name for f in fields(CacheCounters)), "reconnects")
 
 PoolInfo = Callable[[], dict[str, Any]]
 
@@ -166,7 +169,7 @@ class OpsServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         try:
-            self._snapshot.stats = await read_stats(self._database_url)
+            self._snapshot.stats = await read_stats(self._database_url, integrations="crm_breakers")
         except psycopg.Error:
             return web.Response(status=503, text="database unavailable\n")
         self._snapshot.redirect = None if self.redirect is None else self.redirect.stats()

@@ -89,21 +89,20 @@ async def check_retailcrm(settings: Mapping[str, Any], io: Outbound) -> str:
 
 
 def _requests(call: CallEvent) -> list[tuple[str, dict[str, str]]]:
-    event = _event(call)
     if call.event == "download":
         url = call.text("record_url")
         if url is None:
             raise BadEvent("a download event needs payload.record_url")
         return [("telephony/calls/upload", _form(call, calls=[{**_call(call), "recordUrl": url}]))]
+    requests = [("telephony/call/event", _form(call, event=_event(call)))]
     if call.event == "hangup":
-        return [("telephony/call/event", _form(call, event=event)),
-                ("telephony/calls/upload", _form(call, calls=[_call(call)]))]
-    return [("telephony/call/event", _form(call, event=event))]
+        requests.append(("telephony/calls/upload", _form(call, calls=[_call(call)])))
+    return requests
 
 
 def _event(call: CallEvent) -> dict[str, Any]:
     phone = call.text("phone")
-    if phone is None and call.event != "download":
+    if phone is None:
         raise BadEvent(f"a {call.event} event needs payload.phone")
     codes = call.extensions()
     event: dict[str, Any] = {"phone": phone, "type": "hangup" if call.event == "hangup" else call.direction(),

@@ -7,7 +7,7 @@ The payload's fields (all optional but `phone`, each adapter says what it needs)
   extensions   the internal extensions ringing (dial); `extension` for one (bridge, hangup)
   line         the enterprise's own number the call came in on or went out from
   status       on hangup: answered, busy, cancel, failed or no_answer
-  started_at   when the call started, ISO 8601
+  started_at   when the call started, ISO 8601 (default: when the event was sent)
   duration     seconds of talk; `waiting` seconds of ringing
   record_url   on download: where the recording is
 """
@@ -32,6 +32,7 @@ class CallEvent:
     event: str
     call_unique_id: str
     payload: Mapping[str, Any]
+    sent_at: datetime  # when dispatch.call_event took it: the same on every retry
     settings: Mapping[str, Any] = field(repr=False)  # the CRM's config: its API key inside
 
     def text(self, name: str) -> str | None:
@@ -63,7 +64,7 @@ class CallEvent:
     def started_at(self) -> datetime:
         value = self.payload.get("started_at")
         if value is None:
-            return datetime.now(UTC)
+            return self.sent_at
         try:
             started = datetime.fromisoformat(str(value))
         except ValueError:

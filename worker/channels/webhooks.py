@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from pgdispatch.worker.channels.calls import CallEvent
@@ -35,7 +34,7 @@ async def send_webhook(delivery: Delivery, io: ChannelIO) -> Outcome:
 async def send_call_webhook(call: CallEvent, io: Outbound) -> Outcome:
     """A call event as a `call.dial|bridge|hangup|download` webhook: the payload as the
     telephony side sent it, with the enterprise and the call's id."""
-    body = json.dumps({"type": f"call.{call.event}", "timestamp": datetime.now(UTC).isoformat(),
+    body = json.dumps({"type": f"call.{call.event}", "timestamp": call.sent_at.isoformat(),
                        "data": {"enterprise": call.enterprise, "call_unique_id": call.call_unique_id,
                                 **call.payload}},
                       ensure_ascii=False, separators=(",", ":")).encode()

@@ -52,7 +52,8 @@ class CrmEventExecutor:
         if adapter is None:
             return Discard("discarded", error=f"no adapter for {integration} in this build")
         call = CallEvent(enterprise=enterprise, integration=integration, event=event,
-                         call_unique_id=call_unique_id, payload=payload, settings=crm.settings)
+                         call_unique_id=call_unique_id, payload=payload, sent_at=job.created_at,
+                         settings=crm.settings)
         try:
             return await adapter(call, LimitedIO(self._context, crm_tenant(enterprise, integration),
                                                  timeout=TIMEOUT))

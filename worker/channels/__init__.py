@@ -1,10 +1,11 @@
 """Channel adapters (seeds 002 and 004): each speaks one vendor's API and maps its answers to
 outcomes.
 
-An adapter gets a Delivery (the lead, the credential's settings) and the worker's outbound
-machinery; it returns Done, Retry or Discard with what it sent and what it got back (kept,
-masked, in dispatch.integration_logs). Only the engine writes job state; the delivery and its
-batch are settled from the engine's records by triggers (sql/migrations/0011_leads.sql).
+A lead adapter gets a Delivery (the lead, the credential's settings), a CRM adapter a CallEvent
+(the event, the CRM's settings), and both the worker's outbound machinery; each returns Done,
+Retry or Discard with what it sent and what it got back (kept, masked, in
+dispatch.integration_logs). Only the engine writes job state; a lead delivery and its batch are
+settled from the engine's records by triggers (sql/migrations/0011_leads.sql).
 """
 
 from __future__ import annotations

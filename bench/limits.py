@@ -7,6 +7,11 @@ destination, limits counted where they matter, at the receiving server.
 - breaker: 2,000 requests to an endpoint answering 503, breaker after 5 failures, cooldown 2 s:
   how long after the opening the other process's requests stopped arriving, and the most
   requests that reached the endpoint in any cooldown after that (one probe each: 1).
+
+`--scenario limits-pools`: 1,000 requests, a rule of 50/s for the host, served by 1, 2 and 3
+pools of 2 worker processes each (with their defaults, running until the queue is empty): how
+many jobs were put back per delivery (at most one), how often the bucket row was updated per
+request (one update per block of tokens: about a fifth at 50/s), the rate the sink saw.
 """
 
 from __future__ import annotations
@@ -30,6 +35,67 @@ def limits(server_url: str) -> list[Result]:
     return [_rate(server_url), _cap(server_url), _breaker(server_url)]
 
 
+def pools(server_url: str) -> list[Result]:
+    return [result for n in (1, 2, 3) for result in _pools(server_url, n)]
+
+
+def _pools(server_url: str, pools: int, *, requests: int = 1000, rate: float = 50.0) -> list[Result]:
+    record = _recording()
+    with fresh_database(server_url) as url:
+        with sink(200, record=record) as target:
+            _rule(url, target, rate=rate)
+            _send(url, target, requests)
+            before = _bucket_updates(url)
+            workers = [_our_worker(url, "--queue", "requests", "--processes", PROCESSES,
+                                   "--allow-private-networks") for _ in range(pools)]
+            try:
+                deadline = time.monotonic() + requests / rate * 3 + 60
+                while _waiting(url) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            finally:
+                for worker in workers:
+                    worker.terminate()
+                for worker in workers:
+                    worker.wait(60)
+            time.sleep(1.5)  # backends flush their table statistics within a second or so
+            updates = _bucket_updates(url) - before
+        arrivals = sorted(_read_record(record)["arrivals"])
+        with psycopg.connect(url) as conn:
+            row = conn.execute("""SELECT count(*) FILTER (WHERE outcome = 'completed'),
+                                         count(*) FILTER (WHERE outcome = 'released'),
+                                         coalesce(max(n), 0)
+                                  FROM dispatch.job_history
+                                  LEFT JOIN (SELECT job_id, count(*) AS n FROM dispatch.job_history
+                                             WHERE outcome = 'released' GROUP BY job_id) r
+                                  USING (job_id)""").fetchone()
+        delivered, released, most = row if row else (0, 0, 0)
+    name = f"limits: rate {rate:g}/s, {pools} pool{'s' if pools > 1 else ''} × {PROCESSES} processes"
+    steady = (len(arrivals) - rate) / (arrivals[-1] - arrivals[0]) if len(arrivals) > rate else 0.0
+    common = {"system": OURS, "requests": requests, "delivered": delivered, "released": released,
+              "most_put_back": most, "bucket_updates": updates}
+    return [
+        {"scenario": f"{name}: put back per delivery", "unit": "released / delivered",
+         "value": round(released / max(delivered, 1), 3), **common},
+        {"scenario": f"{name}: bucket updates per request", "unit": "updates / request",
+         "value": round(updates / max(delivered, 1), 3), **common},
+        {"scenario": f"{name}: rate at the sink", "unit": "req/s at the sink", "value": round(steady, 1),
+         "target": rate, **common},
+    ]
+
+
+def _bucket_updates(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT coalesce(n_tup_upd, 0) FROM pg_stat_user_tables "
+                           "WHERE relid = 'dispatch.limit_state'::regclass").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _waiting(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM dispatch.jobs").fetchone()
+    return int(row[0]) if row else 0
+
+
 def _rate(server_url: str, *, requests: int = 4000, rate: float = 200.0) -> Result:
     burst = int(rate)
     record = _recording()
@@ -37,13 +103,16 @@ def _rate(server_url: str, *, requests: int = 4000, rate: float = 200.0) -> Resu
         with sink(200, record=record) as target:
             _rule(url, target, rate=rate, burst=burst)
             _send(url, target, requests)
+            before = _bucket_updates(url)
             _run_until_done(url)
+            time.sleep(1.5)  # backends flush their table statistics within a second or so
+            updates = _bucket_updates(url) - before
         arrivals = sorted(_read_record(record)["arrivals"])
         released = _released(url)
     steady = (len(arrivals) - burst) / (arrivals[-1] - arrivals[0])
     return {"scenario": f"limits: rate {rate:g}/s, 2 processes", "system": OURS, "unit": "req/s at the sink",
             "value": round(steady, 1), "requests": requests, "arrived": len(arrivals),
-            "released": released, "target": rate}
+            "released": released, "bucket_updates": updates, "target": rate}
 
 
 def _cap(server_url: str, *, requests: int = 1000, cap: int = 5) -> Result:

@@ -49,6 +49,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "memory": ([OURS], lambda s: [scenarios.memory(server_url)]),
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
         "limits": ([OURS], lambda s: shared_limits.limits(server_url)),
+        "limits-pools": ([OURS], lambda s: shared_limits.pools(server_url)),
         "processes": ([OURS], lambda s: bench_processes.processes(server_url)),
         "leads": ([OURS], lambda s: bench_leads.leads(server_url)),
         "calls": ([OURS], lambda s: bench_calls.calls(server_url)),
@@ -135,7 +136,7 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
         small, large, history = (r["median"] for r in backlog)
         ratio("backlog: 1M-row rate ≥ 0.8× the 10k-row rate", large, small, 0.8)
         ratio("backlog: 5M history rows, no measurable effect (≥ 0.9×)", history, small, 0.9)
-    rate = next((r for r in rows if r["scenario"].startswith("limits: rate") and "median" in r), None)
+    rate = next((r for r in rows if r["scenario"].startswith("limits: rate 200/s") and "median" in r), None)
     if rate:
         checks.append(("limits: delivered rate within 10% of 200/s across 2 processes",
                        f"{rate['median']} req/s", abs(rate["median"] - 200) <= 20))
@@ -147,6 +148,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if breaker:
         checks.append(("limits: a breaker opened in one process stops the other within 1 s",
                        f"{breaker['max']} s at worst", breaker["max"] <= 1))
+    for row in rows:
+        if row["scenario"].endswith(": put back per delivery") and "median" in row:
+            checks.append((f"{row['scenario'].split(':')[1].strip()}: at most one put-back per delivery",
+                           f"{row['max']} at worst", row["max"] <= 1))
     if value("processes: 5-step no-op", OURS) is not None:
         ratio("processes: steps/s ≥ 1/3 of the no-op drain rate (same run)",
               value("processes: 5-step no-op", OURS), value("processes: no-op drain, same run", OURS), 1 / 3)
@@ -177,7 +182,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if "error" in row:
             cells = ["failed: " + row["error"].replace("|", "/"), "", ""]
         elif "median" in row:
-            number = {"MB": "{}", "ms": "{:,.3f}"}.get(row["unit"], "{:,.0f}")
+            number = {"MB": "{}", "ms": "{:,.3f}", "released / delivered": "{:.2f}",
+                      "updates / request": "{:.3f}"}.get(row["unit"], "{:,.0f}")
             cells = [f"{number.format(row['median'])} {row['unit']}",
                      f"{number.format(row['min'])}–{number.format(row['max'])}",
                      f"{row['ours_to_this']}×" if "ours_to_this" in row else ""]

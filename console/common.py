@@ -21,11 +21,13 @@ from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
 
-from pgdispatch.db.errors import translated
+from pgdispatch.db.connections import ConnectionSettings
+from pgdispatch.db.errors import ConfigurationError, translated
 from pgdispatch.db.server import resolve_database_url
 from pgdispatch.worker.build import build_number, read_stamp
+from pgdispatch.worker.job import JobArgsLoader
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE, EXIT_PARTLY = 0, 1, 2, 3, 4, 5
 
 PROG = "pgdispatch"
 Conn = psycopg.Connection[dict[str, Any]]
@@ -43,6 +45,8 @@ class Env:
     allowed_destinations: tuple[str, ...]
     operator: str  # who runs this command line: the audit log's "who"
     log_level: int
+    # DATABASE_URL is a pooler in transaction mode (PgBouncer): no prepared statements.
+    transaction_pooler: bool = False
 
     @classmethod
     def read(cls) -> Env:
@@ -55,13 +59,27 @@ class Env:
                        d.strip() for d in os.environ.get("PGDISPATCH_ALLOW_DESTINATIONS", "").split(",")
                        if d.strip()),
                    operator=f"{getpass.getuser()}@{socket.gethostname()}",
-                   log_level=getattr(logging, level, logging.INFO))
+                   log_level=getattr(logging, level, logging.INFO),
+                   transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"))
+
+    @property
+    def connections(self) -> ConnectionSettings:
+        return ConnectionSettings(transaction_pooler=self.transaction_pooler)
 
     def url(self) -> str:
         return resolve_database_url(self.database_url, self.home)
 
     def where(self) -> str:
         return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL: {self.url()}"
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{name}={os.environ[name]!r}: say 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _build() -> int:
@@ -131,7 +149,12 @@ def json_object(flag: str) -> Callable[[str], dict[str, Any]]:
 
 def connect(env: Env) -> Conn:
     with translated():
-        return psycopg.connect(env.url(), autocommit=True, row_factory=dict_row, connect_timeout=10)
+        conn = psycopg.connect(env.url(), row_factory=dict_row, connect_timeout=10,
+                               **env.connections.kwargs())
+    # A job's args that cannot be decoded (absurd nesting from before the schema refused it)
+    # show as such instead of a traceback.
+    conn.adapters.register_loader("jsonb", JobArgsLoader)
+    return conn
 
 
 def db_now_plus(conn: Conn, seconds: float) -> datetime:

@@ -9,6 +9,7 @@ from pgdispatch import sql
 from pgdispatch.console.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
+    EXIT_PARTLY,
     Env,
     connect,
     db_now_plus,
@@ -69,14 +70,13 @@ def dead(env: Env, args: argparse.Namespace) -> int:
             else:
                 rows = conn.execute(sql.query("dead_retry"),
                                     {"job_ids": args.ids, "expire_at": expire_at}).fetchall()
-            revived = [r["job_id"] for r in rows if r["job_id"] is not None]
-            missing = sorted(set(args.ids or []) - set(revived))
-            emit(args, {"retried": revived, "not_found": missing},
-                 lambda d: say(f"{len(d['retried'])} dead jobs back in the queue"
-                               + (f"; not found: {', '.join(map(str, d['not_found']))}"
-                                  if d["not_found"] else "")))
-            if missing:
-                return EXIT_NOT_FOUND
+            revived = [r["job_id"] for r in rows if r["revived"]]
+            skipped = [{"job_id": r["job_id"], "reason": r["reason"]} for r in rows if not r["revived"]]
+            emit(args, {"retried": revived, "skipped": skipped}, _render_retry)
+            if skipped:
+                # Done as far as it could go: every skipped job is named with why.
+                return EXIT_NOT_FOUND if all(s["reason"] == "not a dead job" for s in skipped) and not revived \
+                    else EXIT_PARTLY
         elif args.dead_command == "purge":
             if not args.yes:
                 raise InvalidInput("purge deletes dead jobs for good: add --yes to confirm")
@@ -84,6 +84,13 @@ def dead(env: Env, args: argparse.Namespace) -> int:
                 "queue": args.queue, "older_than_seconds": args.older_than})
             emit(args, {"purged": cur.rowcount}, lambda d: say(f"purged {d['purged']} dead jobs"))
     return EXIT_OK
+
+
+def _render_retry(done: dict[str, Any]) -> None:
+    say(f"{len(done['retried'])} dead jobs back in the queue"
+        + (f"; {len(done['skipped'])} skipped:" if done["skipped"] else ""))
+    for skipped in done["skipped"]:
+        say(f"  job {skipped['job_id']}: {skipped['reason']}")
 
 
 def _render_dead_job(row: dict[str, Any]) -> None:

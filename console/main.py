@@ -10,7 +10,8 @@ Environment (read here and nowhere else):
   PGDISPATCH_LOG    log level (default INFO)
 
 Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 not found, 4 database unavailable,
-10 worker saw jobs of a newer build (--exit-on-newer), 130 interrupted.
+5 partly done (a bulk action skipped some items, each named with why), 10 worker saw jobs of a
+newer build (--exit-on-newer), 130 interrupted.
 """
 
 from __future__ import annotations

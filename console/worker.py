@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any
@@ -56,6 +57,10 @@ def register(sub: Any) -> None:
     w.add_argument("--listen-url", metavar="URL",
                    help="a direct URL for LISTEN when DATABASE_URL goes through a pooler in "
                         "transaction mode (default $PGDISPATCH_LISTEN_URL, else DATABASE_URL)")
+    w.add_argument("--transaction-pooler", action="store_true", default=None,
+                   help="DATABASE_URL is a pooler in transaction mode (PgBouncer): no connection "
+                        "prepares statements (default $PGDISPATCH_TRANSACTION_POOLER); LISTEN needs "
+                        "--listen-url, a direct URL")
     w.add_argument("--debug-kinds", action="store_true",
                    help="also run the debug.* kinds (tests and benchmarks)")
     private = w.add_mutually_exclusive_group()
@@ -74,7 +79,7 @@ def register(sub: Any) -> None:
 
 
 def migrate(env: Env, args: argparse.Namespace) -> int:
-    apply_migrations(env.url())
+    apply_migrations(env.url(), settings=env.connections)
     say(f"schema is up to date ({env.where()})")
     return EXIT_OK
 
@@ -100,8 +105,10 @@ def worker(env: Env, args: argparse.Namespace) -> int:
     url = env.url()
     if not env.database_url:
         print(f"using embedded PostgreSQL: psql '{url}'", file=sys.stderr)
+    if args.transaction_pooler:
+        env = dataclasses.replace(env, transaction_pooler=True)
     if args.migrate:
-        apply_migrations(url)
+        apply_migrations(url, settings=env.connections)
     # Then the database, once and in one line, rather than in every child process.
     listen_url = args.listen_url or env.listen_url
     with connect(env) as conn:
@@ -121,7 +128,8 @@ def worker(env: Env, args: argparse.Namespace) -> int:
         breaker_failures=args.breaker_failures, breaker_cooldown=args.breaker_cooldown,
         history_keep_seconds=args.history_keep, dead_keep_seconds=args.dead_keep,
         fetch_cooldown=args.fetch_cooldown, debug_kinds=args.debug_kinds,
-        allow_private_networks=allow_private, allowed_destinations=allowed)
+        allow_private_networks=allow_private, allowed_destinations=allowed,
+        transaction_pooler=env.transaction_pooler)
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
                       http_port=args.http_port, log_level=env.log_level)
     return run_event_loop(pool.run())

@@ -54,14 +54,14 @@ _INPUT_ERRORS = (
 
 def translate(exc: psycopg.Error) -> PgDispatchError:
     """Map a driver error to the most specific pgdispatch error."""
-    if _connection_lost(exc):
-        return DatabaseUnavailable(f"database unavailable: {_first_line(exc)}")
+    if connection_lost(exc):
+        return DatabaseUnavailable(f"database unavailable: {first_line(exc)}")
     if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName | pg_errors.UndefinedFunction) \
             and "dispatch" in str(exc):
-        return SchemaMissing(f"{_first_line(exc)}: this database lacks the pgdispatch schema "
+        return SchemaMissing(f"{first_line(exc)}: this database lacks the pgdispatch schema "
                              "(or a newer version of it); run: pgdispatch migrate")
     if isinstance(exc, pg_errors.NoDataFound):  # a function's "no lead 42", "no process 7"
-        return NotFound(exc.diag.message_primary or _first_line(exc))
+        return NotFound(exc.diag.message_primary or first_line(exc))
     if isinstance(exc, _INPUT_ERRORS):
         diag = exc.diag
         detail = f" ({diag.message_detail})" if diag.message_detail else ""
@@ -69,9 +69,9 @@ def translate(exc: psycopg.Error) -> PgDispatchError:
             detail = f" ({diag.message_detail.replace('Failing row contains', 'row')})"
         if isinstance(exc, pg_errors.CheckViolation):
             detail = ""  # the failing row is noise (and may carry secrets); the name says it all
-        return InvalidInput(f"{diag.message_primary or _first_line(exc)}{detail}",
+        return InvalidInput(f"{diag.message_primary or first_line(exc)}{detail}",
                             constraint=diag.constraint_name)
-    return PgDispatchError(_first_line(exc))
+    return PgDispatchError(first_line(exc))
 
 
 @contextmanager
@@ -83,7 +83,7 @@ def translated() -> Iterator[None]:
         raise translate(exc) from exc
 
 
-def _connection_lost(exc: psycopg.Error) -> bool:
+def connection_lost(exc: psycopg.Error) -> bool:
     """No server answer at all, a connection failure (08), or the server shutting down (57P)."""
     if isinstance(exc, psycopg.InterfaceError):
         return True
@@ -93,6 +93,6 @@ def _connection_lost(exc: psycopg.Error) -> bool:
     return state is None or state.startswith(("08", "57P"))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from pgdispatch import sql
+from pgdispatch.db.connections import DIRECT, ConnectionSettings
 from pgdispatch.db.errors import translate, translated
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(database_url: str, settings: ConnectionSettings = DIRECT) -> Config:
     # alembic (and SQLAlchemy under it) is imported here, not at the top: every worker process
     # imports this module, and loading them costs ~0.3 s per process start.
     from alembic.config import Config
@@ -26,29 +27,40 @@ def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.attributes["database_url"] = database_url
+    config.attributes["connect_kwargs"] = settings.kwargs(autocommit=False)
     return config
 
 
-def migrate(database_url: str, revision: str = "head") -> None:
-    """Apply every pending migration up to `revision` (idempotent)."""
-    from sqlalchemy.exc import DBAPIError
-
+def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSettings = DIRECT) -> None:
+    """Apply every pending migration up to `revision` (idempotent): one revision per
+    transaction, each under a transaction-scoped lock (alembic/env.py), so migrators started
+    together take turns and it may go through a pooler in transaction mode."""
     # Each revision's INFO line is noise next to the one-line result the CLI prints.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    from sqlalchemy.exc import DBAPIError
 
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    config = alembic_config(database_url, settings)
+    script = ScriptDirectory.from_config(config)
+    target = script.get_current_head() if revision == "head" else script.get_revision(revision).revision
     try:
         with translated():
-            from alembic import command
-
-            command.upgrade(alembic_config(database_url), revision)
+            while (current := current_revision(database_url, settings)) is None or current < target:
+                try:
+                    command.upgrade(config, "+1")  # relative to the revision read under the lock
+                except CommandError:
+                    if current_revision(database_url, settings) == current:
+                        raise  # not another migrator's progress: a real error
     except DBAPIError as exc:
         if isinstance(exc.orig, psycopg.Error):
             raise translate(exc.orig) from exc
         raise
 
 
-def current_revision(database_url: str) -> str | None:
-    with translated(), psycopg.connect(database_url) as conn:
+def current_revision(database_url: str, settings: ConnectionSettings = DIRECT) -> str | None:
+    with translated(), psycopg.connect(database_url, **settings.kwargs()) as conn:
         exists = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
         if not exists or not exists[0]:
             return None

@@ -30,6 +30,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgdispatch import sql
+from pgdispatch.db.connections import own_database
 from pgdispatch.notify import config_message, log_failure
 from pgdispatch.notify.cache import KeyedCache
 
@@ -135,9 +136,10 @@ class IntegrationConfigs:
         reloading.add_done_callback(log_failure(log, "integration config reload failed"))
 
     async def _load(self, number: str) -> EnterpriseConfig | None:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(sql.query("enterprise_config"), {"number": number})
-            row = await cur.fetchone()
+        with own_database():  # losing our database postpones the event, never fails it
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql.query("enterprise_config"), {"number": number})
+                row = await cur.fetchone()
         return None if row is None else enterprise_config(number, row[0])
 
     async def _load_all(self) -> dict[str, EnterpriseConfig | None]:

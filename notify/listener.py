@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 import psycopg
 from psycopg import sql
 
+from pgdispatch.db.connections import DIRECT, ConnectionSettings
+
 log = logging.getLogger(__name__)
 
 NotifyHandler = Callable[[str, str], None]
@@ -23,8 +25,10 @@ NotifyHandler = Callable[[str, str], None]
 class Listener:
     def __init__(self, database_url: str, channels: list[str], *, on_notify: NotifyHandler,
                  on_reconnect: Callable[[], Awaitable[None]], keepalive: float = 5.0,
-                 max_backoff: float = 5.0, connect_timeout: int = 10) -> None:
+                 max_backoff: float = 5.0, connect_timeout: int = 10,
+                 settings: ConnectionSettings = DIRECT) -> None:
         self._url = database_url
+        self._settings = settings
         self._channels = channels
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
@@ -42,7 +46,7 @@ class Listener:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
+                        self._url, connect_timeout=self._connect_timeout, **self._settings.kwargs()) as conn:
                     for channel in self._channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self.backend_pid = conn.info.backend_pid

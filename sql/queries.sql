@@ -18,7 +18,7 @@ SELECT lost_token FROM dispatch.extend_leases_v2(%(tokens)s,
                                                  make_interval(secs => %(lease_seconds)s));
 
 -- name: rescue_expired
-SELECT dispatch.rescue_expired_v2(%(max_jobs)s);
+SELECT dispatch.rescue_expired_v3(%(max_jobs)s);
 
 -- name: ensure_history_partitions
 SELECT dispatch.ensure_history_partitions();
@@ -61,6 +61,12 @@ WHERE id = %(id)s;
 -- name: worker_stopped
 UPDATE dispatch.workers SET stopped_at = now(), running = 0 WHERE id = %(id)s;
 
+-- name: retention_names
+SELECT name FROM dispatch.retention ORDER BY name;
+
+-- name: prune_retention
+SELECT dispatch.prune_retention_v1(%(name)s, %(batch)s);
+
 -- name: forget_stopped_workers
 DELETE FROM dispatch.workers
 WHERE coalesce(stopped_at, heartbeat_at) < now() - interval '1 day';
@@ -89,6 +95,10 @@ GROUP BY kind ORDER BY kind;
 
 -- name: ping
 SELECT 1;
+
+-- name: notify_probe
+-- A worker checks at start that a NOTIFY sent where it claims reaches its LISTEN connection.
+SELECT pg_notify('dispatch_config', %(payload)s);
 
 -- name: queues_without_workers
 SELECT q.name AS queue FROM dispatch.queues q
@@ -119,8 +129,8 @@ ORDER BY died_at DESC, job_id DESC
 LIMIT %(limit)s;
 
 -- name: dead_show
-SELECT job_id, queue, kind, args, tenant, attempt, reason, last_error, last_status, created_at,
-       died_at
+SELECT job_id, queue, kind, args, tenant, attempt, max_attempts, reason, last_error, last_status, created_at,
+       expire_at, died_at
 FROM dispatch.dead_job_list WHERE job_id = %(job_id)s;
 
 -- name: dead_history
@@ -128,11 +138,14 @@ SELECT attempt, outcome, error, status, worker, started_at, finished_at
 FROM dispatch.job_history WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;
 
 -- name: dead_retry
-SELECT dispatch.retry_dead(%(job_ids)s, expire_at => %(expire_at)s) AS job_id;
+-- One row per job asked for: revived, or skipped with the reason.
+SELECT job_id, revived, reason FROM dispatch.retry_dead_v2(%(job_ids)s, expire_at => %(expire_at)s);
 
 -- name: dead_retry_all
-SELECT dispatch.retry_dead(array_agg(job_id), expire_at => %(expire_at)s) AS job_id FROM dispatch.dead_jobs
-WHERE (%(queue)s::text IS NULL OR queue = %(queue)s);
+SELECT r.job_id, r.revived, r.reason
+FROM dispatch.retry_dead_v2((SELECT coalesce(array_agg(job_id), '{}') FROM dispatch.dead_jobs
+                             WHERE %(queue)s::text IS NULL OR queue = %(queue)s),
+                            expire_at => %(expire_at)s) r;
 
 -- name: dead_purge
 DELETE FROM dispatch.dead_jobs
@@ -179,8 +192,8 @@ FROM (
            j.last_error, NULL::text AS reason, NULL::int AS last_status, NULL::timestamptz AS died_at
     FROM dispatch.job_list j WHERE j.id = %(job_id)s AND j.kind = 'http.request'
     UNION ALL
-    SELECT d.job_id, 'dead', d.queue, d.args, d.attempt, NULL, NULL, d.created_at, d.last_error,
-           d.reason, d.last_status, d.died_at
+    SELECT d.job_id, 'dead', d.queue, d.args, d.attempt, d.max_attempts, d.expire_at, d.created_at,
+           d.last_error, d.reason, d.last_status, d.died_at
     FROM dispatch.dead_job_list d WHERE d.job_id = %(job_id)s AND d.kind = 'http.request'
     UNION ALL
     SELECT h.job_id, 'delivered', h.queue, h.detail -> 'request', h.attempt, NULL, NULL, NULL, NULL,
@@ -249,7 +262,11 @@ FROM dispatch.limit_state
 WHERE paused_until > now() OR open_until IS NOT NULL;
 
 -- name: take_tokens
-SELECT granted, wait_seconds FROM dispatch.take_tokens_v1(%(key)s, %(rate)s, %(burst)s, %(want)s);
+SELECT granted, ready_in FROM dispatch.take_tokens_v2(%(key)s, %(rate)s, %(burst)s, %(want)s, %(max_wait)s);
+
+-- name: spread_backlog
+SELECT parked, greatest(0, extract(epoch FROM first_at - clock_timestamp()))::float8 AS first_in
+FROM dispatch.spread_backlog_v1(%(key)s, %(host)s, %(tenant)s, %(rate)s, %(burst)s, %(waiting)s, %(reason)s);
 
 -- name: acquire_slots
 SELECT dispatch.acquire_slots_v1(%(key)s, %(holder)s, %(cap)s, %(want)s, %(lease)s);
@@ -258,7 +275,7 @@ SELECT dispatch.acquire_slots_v1(%(key)s, %(holder)s, %(cap)s, %(want)s, %(lease
 SELECT dispatch.release_slots_v1(r.key, %(holder)s, r.n) FROM unnest(%(keys)s::text[], %(counts)s::int[]) AS r (key, n);
 
 -- name: renew_slots
-SELECT dispatch.renew_slots_v1(%(holder)s, %(lease)s);
+SELECT dispatch.renew_slots_v2(%(holder)s, %(keys)s::text[], %(counts)s::int[], %(lease)s);
 
 -- name: release_all_slots
 SELECT dispatch.release_all_slots_v1(%(holder)s);
@@ -276,14 +293,14 @@ SELECT dispatch.drop_probe_v1(%(key)s, %(holder)s);
 SELECT dispatch.close_breaker_v1(%(key)s);
 
 -- name: pause_limit
-SELECT dispatch.pause_limit_v1(%(key)s, now() + %(seconds)s, %(reason)s);
+SELECT dispatch.pause_limit_v2(%(key)s, now() + %(seconds)s, %(reason)s);
 
 -- name: park_requests
-SELECT dispatch.park_requests_v1(%(host)s, %(tenant)s, now() + %(first_in)s, now() + %(others_in)s,
-                                 %(spacing)s, %(reason)s);
+SELECT dispatch.park_requests_v2(%(key)s, %(host)s, %(tenant)s, now() + %(first_in)s, now() + %(others_in)s,
+                                 %(reason)s);
 
 -- name: unpark_requests
-SELECT dispatch.unpark_requests_v1(%(host)s, %(tenant)s);
+SELECT dispatch.unpark_requests_v2(%(host)s, %(tenant)s);
 
 -- name: limit_status
 SELECT key, rate, burst, concurrency, tokens, in_flight, breaker, paused_until, why
@@ -317,7 +334,7 @@ WHERE NOT EXISTS (SELECT 1 FROM changed);
 DELETE FROM dispatch.limits WHERE key = %(key)s;
 
 -- name: limit_reset
-SELECT dispatch.reset_limit_v1(%(key)s) AS back;
+SELECT dispatch.reset_limit_v2(%(key)s) AS back;
 
 -- Commands (worker/commands.py, console/commands.py) ---------------------------------------------
 
@@ -329,7 +346,7 @@ SELECT dispatch.register_command_v1(%(key)s, %(name)s, %(args)s, %(schedule)s, %
 SELECT key, last_tick FROM dispatch.commands WHERE key = ANY (%(keys)s);
 
 -- name: schedule_command
-SELECT dispatch.schedule_command_v1(%(key)s, %(tick)s, %(next_tick)s, %(manual)s) AS job_id;
+SELECT dispatch.schedule_command_v2(%(key)s, %(tick)s, %(next_tick)s, %(manual)s) AS job_id;
 
 -- name: command_status
 SELECT key, name, args, schedule, queue, status, enabled, holder, since, expires, last_run,
@@ -352,13 +369,14 @@ SELECT dispatch.register_process_type_v1(%(type)s, %(name)s, %(version)s, %(step
 
 -- name: take_process_steps
 SELECT process_id, run_seq, outcome, step, attempt, state, detail, wait_seconds
-FROM dispatch.take_process_steps_v2(%(ids)b::bigint[], %(run_seqs)b::integer[], %(version)s, %(steps)b::text[],
-                                    %(at)s);
+FROM dispatch.take_process_steps_v3(%(ids)b::bigint[], %(run_seqs)b::integer[], %(job_ids)b::bigint[],
+                                    %(tokens)b::uuid[], %(version)s, %(steps)b::text[], %(at)s);
 
 -- name: finish_process_steps
 SELECT process_id, run_seq, status, step, attempt, state
-FROM dispatch.finish_process_steps_v2(
-    %(ids)b::bigint[], %(run_seqs)b::integer[], %(steps)b::text[], %(attempts)b::integer[], %(version)s,
+FROM dispatch.finish_process_steps_v3(
+    %(ids)b::bigint[], %(run_seqs)b::integer[], %(job_ids)b::bigint[], %(tokens)b::uuid[], %(steps)b::text[],
+    %(attempts)b::integer[], %(version)s,
     %(started_ats)b::timestamptz[], %(results)b::text[], %(messages)b::text[], %(payloads)b::jsonb[],
     %(states)b::jsonb[], %(next_steps)b::text[], %(delays)b::double precision[], %(errors)b::text[],
     %(continue_here)b::boolean[], %(at)s);

@@ -2939,3 +2939,1270 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
 GRANT EXECUTE ON FUNCTION dispatch.call_event(text, text, text, jsonb) TO dispatch_producer;
 GRANT EXECUTE ON FUNCTION dispatch.call_events(jsonb) TO dispatch_producer;
+
+-- Shared limits that bind (the second review): token blocks granted ahead of time, the backlog
+-- of a rate-limited key spread by its send times, host keys said one way, parks by index and
+-- one at a time, slot leases reconciled with what each worker holds. The _v1 functions stay for
+-- workers of the previous release.
+
+-- The time up to which a rate-limited key's send times are given out (spread_backlog_v1).
+ALTER TABLE dispatch.limit_state ADD COLUMN backlog_until timestamptz;
+
+-- A block of `want` tokens. The bucket may go below zero: when it holds less than one token, the
+-- whole block is granted ahead of time, usable in `ready_in` seconds (when the refill has paid it
+-- back), provided that is within `max_wait`; so workers that wait queue for the bucket instead of
+-- each taking the single token it holds, one update at a time. Nothing granted: no write, and
+-- `ready_in` says when one token would be there.
+CREATE FUNCTION dispatch.take_tokens_v2(limit_key text, rate double precision, burst integer, want integer,
+                                        max_wait double precision)
+RETURNS TABLE (granted integer, ready_in double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    available double precision;
+    given integer;
+    ready double precision := 0;
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key, tokens) VALUES (limit_key, burst)
+    ON CONFLICT (key) DO NOTHING;
+    SELECT least(burst::double precision,
+                 s.tokens + greatest(0, extract(epoch FROM clock_timestamp() - s.refilled_at)) * rate)
+    INTO available FROM dispatch.limit_state s WHERE s.key = limit_key FOR UPDATE;
+    IF available >= 1 THEN
+        given := least(want, floor(available))::integer;
+    ELSE
+        given := want;
+        ready := (want - available) / rate;
+        IF ready > max_wait THEN
+            RETURN QUERY SELECT 0, (1 - available) / rate;
+            RETURN;
+        END IF;
+    END IF;
+    UPDATE dispatch.limit_state s SET tokens = available - given, refilled_at = clock_timestamp()
+    WHERE s.key = limit_key;
+    RETURN QUERY SELECT given, ready;
+END $$;
+
+-- The host of a request as limit keys name it, said as worker/outbound/hosts.py says it: lower
+-- case, no userinfo, no trailing dot, no port when it is the scheme's default, IPv6 in brackets.
+-- request_host (v1) kept the dot and the default port: `API.Example.com.:443` was another host.
+CREATE FUNCTION dispatch.request_host_v2(args jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN m IS NULL THEN NULL
+                ELSE rtrim(m[2], '.')
+                     || CASE WHEN coalesce(ltrim(m[3], '0'), '') = ''
+                               OR (m[1] = 'http' AND ltrim(m[3], '0') = '80')
+                               OR (m[1] = 'https' AND ltrim(m[3], '0') = '443') THEN ''
+                             ELSE ':' || ltrim(m[3], '0') END
+           END
+    FROM (SELECT regexp_match(lower(args ->> 'uri'),
+                              '^([a-z][a-z0-9+.-]*)://(?:[^@/?#]*@)?(\[[^]/?#]*\]|[^:/?#]*)(?::([0-9]*))?(?:[/?#]|$)') AS m) x
+$$;
+
+-- Waiting requests by host (and tenant): a park or a spread reads the key's own requests, never
+-- the whole queue with a regex per row.
+CREATE INDEX jobs_request_host ON dispatch.jobs (dispatch.request_host_v2(args), tenant)
+    WHERE kind = 'http.request' AND state <> 'running';
+
+-- A rate-limited key whose tokens cannot serve its requests within a few seconds: the caller's
+-- `waiting` requests (in its worker slots) get the key's next free send times, one every 1/rate,
+-- after the times already given (backlog_until), and then, when `host` is given, the key's
+-- queued requests that would be claimed now are scheduled after them, so the claim does not hand
+-- them out only to have them put back. The key's row lock makes it one spread per key at a time
+-- across every worker. Returns how many queued requests it scheduled, and the first time.
+CREATE FUNCTION dispatch.spread_backlog_v1(limit_key text, host text, tenant text, rate double precision,
+                                           burst integer, waiting integer, reason text)
+RETURNS TABLE (parked integer, first_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s dispatch.limit_state;
+    at_now timestamptz := clock_timestamp();
+    available double precision;
+    start_at timestamptz;
+    spacing interval := make_interval(secs => 1 / rate);
+    n integer := 0;
+BEGIN
+    INSERT INTO dispatch.limit_state (key, tokens) VALUES (limit_key, burst) ON CONFLICT (key) DO NOTHING;
+    SELECT * INTO s FROM dispatch.limit_state x WHERE x.key = limit_key FOR UPDATE;
+    available := least(burst::double precision,
+                       s.tokens + greatest(0, extract(epoch FROM at_now - s.refilled_at)) * rate);
+    start_at := greatest(at_now + make_interval(secs => greatest(0, 1 - available) / rate),
+                         coalesce(s.backlog_until, at_now));
+    IF host IS NOT NULL THEN
+        WITH queued AS (
+            SELECT j.id, j.priority, j.run_at
+            FROM dispatch.jobs j
+            WHERE dispatch.request_host_v2(j.args) = spread_backlog_v1.host
+              AND (spread_backlog_v1.tenant IS NULL OR j.tenant = spread_backlog_v1.tenant)
+              AND j.kind = 'http.request' AND j.state <> 'running' AND j.run_at <= at_now
+            FOR UPDATE SKIP LOCKED
+        ), turns AS (
+            SELECT q.id, row_number() OVER (ORDER BY q.priority, q.run_at, q.id) AS nth FROM queued q
+        )
+        UPDATE dispatch.jobs j
+        SET state = 'scheduled', last_error = reason, run_at = start_at + (waiting + t.nth - 1) * spacing
+        FROM turns t WHERE j.id = t.id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    UPDATE dispatch.limit_state x SET backlog_until = start_at + (waiting + n) * spacing WHERE x.key = limit_key;
+    RETURN QUERY SELECT n, start_at;
+END $$;
+
+-- Requests waiting for a key that cannot send them now (an open breaker, a pause) leave the
+-- claim's way: the first (by claim order) at `first_at`, to carry the probe, the others at
+-- `others_at`. By index (jobs_request_host), and skipped when another worker is parking the same
+-- key right now (a hundred 429s in flight make one park, not a hundred scans). Returns how many.
+CREATE FUNCTION dispatch.park_requests_v2(limit_key text, host text, tenant text, first_at timestamptz,
+                                          others_at timestamptz, reason text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF host IS NULL OR NOT pg_try_advisory_xact_lock(hashtextextended('dispatch.park:' || limit_key, 0)) THEN
+        RETURN 0;
+    END IF;
+    WITH locked AS (
+        SELECT j.id, j.priority, j.run_at
+        FROM dispatch.jobs j
+        WHERE dispatch.request_host_v2(j.args) = park_requests_v2.host
+          AND (park_requests_v2.tenant IS NULL OR j.tenant = park_requests_v2.tenant)
+          AND j.kind = 'http.request' AND j.state <> 'running' AND j.run_at < first_at
+        FOR UPDATE SKIP LOCKED
+    ), waiting AS (
+        SELECT l.id, row_number() OVER (ORDER BY l.priority, l.run_at, l.id) AS nth FROM locked l
+    )
+    UPDATE dispatch.jobs j
+    SET state = 'scheduled', last_error = reason, run_at = CASE WHEN w.nth = 1 THEN first_at ELSE others_at END
+    FROM waiting w WHERE j.id = w.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- The probe succeeded (or an operator reset the key): its parked requests come back now.
+CREATE FUNCTION dispatch.unpark_requests_v2(host text, tenant text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+    woken text[];
+BEGIN
+    IF host IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH back AS (
+        UPDATE dispatch.jobs j SET state = 'available', run_at = now()
+        WHERE dispatch.request_host_v2(j.args) = unpark_requests_v2.host
+          AND (unpark_requests_v2.tenant IS NULL OR j.tenant = unpark_requests_v2.tenant)
+          AND j.kind = 'http.request' AND j.state = 'scheduled' AND j.last_error LIKE 'not sent: %'
+        RETURNING j.queue
+    )
+    SELECT count(*), array_agg(DISTINCT b.queue) INTO n, woken FROM back b;
+    PERFORM pg_notify('dispatch_jobs', q) FROM unnest(woken) q;
+    RETURN n;
+END $$;
+
+-- A 429/503 with Retry-After: the key sends nothing until then, in any worker. Returns whether
+-- it extended the pause by more than a second (false: another worker's pause, or another answer
+-- of the same burst of 429s, covers it already; nothing to announce, nothing to park).
+CREATE FUNCTION dispatch.pause_limit_v2(limit_key text, until timestamptz, reason text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO dispatch.limit_state AS s (key) VALUES (limit_key) ON CONFLICT (key) DO NOTHING;
+    UPDATE dispatch.limit_state s SET paused_until = until, pause_reason = reason
+    WHERE s.key = limit_key AND (s.paused_until IS NULL OR s.paused_until < until - interval '1 second');
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM dispatch.notify_limit_state(limit_key);
+    RETURN true;
+END $$;
+
+-- The heartbeat of a holder's slots: its rows become exactly what it holds in memory (`keys`,
+-- `counts`), with a fresh lease; any other row of the holder goes. A slot granted to a caller
+-- that was cancelled before it could be recorded, or one whose return failed, is thus dropped at
+-- the next beat instead of being renewed for ever. Also forgets leases that ran out.
+CREATE FUNCTION dispatch.renew_slots_v2(holder text, keys text[], counts integer[], lease interval)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM dispatch.limit_slots l
+    WHERE l.holder = renew_slots_v2.holder AND NOT l.key = ANY (keys);
+    INSERT INTO dispatch.limit_slots AS l (key, holder, slots, expires_at)
+    SELECT h.key, renew_slots_v2.holder, h.n, now() + lease FROM unnest(keys, counts) AS h (key, n)
+    WHERE h.n > 0
+    ON CONFLICT (key, holder) DO UPDATE SET slots = excluded.slots, expires_at = excluded.expires_at;
+    DELETE FROM dispatch.limit_slots l WHERE l.expires_at < now() - interval '1 minute';
+$$;
+
+-- A key's tenant part as a producer's tenant (worker/outbound/limits.py tenant_part encodes
+-- %, |, :, * and spaces as %XX).
+CREATE FUNCTION dispatch.decode_tenant_part(part text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    decoded bytea := '';
+    i integer := 1;
+    raw bytea := convert_to(part, 'UTF8');
+BEGIN
+    WHILE i <= length(raw) LOOP
+        IF get_byte(raw, i - 1) = 37 AND i + 2 <= length(raw)
+           AND convert_from(substring(raw FROM i + 1 FOR 2), 'UTF8') ~ '^[0-9A-Fa-f]{2}$' THEN
+            decoded := decoded || decode(convert_from(substring(raw FROM i + 1 FOR 2), 'UTF8'), 'hex');
+            i := i + 3;
+        ELSE
+            decoded := decoded || substring(raw FROM i FOR 1);
+            i := i + 1;
+        END IF;
+    END LOOP;
+    RETURN convert_from(decoded, 'UTF8');
+END $$;
+
+-- An operator's reset: the key's pause lifted, its breaker closed, its spread and its bucket
+-- forgotten, its parked requests back.
+CREATE FUNCTION dispatch.reset_limit_v2(limit_key text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    host text := substring(limit_key FROM 'host:([^|]+)$');
+    tenant text := dispatch.decode_tenant_part(substring(limit_key FROM '^tenant:([^|]+)\|'));
+BEGIN
+    UPDATE dispatch.limit_state s
+    SET paused_until = NULL, pause_reason = NULL, open_until = NULL, open_reason = NULL,
+        probe_holder = NULL, probe_expires_at = NULL, backlog_until = NULL
+    WHERE s.key = limit_key;
+    IF FOUND THEN
+        PERFORM dispatch.notify_limit_state(limit_key);
+    END IF;
+    IF host IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN dispatch.unpark_requests_v2(host, tenant);
+END $$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
+
+-- Hostile producers (the second review): a producer role is another system we do not control.
+
+-- Absurd nesting is refused where it is cheap, at insert: every claim that included a job of
+-- 10,000 nested arrays failed to decode it, and its whole batch with it. (Workers also decode
+-- each job on its own: a row from before this check dies alone as 'invalid'.)
+ALTER TABLE dispatch.jobs ADD CONSTRAINT job_args_nesting_at_most_100
+    CHECK (NOT jsonb_path_exists(args, 'strict $.**{101}'));
+
+-- send_request: header values are checked too (CR, LF), not only their names.
+CREATE OR REPLACE FUNCTION dispatch.send_request(
+    method           text,
+    uri              text,
+    body             text DEFAULT NULL,
+    expire_at        timestamptz DEFAULT NULL,
+    success_code     integer DEFAULT 200,
+    stop_codes       integer[] DEFAULT '{}',
+    attempt_limit    integer DEFAULT NULL,
+    attempt_interval integer DEFAULT 60,
+    http_timeout     integer DEFAULT 30,
+    queue            text DEFAULT 'requests',
+    idempotency_key  text DEFAULT NULL,
+    tenant           text DEFAULT NULL,
+    claims           jsonb DEFAULT NULL,
+    signing_key      text DEFAULT NULL,
+    headers          jsonb DEFAULT NULL,
+    webhook_key      text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    verb text := upper(method);
+    codes integer[];
+    budget integer := attempt_limit;
+    bad text;
+BEGIN
+    IF verb IS NULL OR verb NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'dispatch.send_request: method must be one of GET, POST, PUT, PATCH, DELETE, got %',
+            coalesce(quote_literal(method), 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF uri IS NULL OR uri !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
+        RAISE EXCEPTION 'dispatch.send_request: uri must be an absolute http(s) URL, got %',
+            coalesce(quote_literal(left(uri, 200)), 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF success_code IS NULL OR success_code NOT BETWEEN 100 AND 599 THEN
+        RAISE EXCEPTION 'dispatch.send_request: success_code must be an HTTP status (100-599), got %',
+            coalesce(success_code::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT string_agg(c::text, ', ') INTO bad FROM unnest(stop_codes) c WHERE c IS NULL OR c NOT BETWEEN 100 AND 599;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'dispatch.send_request: stop_codes must be HTTP statuses (100-599), got %', bad
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT array_agg(DISTINCT c ORDER BY c) INTO codes
+    FROM unnest(coalesce(stop_codes, '{}') || 418) c WHERE c <> success_code;
+    IF attempt_interval IS NULL OR attempt_interval < 1 THEN
+        RAISE EXCEPTION 'dispatch.send_request: attempt_interval must be >= 1 second, got %',
+            coalesce(attempt_interval::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF http_timeout IS NULL OR http_timeout NOT BETWEEN 1 AND 3600 THEN
+        RAISE EXCEPTION 'dispatch.send_request: http_timeout must be 1-3600 seconds, got %',
+            coalesce(http_timeout::text, 'NULL') USING ERRCODE = 'check_violation';
+    END IF;
+    IF budget IS NOT NULL AND budget < 1 THEN
+        RAISE EXCEPTION 'dispatch.send_request: attempt_limit must be >= 1, got %', budget
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF claims IS NOT NULL THEN
+        IF jsonb_typeof(claims) <> 'object' THEN
+            RAISE EXCEPTION 'dispatch.send_request: claims must be a JSON object, got %', jsonb_typeof(claims)
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF body IS NOT NULL THEN
+            RAISE EXCEPTION 'dispatch.send_request: give body or claims, not both'
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF signing_key IS NULL THEN
+            RAISE EXCEPTION 'dispatch.send_request: claims need a signing_key'
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    IF signing_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dispatch.signing_keys k WHERE k.name = signing_key) THEN
+        RAISE EXCEPTION 'dispatch.send_request: no signing key named %', quote_literal(signing_key)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF webhook_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM dispatch.signing_keys k WHERE k.name = webhook_key) THEN
+        RAISE EXCEPTION 'dispatch.send_request: no signing key named %', quote_literal(webhook_key)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF headers IS NOT NULL AND (jsonb_typeof(headers) <> 'object'
+            OR EXISTS (SELECT 1 FROM jsonb_each(headers) h WHERE jsonb_typeof(h.value) <> 'string'
+                                                              OR h.key !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$')) THEN
+        RAISE EXCEPTION 'dispatch.send_request: headers must be a JSON object of header names to strings'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- A line break in a value would fail every attempt in the HTTP client (or, worse, add a
+    -- header of the producer's choosing): refused here, named.
+    SELECT string_agg(quote_literal(h.key), ', ') INTO bad FROM jsonb_each_text(headers) h
+    WHERE h.value ~ '[\r\n]';
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'dispatch.send_request: header %: a header value holds no CR, LF or NUL', bad
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF budget IS NULL THEN
+        budget := CASE WHEN expire_at IS NULL THEN 1440
+                       ELSE greatest(1, ceil(extract(epoch FROM expire_at - now()) / attempt_interval)::integer)
+                  END;
+    END IF;
+    RETURN dispatch.enqueue(
+        'http.request',
+        jsonb_strip_nulls(jsonb_build_object(
+            'method', verb, 'uri', uri, 'body', body, 'success_code', success_code,
+            'stop_codes', to_jsonb(codes), 'attempt_interval', attempt_interval,
+            'http_timeout', http_timeout, 'claims', claims, 'signing_key', signing_key,
+            'headers', headers, 'webhook_key', webhook_key)),
+        queue => queue, expire_at => expire_at, max_attempts => budget,
+        idempotency_key => idempotency_key, tenant => tenant);
+END $$;
+
+-- Processes under review (the second review): a finish counts only for the step and attempt it
+-- was taken for, by the holder of its job's lease; step jobs carry the version that wrote them, so
+-- an older worker leaves them for a newer one; moving the quiet window moves what waits on it.
+-- The _v2 (and _v1) functions stay for workers of the previous releases, with the same guards.
+
+-- The version of the code that moved the instance to the step it stands on (0: its start's).
+ALTER TABLE dispatch.processes ADD COLUMN written_version integer NOT NULL DEFAULT 0;
+
+-- 'late': a finish that arrived after the instance had moved on; kept, never applied.
+ALTER TABLE dispatch.process_history DROP CONSTRAINT process_history_status;
+ALTER TABLE dispatch.process_history ADD CONSTRAINT process_history_status
+    CHECK (status IN ('done', 'retry', 'error', 'operator', 'late'));
+
+-- Why a worker leaves an instance alone: the version it started on, or the version that moved it
+-- to its step, is newer than the worker's.
+CREATE FUNCTION dispatch.process_newer_message(p dispatch.processes, worker_version integer) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN p.version > worker_version
+                THEN format('process %s started on %s version %s; this worker runs version %s', p.id, p.type,
+                            p.version, worker_version)
+                ELSE format('process %s stands at step %s, where %s version %s moved it; this worker runs '
+                            'version %s and leaves it to a newer one', p.id, p.current_step, p.type,
+                            p.written_version, worker_version)
+           END
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch.enqueue_process_step(process_id bigint, run_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH p AS (
+        UPDATE dispatch.processes x SET run_seq = x.run_seq + 1 WHERE x.id = process_id RETURNING x.*
+    )
+    INSERT INTO dispatch.jobs (queue, kind, args, run_at, max_attempts)
+    SELECT t.queue, 'process:' || p.type,
+           jsonb_build_object('process_id', p.id, 'run_seq', p.run_seq,
+                              'version', greatest(p.version, p.written_version)),
+           greatest(run_at, now()), 1000
+    FROM p JOIN dispatch.process_types t ON t.type = p.type
+    RETURNING id;
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch.restart_process_v1(process_id bigint, from_step text, who text, reason text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p dispatch.processes;
+    steps text[];
+BEGIN
+    SELECT * INTO p FROM dispatch.processes WHERE id = process_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no process %', process_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF p.status NOT IN ('error', 'retry') THEN
+        RAISE EXCEPTION 'process % is %: only a process in error or retry can be restarted', process_id, p.status
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT t.steps INTO steps FROM dispatch.process_types t WHERE t.type = p.type;
+    IF from_step IS NOT NULL AND NOT from_step = ANY (steps) THEN
+        RAISE EXCEPTION 'process %: no step % in %; its steps: %', process_id, from_step, p.type,
+            array_to_string(steps, ', ') USING ERRCODE = 'check_violation';
+    END IF;
+    UPDATE dispatch.processes
+    SET status = 'pending', current_step = coalesce(from_step, current_step), attempts = 0, error = NULL,
+        retry_after = NULL, updated_at = now(),
+        -- A step named by the operator is a step of the newest registered version.
+        written_version = CASE WHEN from_step IS NULL THEN written_version
+                               ELSE (SELECT t.version FROM dispatch.process_types t WHERE t.type = p.type) END
+    WHERE id = process_id RETURNING * INTO p;
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, version)
+    VALUES (process_id, p.current_step, 0, 'operator', format('restarted by %s: %s', who, coalesce(reason, '-')),
+            p.version);
+    INSERT INTO dispatch.audit_log (who, action, target, reason)
+    VALUES (who, 'restart', 'process:' || process_id, reason);
+    PERFORM dispatch.enqueue_process_step(process_id);
+END $$;
+
+CREATE OR REPLACE FUNCTION dispatch.take_process_step_v1(process_id bigint, run_seq integer, worker_version integer,
+                                              steps text[], at timestamptz)
+RETURNS TABLE (outcome text, step text, attempt integer, state jsonb, detail text, wait_seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    p dispatch.processes;
+    quiet timestamptz;
+    message text;
+BEGIN
+    SELECT * INTO p FROM dispatch.processes x WHERE x.id = take_process_step_v1.process_id FOR UPDATE;
+    IF NOT FOUND OR p.run_seq <> take_process_step_v1.run_seq
+       OR p.status NOT IN ('pending', 'retry', 'running') THEN
+        RETURN QUERY SELECT 'skip', NULL::text, NULL::integer, NULL::jsonb, NULL::text, NULL::double precision;
+        RETURN;
+    END IF;
+    IF greatest(p.version, p.written_version) > worker_version THEN
+        RETURN QUERY SELECT 'newer', p.current_step, p.attempts, NULL::jsonb,
+            dispatch.process_newer_message(p, worker_version), 60::double precision;
+        RETURN;
+    END IF;
+    quiet := dispatch.process_quiet_until(at);
+    IF quiet IS NOT NULL THEN
+        RETURN QUERY SELECT 'quiet', p.current_step, p.attempts, NULL::jsonb,
+            format('quiet window: no step starts until %s', to_char(quiet AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')),
+            greatest(1, extract(epoch FROM quiet - at))::double precision;
+        RETURN;
+    END IF;
+    IF NOT p.current_step = ANY (steps) THEN
+        message := format('step %L of process %s (started on version %s) does not exist in %s version %s; '
+                          'its steps: %s. Restart it from a step: pgdispatch process restart %s --from-step NAME',
+                          p.current_step, p.id, p.version, p.type, worker_version,
+                          array_to_string(steps, ', '), p.id);
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version)
+        VALUES (p.id, p.current_step, p.attempts, 'error', message, worker_version);
+        UPDATE dispatch.processes x SET status = 'error', error = message, updated_at = now() WHERE x.id = p.id;
+        RETURN QUERY SELECT 'missing', p.current_step, p.attempts, NULL::jsonb, message, NULL::double precision;
+        RETURN;
+    END IF;
+    UPDATE dispatch.processes x SET status = 'running', attempts = x.attempts + 1, retry_after = NULL,
+                                    updated_at = now()
+    WHERE x.id = p.id;
+    RETURN QUERY SELECT 'take', p.current_step, p.attempts + 1, p.state, NULL::text, NULL::double precision;
+END $$;
+
+CREATE OR REPLACE FUNCTION dispatch.finish_process_step_v1(
+    process_id bigint, run_seq integer, step text, attempt integer, worker_version integer,
+    started_at timestamptz, result text, message text, payload jsonb, state jsonb, next_step text,
+    delay double precision, error text, continue_here boolean
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    p dispatch.processes;
+    new_status dispatch.process_status;
+BEGIN
+    SELECT * INTO p FROM dispatch.processes x WHERE x.id = process_id FOR UPDATE;
+    IF NOT FOUND OR p.run_seq <> run_seq OR p.status <> 'running' OR p.current_step <> step
+       OR p.attempts <> attempt THEN
+        RETURN 'skip';  -- a late finish: the instance moved on (another worker took the step)
+    END IF;
+    INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error, version,
+                                          started_at)
+    VALUES (process_id, step, attempt, result, message, dispatch.mask_secrets(payload), dispatch.mask_text(error),
+            worker_version, started_at);
+    new_status := CASE WHEN result = 'retry' THEN 'retry'
+                   WHEN result = 'error' THEN 'error'
+                   WHEN next_step IS NULL THEN 'done'
+                   ELSE 'pending' END;
+    UPDATE dispatch.processes x
+    SET status = new_status,
+        state = CASE WHEN result = 'done' THEN x.state || coalesce(finish_process_step_v1.state, '{}') ELSE x.state END,
+        current_step = CASE WHEN result = 'done' THEN next_step ELSE x.current_step END,
+        written_version = CASE WHEN result = 'done' THEN worker_version ELSE x.written_version END,
+        attempts = CASE WHEN result = 'done' THEN 0 ELSE x.attempts END,
+        error = CASE WHEN result = 'done' THEN NULL ELSE dispatch.mask_text(finish_process_step_v1.error) END,
+        retry_after = CASE WHEN result = 'retry' THEN now() + make_interval(secs => delay) END,
+        finished_at = CASE WHEN new_status = 'done' THEN now() END,
+        updated_at = now()
+    WHERE x.id = process_id;
+    IF new_status = 'retry' OR (new_status = 'pending' AND NOT continue_here) THEN
+        PERFORM dispatch.enqueue_process_step(process_id, now() + make_interval(secs => coalesce(delay, 0)));
+    END IF;
+    RETURN new_status::text;
+END $$;
+
+CREATE OR REPLACE FUNCTION dispatch.take_process_steps_v2(process_ids bigint[], run_seqs integer[], worker_version integer,
+                                               steps text[], at timestamptz)
+RETURNS TABLE (process_id bigint, run_seq integer, outcome text, step text, attempt integer, state jsonb,
+               detail text, wait_seconds double precision)  -- a row per instance taken or held; none: 'skip'
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    quiet timestamptz := dispatch.process_quiet_until(at);
+BEGIN
+    -- No joins between the CTEs below: their row counts are unknown to the planner, and a
+    -- nested loop over two of them costs the square of the batch.
+    RETURN QUERY
+    WITH wanted AS (
+        SELECT DISTINCT r.id, r.run_seq FROM unnest(process_ids, run_seqs) AS r (id, run_seq)
+    ), locked AS (
+        SELECT p.id, p.run_seq, p.type, p.version, p.current_step, p.attempts,
+               dispatch.process_newer_message(p, worker_version) AS newer,
+               CASE WHEN greatest(p.version, p.written_version) > worker_version THEN 'newer'
+                    WHEN quiet IS NOT NULL THEN 'quiet'
+                    WHEN NOT p.current_step = ANY (steps) THEN 'missing'
+                    ELSE 'take' END AS outcome
+        FROM wanted w JOIN dispatch.processes p ON p.id = w.id AND p.run_seq = w.run_seq
+        WHERE p.status IN ('pending', 'retry', 'running')
+        ORDER BY p.id
+        FOR UPDATE OF p
+    ), missing AS (
+        SELECT l.id, l.run_seq, l.current_step, l.attempts,
+               format('step %L of process %s (started on version %s) does not exist in %s version %s; '
+                      'its steps: %s. Restart it from a step: pgdispatch process restart %s --from-step NAME',
+                      l.current_step, l.id, l.version, l.type, worker_version,
+                      array_to_string(steps, ', '), l.id) AS message
+        FROM locked l WHERE l.outcome = 'missing'
+    ), journaled AS (
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version)
+        SELECT m.id, m.current_step, m.attempts, 'error', m.message, worker_version FROM missing m
+    ), stopped AS (
+        UPDATE dispatch.processes x SET status = 'error', error = m.message, updated_at = now()
+        FROM missing m WHERE x.id = m.id
+    ), taken AS (
+        UPDATE dispatch.processes x SET status = 'running', attempts = x.attempts + 1, retry_after = NULL,
+                                        updated_at = now()
+        FROM locked l WHERE x.id = l.id AND l.outcome = 'take'
+        RETURNING x.id, x.run_seq, x.current_step, x.attempts, x.state
+    )
+    SELECT t.id, t.run_seq, 'take', t.current_step, t.attempts, t.state, NULL::text, NULL::double precision
+    FROM taken t
+    UNION ALL
+    SELECT m.id, m.run_seq, 'missing', m.current_step, m.attempts, NULL::jsonb, m.message, NULL::double precision
+    FROM missing m
+    UNION ALL
+    SELECT l.id, l.run_seq, l.outcome, l.current_step, l.attempts, NULL::jsonb,
+           CASE l.outcome
+               WHEN 'newer' THEN l.newer
+               ELSE format('quiet window: no step starts until %s',
+                           to_char(quiet AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'))
+           END,
+           CASE l.outcome
+               WHEN 'newer' THEN 60::double precision
+               ELSE greatest(1, extract(epoch FROM quiet - at))::double precision
+           END
+    FROM locked l WHERE l.outcome IN ('newer', 'quiet');
+END $$;
+
+CREATE OR REPLACE FUNCTION dispatch.finish_process_steps_v2(
+    process_ids bigint[], run_seqs integer[], steps text[], attempts integer[], worker_version integer,
+    started_ats timestamptz[], results text[], messages text[], payloads jsonb[], states jsonb[],
+    next_steps text[], delays double precision[], errors text[], continue_here boolean[], at timestamptz
+) RETURNS TABLE (process_id bigint, run_seq integer, status text, step text, attempt integer, state jsonb)
+    -- a row per instance finished; none: 'skip'
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    quiet timestamptz := dispatch.process_quiet_until(at);
+BEGIN
+    IF EXISTS (SELECT FROM unnest(results) r WHERE r IS NULL OR r NOT IN ('done', 'retry', 'error')) THEN
+        RAISE EXCEPTION 'dispatch.finish_process_steps_v2: result must be done, retry or error'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN QUERY
+    WITH wanted AS (  -- of duplicate requests, one counts
+        SELECT DISTINCT ON (r.id, r.run_seq) r.*
+        FROM unnest(process_ids, run_seqs, steps, attempts, started_ats, results, messages, payloads, states,
+                    next_steps, delays, errors, continue_here)
+            AS r (id, run_seq, step, attempt, started_at, result, message, payload, state, next_step, delay,
+                  error, continue_here)
+    ), decided AS (
+        SELECT w.*,
+               CASE WHEN w.result = 'retry' THEN 'retry'
+                    WHEN w.result = 'error' THEN 'error'
+                    WHEN w.next_step IS NULL THEN 'done'
+                    WHEN w.continue_here AND quiet IS NULL THEN 'running'
+                    ELSE 'pending' END::dispatch.process_status AS new_status
+        FROM wanted w JOIN dispatch.processes p ON p.id = w.id AND p.run_seq = w.run_seq
+        -- Only for the step and attempt it was taken for: a late finish (its worker lost the
+        -- lease, another took the step and went on in the same job) changes nothing.
+        WHERE p.status = 'running' AND p.current_step = w.step AND p.attempts = w.attempt
+        ORDER BY p.id
+        FOR UPDATE OF p
+    ), journaled AS (
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error, version,
+                                              started_at)
+        SELECT d.id, d.step, d.attempt, d.result, d.message,
+               CASE WHEN d.payload IS NOT NULL THEN dispatch.mask_secrets(d.payload) END,
+               CASE WHEN d.error IS NOT NULL THEN dispatch.mask_text(d.error) END, worker_version, d.started_at
+        FROM decided d
+    ), moved AS (
+        UPDATE dispatch.processes x
+        SET status = d.new_status,
+            state = CASE WHEN d.result = 'done' THEN x.state || coalesce(d.state, '{}') ELSE x.state END,
+            current_step = CASE WHEN d.result = 'done' THEN d.next_step ELSE x.current_step END,
+            written_version = CASE WHEN d.result = 'done' THEN worker_version ELSE x.written_version END,
+            attempts = CASE WHEN d.new_status = 'running' THEN 1 WHEN d.result = 'done' THEN 0 ELSE x.attempts END,
+            error = CASE WHEN d.result <> 'done' THEN dispatch.mask_text(d.error) END,
+            retry_after = CASE WHEN d.result = 'retry' THEN now() + make_interval(secs => d.delay) END,
+            run_seq = CASE WHEN d.new_status IN ('retry', 'pending') THEN x.run_seq + 1 ELSE x.run_seq END,
+            finished_at = CASE WHEN d.new_status = 'done' THEN now() END,
+            updated_at = now()
+        FROM decided d WHERE x.id = d.id
+        RETURNING x.id, d.run_seq AS asked_seq, x.type, x.status, x.current_step, x.attempts, x.state, x.run_seq,
+                  x.retry_after, x.written_version
+    ), enqueued AS (
+        INSERT INTO dispatch.jobs (queue, kind, args, run_at, max_attempts)
+        SELECT t.queue, 'process:' || m.type,
+               jsonb_build_object('process_id', m.id, 'run_seq', m.run_seq, 'version', m.written_version),
+               greatest(coalesce(m.retry_after, quiet, now()), now()), 1000
+        FROM moved m JOIN dispatch.process_types t ON t.type = m.type
+        WHERE m.status IN ('retry', 'pending')
+    )
+    SELECT m.id, m.asked_seq, m.status::text, m.current_step, m.attempts,
+           CASE WHEN m.status = 'running' THEN m.state END
+    FROM moved m;
+END $$;
+
+-- v3: as v2, with the step job's id and lease token: only its current holder takes a step.
+CREATE FUNCTION dispatch.take_process_steps_v3(process_ids bigint[], run_seqs integer[], job_ids bigint[],
+                                               tokens uuid[], worker_version integer, steps text[], at timestamptz)
+RETURNS TABLE (process_id bigint, run_seq integer, outcome text, step text, attempt integer, state jsonb,
+               detail text, wait_seconds double precision)  -- a row per instance taken or held; none: 'skip'
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    quiet timestamptz := dispatch.process_quiet_until(at);
+BEGIN
+    -- No joins between the CTEs below: their row counts are unknown to the planner, and a
+    -- nested loop over two of them costs the square of the batch.
+    RETURN QUERY
+    WITH wanted AS (
+        SELECT DISTINCT ON (r.id, r.run_seq) r.id, r.run_seq
+        FROM unnest(process_ids, run_seqs, job_ids, tokens) AS r (id, run_seq, job_id, token)
+        -- Only the current holder of the step job's lease takes its step: a worker that lost the
+        -- lease (a pause, a partition) and asks late takes nothing.
+        WHERE EXISTS (SELECT FROM dispatch.jobs j WHERE j.id = r.job_id AND j.lease_token = r.token
+                                                    AND j.state = 'running')
+    ), locked AS (
+        SELECT p.id, p.run_seq, p.type, p.version, p.current_step, p.attempts,
+               dispatch.process_newer_message(p, worker_version) AS newer,
+               CASE WHEN greatest(p.version, p.written_version) > worker_version THEN 'newer'
+                    WHEN quiet IS NOT NULL THEN 'quiet'
+                    WHEN NOT p.current_step = ANY (steps) THEN 'missing'
+                    ELSE 'take' END AS outcome
+        FROM wanted w JOIN dispatch.processes p ON p.id = w.id AND p.run_seq = w.run_seq
+        WHERE p.status IN ('pending', 'retry', 'running')
+        ORDER BY p.id
+        FOR UPDATE OF p
+    ), missing AS (
+        SELECT l.id, l.run_seq, l.current_step, l.attempts,
+               format('step %L of process %s (started on version %s) does not exist in %s version %s; '
+                      'its steps: %s. Restart it from a step: pgdispatch process restart %s --from-step NAME',
+                      l.current_step, l.id, l.version, l.type, worker_version,
+                      array_to_string(steps, ', '), l.id) AS message
+        FROM locked l WHERE l.outcome = 'missing'
+    ), journaled AS (
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, error, version)
+        SELECT m.id, m.current_step, m.attempts, 'error', m.message, worker_version FROM missing m
+    ), stopped AS (
+        UPDATE dispatch.processes x SET status = 'error', error = m.message, updated_at = now()
+        FROM missing m WHERE x.id = m.id
+    ), taken AS (
+        UPDATE dispatch.processes x SET status = 'running', attempts = x.attempts + 1, retry_after = NULL,
+                                        updated_at = now()
+        FROM locked l WHERE x.id = l.id AND l.outcome = 'take'
+        RETURNING x.id, x.run_seq, x.current_step, x.attempts, x.state
+    )
+    SELECT t.id, t.run_seq, 'take', t.current_step, t.attempts, t.state, NULL::text, NULL::double precision
+    FROM taken t
+    UNION ALL
+    SELECT m.id, m.run_seq, 'missing', m.current_step, m.attempts, NULL::jsonb, m.message, NULL::double precision
+    FROM missing m
+    UNION ALL
+    SELECT l.id, l.run_seq, l.outcome, l.current_step, l.attempts, NULL::jsonb,
+           CASE l.outcome
+               WHEN 'newer' THEN l.newer
+               ELSE format('quiet window: no step starts until %s',
+                           to_char(quiet AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'))
+           END,
+           CASE l.outcome
+               WHEN 'newer' THEN 60::double precision
+               ELSE greatest(1, extract(epoch FROM quiet - at))::double precision
+           END
+    FROM locked l WHERE l.outcome IN ('newer', 'quiet');
+END $$;
+
+-- v3: as v2, from the current holder of the step job's lease only; the others' finishes (late)
+-- are journaled as 'late' and returned with status 'late', nothing else changed.
+CREATE FUNCTION dispatch.finish_process_steps_v3(
+    process_ids bigint[], run_seqs integer[], job_ids bigint[], tokens uuid[], steps text[], attempts integer[],
+    worker_version integer,
+    started_ats timestamptz[], results text[], messages text[], payloads jsonb[], states jsonb[],
+    next_steps text[], delays double precision[], errors text[], continue_here boolean[], at timestamptz
+) RETURNS TABLE (process_id bigint, run_seq integer, status text, step text, attempt integer, state jsonb)
+    -- a row per instance finished; none: 'skip'
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    quiet timestamptz := dispatch.process_quiet_until(at);
+    applied integer;
+BEGIN
+    IF EXISTS (SELECT FROM unnest(results) r WHERE r IS NULL OR r NOT IN ('done', 'retry', 'error')) THEN
+        RAISE EXCEPTION 'dispatch.finish_process_steps_v3: result must be done, retry or error'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN QUERY
+    WITH wanted AS (  -- of duplicate requests, one counts
+        SELECT DISTINCT ON (r.id, r.run_seq) r.*
+        FROM unnest(process_ids, run_seqs, job_ids, tokens, steps, attempts, started_ats, results, messages,
+                    payloads, states, next_steps, delays, errors, continue_here)
+            AS r (id, run_seq, job_id, token, step, attempt, started_at, result, message, payload, state,
+                  next_step, delay, error, continue_here)
+        -- ...from the current holder of the step job's lease.
+        WHERE EXISTS (SELECT FROM dispatch.jobs j WHERE j.id = r.job_id AND j.lease_token = r.token
+                                                    AND j.state = 'running')
+    ), decided AS (
+        SELECT w.*,
+               CASE WHEN w.result = 'retry' THEN 'retry'
+                    WHEN w.result = 'error' THEN 'error'
+                    WHEN w.next_step IS NULL THEN 'done'
+                    WHEN w.continue_here AND quiet IS NULL THEN 'running'
+                    ELSE 'pending' END::dispatch.process_status AS new_status
+        FROM wanted w JOIN dispatch.processes p ON p.id = w.id AND p.run_seq = w.run_seq
+        -- Only for the step and attempt it was taken for: a late finish (its worker lost the
+        -- lease, another took the step and went on in the same job) changes nothing.
+        WHERE p.status = 'running' AND p.current_step = w.step AND p.attempts = w.attempt
+        ORDER BY p.id
+        FOR UPDATE OF p
+    ), journaled AS (
+        INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error, version,
+                                              started_at)
+        SELECT d.id, d.step, d.attempt, d.result, d.message,
+               CASE WHEN d.payload IS NOT NULL THEN dispatch.mask_secrets(d.payload) END,
+               CASE WHEN d.error IS NOT NULL THEN dispatch.mask_text(d.error) END, worker_version, d.started_at
+        FROM decided d
+    ), moved AS (
+        UPDATE dispatch.processes x
+        SET status = d.new_status,
+            state = CASE WHEN d.result = 'done' THEN x.state || coalesce(d.state, '{}') ELSE x.state END,
+            current_step = CASE WHEN d.result = 'done' THEN d.next_step ELSE x.current_step END,
+            written_version = CASE WHEN d.result = 'done' THEN worker_version ELSE x.written_version END,
+            attempts = CASE WHEN d.new_status = 'running' THEN 1 WHEN d.result = 'done' THEN 0 ELSE x.attempts END,
+            error = CASE WHEN d.result <> 'done' THEN dispatch.mask_text(d.error) END,
+            retry_after = CASE WHEN d.result = 'retry' THEN now() + make_interval(secs => d.delay) END,
+            run_seq = CASE WHEN d.new_status IN ('retry', 'pending') THEN x.run_seq + 1 ELSE x.run_seq END,
+            finished_at = CASE WHEN d.new_status = 'done' THEN now() END,
+            updated_at = now()
+        FROM decided d WHERE x.id = d.id
+        RETURNING x.id, d.run_seq AS asked_seq, x.type, x.status, x.current_step, x.attempts, x.state, x.run_seq,
+                  x.retry_after, x.written_version
+    ), enqueued AS (
+        INSERT INTO dispatch.jobs (queue, kind, args, run_at, max_attempts)
+        SELECT t.queue, 'process:' || m.type,
+               jsonb_build_object('process_id', m.id, 'run_seq', m.run_seq, 'version', m.written_version),
+               greatest(coalesce(m.retry_after, quiet, now()), now()), 1000
+        FROM moved m JOIN dispatch.process_types t ON t.type = m.type
+        WHERE m.status IN ('retry', 'pending')
+    )
+    SELECT m.id, m.asked_seq, m.status::text, m.current_step, m.attempts,
+           CASE WHEN m.status = 'running' THEN m.state END
+    FROM moved m;
+    GET DIAGNOSTICS applied = ROW_COUNT;
+    IF applied < cardinality(process_ids) THEN
+        -- Late finishes: their step ran (whatever it did outside is done), but the instance had
+        -- moved on. Nothing of theirs is applied; the journal keeps them, marked 'late'.
+        RETURN QUERY
+        WITH late AS (
+            INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error,
+                                                  version, started_at)
+            SELECT r.id, r.step, r.attempt, 'late',
+                   format('%s, not applied: the instance had moved on (its step was taken again, or it was '
+                          'restarted or abandoned) when this finish arrived', r.result),
+                   CASE WHEN r.payload IS NOT NULL THEN dispatch.mask_secrets(r.payload) END,
+                   CASE WHEN r.error IS NOT NULL THEN dispatch.mask_text(r.error) END, worker_version, r.started_at
+            FROM unnest(process_ids, run_seqs, steps, attempts, started_ats, results, payloads, errors)
+                AS r (id, run_seq, step, attempt, started_at, result, payload, error)
+            WHERE EXISTS (SELECT FROM dispatch.processes p WHERE p.id = r.id)
+              AND NOT EXISTS (SELECT FROM dispatch.process_history h
+                              WHERE h.process_id = r.id AND h.step = r.step AND h.attempt = r.attempt
+                                AND h.started_at IS NOT DISTINCT FROM r.started_at
+                                AND h.status IN ('done', 'retry', 'error'))
+            RETURNING process_id, step, attempt
+        )
+        SELECT l.process_id, NULL::integer, 'late', l.step, l.attempt, NULL::jsonb FROM late l;
+    END IF;
+END $$;
+
+-- Moving the quiet window takes effect for what waits on it: steps deferred to the old window's
+-- end come due at the new one's (or now).
+CREATE FUNCTION dispatch.reschedule_quiet_steps() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    quiet timestamptz := dispatch.process_quiet_until(now());
+    woken text[];
+BEGIN
+    WITH moved AS (
+        UPDATE dispatch.jobs j
+        SET run_at = greatest(now(), coalesce(quiet, now()), CASE WHEN p.status = 'retry' THEN p.retry_after END)
+        FROM dispatch.processes p
+        WHERE j.kind LIKE 'process:%' AND j.state = 'scheduled' AND j.run_at > now()
+          AND p.id = (j.args ->> 'process_id')::bigint AND p.run_seq = (j.args ->> 'run_seq')::integer
+          AND p.status IN ('pending', 'retry')
+        RETURNING j.queue, j.run_at
+    )
+    SELECT array_agg(DISTINCT m.queue) INTO woken FROM moved m WHERE m.run_at <= now();
+    PERFORM pg_notify('dispatch_jobs', q) FROM unnest(woken) q;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER process_settings_reschedule AFTER UPDATE ON dispatch.process_settings
+    FOR EACH ROW WHEN (OLD IS DISTINCT FROM NEW) EXECUTE FUNCTION dispatch.reschedule_quiet_steps();
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
+
+-- Retention (the second review): every table that grows has a window and is pruned by the
+-- elected maintenance duty, in batches, by index. A capability registers its tables here (a row
+-- naming its prune function); the engine runs whatever is registered and knows none of their
+-- tables. Commands are scheduled at a constant cost per tick, however long their history.
+
+CREATE TABLE dispatch.retention (
+    name      text PRIMARY KEY,
+    -- prune(keep interval, max_rows integer) RETURNS integer: deletes at most max_rows rows
+    -- older than keep (by index), returns how many; maintenance calls it until it returns fewer.
+    prune     regprocedure NOT NULL,
+    keep      interval NOT NULL CONSTRAINT retention_keep_positive CHECK (keep > interval '0'),
+    note      text NOT NULL,
+    pruned_at timestamptz,
+    pruned    bigint NOT NULL DEFAULT 0  -- rows deleted since it was registered
+);
+COMMENT ON TABLE dispatch.retention IS
+    'What maintenance prunes, and how long it keeps it: change a window with UPDATE dispatch.retention SET keep = ...';
+
+-- One batch of one registered table (the maintenance duty calls it until it returns < max_rows).
+CREATE FUNCTION dispatch.prune_retention_v1(retention_name text, max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r dispatch.retention;
+    n integer;
+BEGIN
+    SELECT * INTO r FROM dispatch.retention x WHERE x.name = retention_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no retention named %', retention_name USING ERRCODE = 'no_data_found';
+    END IF;
+    EXECUTE format('SELECT %s($1, $2)', r.prune::regproc) INTO n USING r.keep, max_rows;
+    UPDATE dispatch.retention x SET pruned_at = now(), pruned = x.pruned + n WHERE x.name = retention_name;
+    RETURN n;
+END $$;
+
+-- Call events: their record is what makes an event idempotent, so it is kept while its job lives
+-- and for the window after (a repeat of an older call is new work by then).
+CREATE INDEX call_events_created_at ON dispatch.call_events (created_at);
+CREATE FUNCTION dispatch.prune_call_events_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT c.call_unique_id, c.event, c.integration FROM dispatch.call_events c
+        WHERE c.created_at < now() - keep AND NOT EXISTS (SELECT FROM dispatch.jobs j WHERE j.id = c.job_id)
+        ORDER BY c.created_at LIMIT max_rows
+    ), gone AS (
+        DELETE FROM dispatch.call_events c USING old o
+        WHERE (c.call_unique_id, c.event, c.integration) = (o.call_unique_id, o.event, o.integration)
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- Lead sends: a batch goes with its deliveries once none is pending; a lead, once it has no batch.
+CREATE INDEX lead_batches_created_at ON dispatch.lead_batches (created_at);
+CREATE FUNCTION dispatch.prune_lead_batches_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT b.id FROM dispatch.lead_batches b
+        WHERE b.created_at < now() - keep
+          AND NOT EXISTS (SELECT FROM dispatch.deliveries d WHERE d.batch_id = b.id AND d.status = 'pending')
+        ORDER BY b.created_at LIMIT max_rows
+    ), gone AS (
+        DELETE FROM dispatch.lead_batches b USING old o WHERE b.id = o.id RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+CREATE INDEX leads_created_at ON dispatch.leads (created_at);
+CREATE FUNCTION dispatch.prune_leads_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT l.id FROM dispatch.leads l
+        WHERE l.created_at < now() - keep AND NOT EXISTS (SELECT FROM dispatch.lead_batches b WHERE b.lead_id = l.id)
+        ORDER BY l.created_at LIMIT max_rows
+    ), gone AS (
+        DELETE FROM dispatch.leads l USING old o WHERE l.id = o.id RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- Finished process instances go with their journal; running ones keep theirs whole.
+CREATE INDEX processes_finished_at ON dispatch.processes (finished_at) WHERE status IN ('done', 'abandoned');
+CREATE FUNCTION dispatch.prune_processes_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT p.id FROM dispatch.processes p
+        WHERE p.status IN ('done', 'abandoned') AND p.finished_at < now() - keep
+        ORDER BY p.finished_at LIMIT max_rows
+    ), gone AS (
+        DELETE FROM dispatch.processes p USING old o WHERE p.id = o.id RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+CREATE INDEX audit_log_at ON dispatch.audit_log (at);
+CREATE FUNCTION dispatch.prune_audit_log_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM dispatch.audit_log a
+        WHERE a.id IN (SELECT x.id FROM dispatch.audit_log x WHERE x.at < now() - keep ORDER BY x.at LIMIT max_rows)
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- Command runs: each command keeps its latest (command_status reads it).
+CREATE INDEX command_runs_created_at ON dispatch.command_runs (created_at);
+CREATE INDEX command_runs_latest ON dispatch.command_runs (key, created_at DESC);
+CREATE FUNCTION dispatch.prune_command_runs_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT r.key, r.tick FROM dispatch.command_runs r
+        WHERE r.created_at < now() - keep
+          AND EXISTS (SELECT FROM dispatch.command_runs n WHERE n.key = r.key AND n.created_at > r.created_at)
+        ORDER BY r.created_at LIMIT max_rows
+    ), gone AS (
+        DELETE FROM dispatch.command_runs r USING old o WHERE (r.key, r.tick) = (o.key, o.tick) RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+-- The state of limit keys no longer in use (host:* makes one per host ever reached): nothing
+-- paused, no breaker, no slot, no spread, untouched for the window. No index on refilled_at,
+-- on purpose: every token block updates it, and an index would take HOT updates away from the
+-- hottest row there is; the table is unlogged and small next to the jobs, and is walked once.
+CREATE FUNCTION dispatch.prune_limit_state_v1(keep interval, max_rows integer) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH old AS (
+        SELECT s.key FROM dispatch.limit_state s
+        WHERE s.refilled_at < now() - keep AND s.open_until IS NULL
+          AND (s.paused_until IS NULL OR s.paused_until < now())
+          AND (s.backlog_until IS NULL OR s.backlog_until < now())
+          AND NOT EXISTS (SELECT FROM dispatch.limit_slots l WHERE l.key = s.key)
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM dispatch.limit_state s USING old o WHERE s.key = o.key RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
+INSERT INTO dispatch.retention (name, prune, keep, note) VALUES
+    ('call_events', 'dispatch.prune_call_events_v1(interval, integer)', '14 days',
+     'call events whose job is gone (their attempts are in job_history, kept 14 days by default)'),
+    ('lead_batches', 'dispatch.prune_lead_batches_v1(interval, integer)', '30 days',
+     'lead sends and their deliveries, once none is pending'),
+    ('leads', 'dispatch.prune_leads_v1(interval, integer)', '90 days', 'leads with no send left'),
+    ('processes', 'dispatch.prune_processes_v1(interval, integer)', '30 days',
+     'finished (done, abandoned) process instances and their journal'),
+    ('audit_log', 'dispatch.prune_audit_log_v1(interval, integer)', '365 days', 'operators'' actions'),
+    ('command_runs', 'dispatch.prune_command_runs_v1(interval, integer)', '30 days',
+     'command runs (each command keeps its latest)'),
+    ('limit_state', 'dispatch.prune_limit_state_v1(interval, integer)', '7 days',
+     'the state of limit keys no longer in use');
+
+-- Give `tick` of a command its run (as v1), at a constant cost: "the previous run is still
+-- going" looks at the latest run only (runs are one at a time, so no older one can be live),
+-- and old runs are pruned by maintenance, not here under the command's row lock.
+CREATE FUNCTION dispatch.schedule_command_v2(command_key text, tick timestamptz, next_tick timestamptz,
+                                             manual boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c dispatch.commands;
+    new_id bigint;
+BEGIN
+    SELECT * INTO c FROM dispatch.commands WHERE key = command_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no command %', command_key USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT manual AND tick <= c.last_tick THEN
+        RETURN NULL;  -- given (or skipped) already
+    END IF;
+    UPDATE dispatch.commands SET last_tick = greatest(last_tick, CASE WHEN manual THEN last_tick ELSE tick END),
+                                 next_tick = coalesce(schedule_command_v2.next_tick, commands.next_tick)
+    WHERE key = command_key;
+    IF NOT manual AND (NOT c.enabled OR (SELECT all_disabled FROM dispatch.command_switch)) THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT FROM dispatch.jobs j
+               WHERE j.id = (SELECT r.job_id FROM dispatch.command_runs r WHERE r.key = command_key
+                             ORDER BY r.created_at DESC LIMIT 1)) THEN
+        RETURN NULL;  -- the previous run is still queued or running: one at a time
+    END IF;
+    new_id := nextval(pg_get_serial_sequence('dispatch.jobs', 'id'));
+    INSERT INTO dispatch.command_runs (key, tick, job_id, manual) VALUES (command_key, tick, new_id, manual)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- another worker gave this tick its run
+    END IF;
+    INSERT INTO dispatch.jobs (id, queue, kind, args, max_attempts)
+    VALUES (new_id, c.queue, 'command:' || command_key,
+            jsonb_build_object('args', c.args, 'tick', tick, 'manual', manual), 1);
+    RETURN new_id;
+END $$;
+
+-- v1 (workers of the previous release) at the same cost.
+CREATE OR REPLACE FUNCTION dispatch.schedule_command_v1(command_key text, tick timestamptz, next_tick timestamptz,
+                                                        manual boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT dispatch.schedule_command_v2(command_key, tick, next_tick, manual)
+$$;
+
+-- The latest run and the latest finished one, read by index: constant cost however many runs.
+CREATE OR REPLACE VIEW dispatch.command_status AS
+SELECT c.key, c.name, c.args, c.schedule, c.queue,
+       CASE WHEN run.state = 'running' AND run.lease_expires_at <= now() THEN 'Locked'
+            WHEN run.state = 'running' THEN 'Working'
+            WHEN run.state IS NOT NULL THEN 'Queued'
+            WHEN NOT c.enabled OR s.all_disabled THEN 'Disabled'
+            ELSE 'Idle' END AS status,
+       c.enabled AND NOT s.all_disabled AS enabled,
+       run.leased_by AS holder, run.leased_at AS since, run.lease_expires_at AS expires,
+       last.finished_at AS last_run, last.outcome AS last_outcome, dispatch.mask_text(last.error) AS last_error,
+       c.next_tick AS next_run
+FROM dispatch.commands c
+CROSS JOIN dispatch.command_switch s
+LEFT JOIN LATERAL (
+    SELECT j.state, j.leased_by, j.leased_at, j.lease_expires_at
+    FROM (SELECT r.job_id FROM dispatch.command_runs r WHERE r.key = c.key ORDER BY r.created_at DESC LIMIT 1) r
+    JOIN dispatch.jobs j ON j.id = r.job_id
+) run ON true
+LEFT JOIN LATERAL (
+    SELECT h.finished_at, h.outcome::text AS outcome, h.error
+    FROM (SELECT r.job_id FROM dispatch.command_runs r WHERE r.key = c.key ORDER BY r.created_at DESC LIMIT 2) r
+    CROSS JOIN LATERAL (SELECT x.finished_at, x.outcome, x.error FROM dispatch.job_history x
+                        WHERE x.job_id = r.job_id ORDER BY x.finished_at DESC LIMIT 1) h
+    ORDER BY h.finished_at DESC LIMIT 1
+) last ON true;
+
+GRANT SELECT ON dispatch.retention TO dispatch_worker, dispatch_reader;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
+
+-- The engine under review (the second review): a rescued request waits its own interval, bulk
+-- revivals do what they can and say what they skipped, producers' mistakes are named plainly,
+-- dead letters show their budget.
+
+-- Rescue v3: as v2, but a request (kind http.request) backs off by its own attempt_interval,
+-- as its retries do (the README's promise), not by its queue's backoff.
+CREATE FUNCTION dispatch.rescue_expired_v3(max_jobs integer DEFAULT 1000) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ids bigint[];
+    tokens uuid[];
+    waits double precision[];
+    n integer;
+BEGIN
+    SELECT array_agg(s.id), array_agg(s.lease_token), array_agg(s.wait) INTO ids, tokens, waits
+    FROM (SELECT j.id, j.lease_token,
+                 CASE WHEN j.kind = 'http.request' AND jsonb_typeof(j.args -> 'attempt_interval') = 'number'
+                      THEN least(greatest((j.args ->> 'attempt_interval')::double precision, 1), 1e7)
+                      ELSE least(extract(epoch FROM q.backoff_cap),
+                                 extract(epoch FROM q.backoff_base)
+                                 * power(q.backoff_factor, least(greatest(j.attempt - 1, 0), 64)))
+                           * (1 + q.backoff_jitter * (2 * random() - 1))
+                 END AS wait
+          FROM dispatch.jobs j JOIN dispatch.queues q ON q.name = j.queue
+          WHERE j.state = 'running' AND j.lease_expires_at < now()
+          ORDER BY j.lease_expires_at LIMIT max_jobs
+          FOR UPDATE OF j SKIP LOCKED) s;
+    n := coalesce(cardinality(ids), 0);
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
+    RETURN dispatch.finish_jobs_v2(
+        ids, tokens, array_fill('rescue'::text, ARRAY[n]), waits,
+        array_fill(NULL::text, ARRAY[n]),
+        array_fill('lease expired: the worker holding it stopped answering'::text, ARRAY[n]),
+        array_fill(NULL::integer, ARRAY[n]), array_fill(NULL::jsonb, ARRAY[n]));
+END $$;
+
+-- Workers of the previous release rescue the same way.
+CREATE OR REPLACE FUNCTION dispatch.rescue_expired_v2(max_jobs integer DEFAULT 1000) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT dispatch.rescue_expired_v3(max_jobs)
+$$;
+
+-- Revive dead jobs under their original id with a fresh attempt budget, keeping what they had
+-- (created_at, expire_at, the idempotency key), each on its own: one that cannot be revived is
+-- skipped with the reason, and the others are revived. A row per job asked for.
+CREATE FUNCTION dispatch.retry_dead_v2(job_ids bigint[], expire_at timestamptz DEFAULT NULL)
+RETURNS TABLE (job_id bigint, revived boolean, reason text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    wanted bigint;
+    d dispatch.dead_jobs;
+    holder bigint;
+BEGIN
+    IF retry_dead_v2.expire_at IS NOT NULL AND retry_dead_v2.expire_at <= now() THEN
+        RAISE EXCEPTION 'dispatch.retry_dead: the new expire_at % is already past', retry_dead_v2.expire_at
+            USING ERRCODE = 'check_violation';
+    END IF;
+    FOR wanted IN SELECT DISTINCT x FROM unnest(job_ids) x WHERE x IS NOT NULL ORDER BY x LOOP
+        SELECT * INTO d FROM dispatch.dead_jobs x WHERE x.job_id = wanted FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT wanted, false, CASE WHEN EXISTS (SELECT FROM dispatch.dead_jobs x WHERE x.job_id = wanted)
+                                                    THEN 'being revived by someone else right now'
+                                                    ELSE 'not a dead job' END;
+            CONTINUE;
+        END IF;
+        IF retry_dead_v2.expire_at IS NULL AND d.expire_at IS NOT NULL AND d.expire_at <= now() THEN
+            RETURN QUERY SELECT wanted, false, 'expired; give a new expire_at to revive it';
+            CONTINUE;
+        END IF;
+        SELECT coalesce(j.id, k.job_id) INTO holder
+        FROM (SELECT 1) one
+        LEFT JOIN dispatch.jobs j ON j.queue = d.queue AND j.idempotency_key = d.idempotency_key
+        LEFT JOIN dispatch.idempotency_keys k ON k.queue = d.queue AND k.key = d.idempotency_key
+             AND k.job_id <> d.job_id AND k.expires_at > now();
+        IF holder IS NOT NULL THEN
+            RETURN QUERY SELECT wanted, false, format('its idempotency key %L is held by job %s', d.idempotency_key,
+                                                      holder);
+            CONTINUE;
+        END IF;
+        BEGIN  -- a subtransaction: what a capability's trigger refuses skips this job alone
+            DELETE FROM dispatch.idempotency_keys k WHERE k.queue = d.queue AND k.key = d.idempotency_key;
+            DELETE FROM dispatch.dead_jobs x WHERE x.job_id = wanted;
+            INSERT INTO dispatch.jobs (id, queue, kind, args, priority, tenant, version, max_attempts,
+                                       created_at, expire_at, idempotency_key)
+            VALUES (d.job_id, d.queue, d.kind, d.args, d.priority, d.tenant, d.version, d.max_attempts,
+                    d.created_at, coalesce(retry_dead_v2.expire_at, d.expire_at), d.idempotency_key);
+            RETURN QUERY SELECT wanted, true, NULL::text;
+        EXCEPTION WHEN unique_violation OR check_violation OR foreign_key_violation OR raise_exception THEN
+            RETURN QUERY SELECT wanted, false, CASE
+                WHEN SQLERRM LIKE '%deliveries_one_pending%'
+                    THEN 'its lead is on its way to that integration again (a newer delivery): see leads show'
+                ELSE SQLERRM END;
+        END;
+    END LOOP;
+END $$;
+
+-- retry_dead (v1) revives what it can, as v2, and returns the ids it revived; each job it skips
+-- is named in a NOTICE (it used to refuse the whole batch, or fail on a raw constraint error).
+CREATE OR REPLACE FUNCTION dispatch.retry_dead(job_ids bigint[], expire_at timestamptz DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM dispatch.retry_dead_v2(job_ids, expire_at) LOOP
+        IF r.revived THEN
+            RETURN NEXT r.job_id;
+        ELSE
+            RAISE NOTICE 'dispatch.retry_dead: job % skipped: %', r.job_id, r.reason;
+        END IF;
+    END LOOP;
+END $$;
+
+-- enqueue: a queue that does not exist and a kind that breaks the rule are named plainly.
+CREATE OR REPLACE FUNCTION dispatch.enqueue(
+    kind            text,
+    args            jsonb DEFAULT '{}',
+    queue           text DEFAULT 'default',
+    priority        integer DEFAULT 0,
+    run_at          timestamptz DEFAULT NULL,
+    expire_at       timestamptz DEFAULT NULL,
+    max_attempts    integer DEFAULT NULL,
+    idempotency_key text DEFAULT NULL,
+    tenant          text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    new_id bigint;
+BEGIN
+    IF kind IS NULL THEN
+        RAISE EXCEPTION 'dispatch.enqueue: kind must not be null' USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF kind !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'dispatch.enqueue: kind % breaks the naming rule: a letter, digit or _ first, then '
+                        'letters, digits and _ . : -, at most 128 characters', quote_literal(left(kind, 200))
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'job_kind_format';
+    END IF;
+    IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
+        RAISE EXCEPTION 'dispatch.enqueue: args must be a JSON object, got %', coalesce(jsonb_typeof(args), 'null')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NOT EXISTS (SELECT FROM dispatch.queues q WHERE q.name = coalesce(enqueue.queue, 'default')) THEN
+        RAISE EXCEPTION 'dispatch.enqueue: no queue % (create it first: pgdispatch queues create NAME, or '
+                        'INSERT INTO dispatch.queues (name) VALUES (...))', quote_literal(left(enqueue.queue, 200))
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'job_queue_must_exist_in_dispatch_queues';
+    END IF;
+    INSERT INTO dispatch.jobs AS j (kind, args, queue, priority, run_at, expire_at, max_attempts,
+                                    idempotency_key, tenant)
+    VALUES (enqueue.kind, enqueue.args, coalesce(enqueue.queue, 'default'), coalesce(enqueue.priority, 0),
+            coalesce(enqueue.run_at, now()), enqueue.expire_at, enqueue.max_attempts,
+            enqueue.idempotency_key, enqueue.tenant)
+    ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING j.id INTO new_id;
+    IF new_id IS NOT NULL THEN
+        RETURN new_id;
+    END IF;
+    -- The key is taken: by a live job, or by one finished within the dedupe window.
+    SELECT j.id INTO new_id FROM dispatch.jobs j
+    WHERE j.queue = coalesce(enqueue.queue, 'default') AND j.idempotency_key = enqueue.idempotency_key;
+    IF new_id IS NULL THEN
+        SELECT k.job_id INTO new_id FROM dispatch.idempotency_keys k
+        WHERE k.queue = coalesce(enqueue.queue, 'default') AND k.key = enqueue.idempotency_key;
+    END IF;
+    RETURN new_id;
+END $$;
+
+-- Dead letters show the budget they had (the job's own, else its queue's) and when they expired.
+CREATE OR REPLACE VIEW dispatch.dead_job_list AS
+SELECT d.job_id, d.queue, d.kind, dispatch.mask_secrets(d.args) AS args, d.tenant, d.attempt,
+       d.reason, d.last_error, d.last_status, d.created_at, d.died_at,
+       coalesce(d.max_attempts, q.max_attempts) AS max_attempts, d.expire_at
+FROM dispatch.dead_jobs d
+LEFT JOIN dispatch.queues q ON q.name = d.queue;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import uuid
 from typing import Any
 
 import psycopg
@@ -226,7 +227,8 @@ async def test_no_step_starts_in_the_quiet_window(db_url: str, monkeypatch: pyte
 
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await orders.register(conn)
-        await conn.execute("UPDATE dispatch.process_settings SET time_zone = 'Europe/Warsaw'")
+        await conn.execute("UPDATE dispatch.process_settings SET time_zone = 'Europe/Warsaw', "
+                           "quiet_start = '23:50', quiet_end = '00:00'")  # the default window
         pid = await orders.start_process(conn, "create_order", {"items": ["a"], "customer": "q"})
         # 23:55 in Warsaw: inside the default window, the last 10 minutes of the day.
         monkeypatch.setattr(processes, "now", lambda: datetime(2026, 11, 24, 22, 55, tzinfo=UTC))
@@ -317,7 +319,7 @@ async def test_one_batch_answers_each_instance_for_itself(db_url: str) -> None:
     from collections.abc import AsyncIterator
     from datetime import UTC, datetime
 
-    from pgdispatch.worker.processes import ProcessType, _Finish, _StepCalls
+    from pgdispatch.worker.processes import ProcessType, _Finish, _StepCalls, _Take
 
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await orders.register(conn)
@@ -334,17 +336,25 @@ async def test_one_batch_answers_each_instance_for_itself(db_url: str) -> None:
         ptype = next(p for p in orders.processes if p.key == "create_order")
         assert isinstance(ptype, ProcessType)
         calls = _StepCalls(ptype, source)
-        taken = await calls._take([(ready, 1), (moved_on, 0), (ready, 1), (newer, 1), (renamed, 1),
-                                   (done, 1), (999_999, 1)])
-        assert [t["outcome"] for t in taken] == ["take", "skip", "take", "newer", "missing", "skip", "skip"]
+        # Each step job claimed, as a worker holds it: only its lease's holder takes the step.
+        claimed = await (await conn.execute(
+            "SELECT (args ->> 'process_id')::bigint, id, lease_token FROM dispatch.claim_jobs_v2("
+            "'w', 'default', '{process:create_order}', 0, 10, '30 s')")).fetchall()
+        lease = {pid: (job_id, token) for pid, job_id, token in claimed}
+        lease[999_999] = (999_999, uuid.uuid4())
+        taken = await calls._take([_Take(pid, seq, *lease[pid]) for pid, seq in [
+            (ready, 1), (moved_on, 0), (ready, 1), (newer, 1), (renamed, 1), (done, 1), (999_999, 1)]]
+                                  + [_Take(moved_on, 1, lease[ready][0], lease[moved_on][1])])
+        assert [t["outcome"] for t in taken] == ["take", "skip", "take", "newer", "missing", "skip", "skip", "skip"]
         assert taken[0]["step"] == "validate" and taken[0]["attempt"] == 1 and taken[0]["state"]["customer"] == "c"
         assert "step 'gone' of process" in taken[4]["detail"]
         now = datetime.now(UTC)
         finished = await calls._finish([
-            _Finish(ready, 1, "validate", 1, now, "done", state=None, next_step="reserve", continue_here=True),
-            _Finish(newer, 1, "validate", 1, now, "done", next_step="reserve", continue_here=True)])
-        assert [f["status"] for f in finished] == ["running", "skip"]
+            _Finish(ready, 1, *lease[ready], "validate", 1, now, "done", state=None, next_step="reserve",
+                    continue_here=True),
+            _Finish(newer, 1, *lease[newer], "validate", 1, now, "done", next_step="reserve", continue_here=True)])
+        assert [f["status"] for f in finished] == ["running", "late"]
         assert (finished[0]["step"], finished[0]["attempt"]) == ("reserve", 1)
         journal = await (await conn.execute(
             "SELECT process_id, step, status FROM dispatch.process_history ORDER BY id")).fetchall()
-        assert journal == [(renamed, "gone", "error"), (ready, "validate", "done")]
+        assert journal == [(renamed, "gone", "error"), (ready, "validate", "done"), (newer, "validate", "late")]

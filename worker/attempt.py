@@ -8,11 +8,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify.queue_policies import QueuePolicy
 from pgdispatch.worker.backoff import backoff_delay
 from pgdispatch.worker.engine import Finish
-from pgdispatch.worker.job import Job
+from pgdispatch.worker.job import Job, UnreadableArgs
 from pgdispatch.worker.outcome import DONE, Discard, Done, InvalidJob, Outcome, Postpone, Retry
+
+OWN_DATABASE_WAIT = 2.0  # seconds before a job that lost our database is tried again
 
 # An executor returns an Outcome; None counts as Done (a function that returned normally).
 Executor = Callable[[Job], Awaitable[Outcome | None]]
@@ -25,6 +28,8 @@ async def run_attempt(executor: Executor | None, job: Job, timeout: float | None
     kind (`executor` None)."""
     if job.expired:
         return Discard("expired", "expire_at passed before the job could run")
+    if isinstance(job.args, UnreadableArgs):
+        return Discard("invalid", f"its args cannot be decoded: {job.args.error}")
     if executor is None:
         return Postpone(60.0, f"this worker has no executor for kind {job.kind!r}")
     try:
@@ -35,6 +40,9 @@ async def run_attempt(executor: Executor | None, job: Job, timeout: float | None
                 outcome = await executor(job)
     except InvalidJob as exc:
         return Discard("invalid", str(exc))
+    except DatabaseUnavailable as exc:
+        # Our own database (a restart, a pool timeout), not the job: no attempt is spent.
+        return Postpone(OWN_DATABASE_WAIT, f"not run: {exc}; the attempt is not counted")
     except TimeoutError:
         return Retry(error=f"timed out after {timeout:g}s (queue job_timeout)")
     except asyncio.CancelledError:

@@ -82,8 +82,11 @@ class CommandScheduler:
         self._clock = clock
 
     async def tick(self) -> None:
-        now = self._clock()
         async with self._pool.connection() as conn:
+            # The clock is read once the connection is ours: a scheduler that waited for one
+            # (the database restarting) schedules the tick due now, not the one due when it
+            # began to wait (the latest due tick runs once; missed ones are not made up).
+            now = self._clock()
             cur = await conn.execute(sql.query("command_ticks"), {"keys": list(self._commands)})
             last: dict[str, datetime | None] = dict(await cur.fetchall())
             for key, command in self._commands.items():

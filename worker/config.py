@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pgdispatch.db.connections import ConnectionSettings
 from pgdispatch.db.errors import ConfigurationError
 
 
@@ -12,8 +13,10 @@ class WorkerConfig:
     database_url: str
     # Where the LISTEN connection goes when claims go through a pooler in transaction mode
     # (PgBouncer), which delivers no notifications: a direct URL to the same server. None: the
-    # database_url.
+    # database_url. Maintenance's DDL (partitions detached CONCURRENTLY) goes there too.
     listen_url: str | None = None
+    # database_url is a pooler in transaction mode: no connection prepares statements.
+    transaction_pooler: bool = False
     # The user's App, as module:attribute; imported in every worker process.
     app: str | None = None
     # Queues to serve; empty: every queue in dispatch.queues, including ones created later.
@@ -85,6 +88,11 @@ class WorkerConfig:
         _require(self.fetch_cooldown >= 0, f"fetch_cooldown must be >= 0, got {self.fetch_cooldown}")
         _require(self.dead_keep_seconds > 0, f"dead_keep_seconds must be > 0, got {self.dead_keep_seconds}")
         _require(self.connect_timeout > 0, f"connect_timeout must be > 0, got {self.connect_timeout}")
+
+
+    @property
+    def connections(self) -> ConnectionSettings:
+        return ConnectionSettings(transaction_pooler=self.transaction_pooler)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -19,17 +19,21 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgdispatch import sql
-from pgdispatch.worker.job import Job
+from pgdispatch.db.connections import DIRECT, ConnectionSettings, check_soon
+from pgdispatch.worker.job import Job, JobArgsLoader
 
 log = logging.getLogger(__name__)
 
 # Longest text we store per error: enough to diagnose, small enough to keep rows cheap.
 MAX_ERROR_CHARS = 2000
-# How long history maintenance waits for a lock before leaving the work to its next run.
-HISTORY_LOCK_TIMEOUT = pgsql.Literal("1s")
+# How long history maintenance waits for a lock before leaving the work to its next run. Bound
+# by the client (psycopg cancels the statement on the server), not with SET lock_timeout: a
+# session setting sent through a pooler in transaction mode stays on the server connection for
+# whoever gets it next.
+HISTORY_LOCK_SECONDS = 1.0
 # Dead letters and retained idempotency keys deleted per statement when pruning.
 PRUNE_BATCH = 10_000
 
@@ -50,9 +54,12 @@ class Finish:
 
 class Engine:
     def __init__(self, pool: AsyncConnectionPool, *, database_url: str, worker_id: str,
-                 version: int, lease_seconds: float) -> None:
+                 version: int, lease_seconds: float, settings: ConnectionSettings = DIRECT) -> None:
+        """`database_url`: where maintenance's own connections go (DDL outside a transaction:
+        a direct URL, never a pooler in transaction mode)."""
         self._pool = pool
         self._conninfo = database_url
+        self._settings = settings
         self.worker_id = worker_id
         self.version = version
         self.lease_seconds = lease_seconds
@@ -60,6 +67,7 @@ class Engine:
     async def claim(self, queue: str, kinds: list[str], max_jobs: int) -> list[Job]:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(Job))
+            cur.adapters.register_loader("jsonb", JobArgsLoader)
             await cur.execute(sql.query("claim_jobs"), {
                 "worker_id": self.worker_id, "queue": queue, "kinds": kinds,
                 "version": self.version, "max_jobs": max_jobs,
@@ -107,7 +115,9 @@ class Engine:
 
     async def maintain(self, *, history_keep_seconds: float, dead_keep_seconds: float) -> int:
         """Partitions ahead, old history partitions dropped, old dead letters and retained
-        idempotency keys pruned, stopped workers forgotten. Returns partitions dropped.
+        idempotency keys pruned, every table registered in dispatch.retention pruned (each
+        capability registers its own: the engine knows none of them), stopped workers
+        forgotten. Returns partitions dropped.
 
         Never queues the outcome path behind a long reader: partitions are attached (SHARE
         UPDATE EXCLUSIVE, which writers do not wait for) a week before they are needed, and old
@@ -124,31 +134,50 @@ class Engine:
                 row = await cur.fetchone()
                 if not row or row[0] < PRUNE_BATCH:
                     break
+            cur = await conn.execute(sql.query("retention_names"))
+            for (name,) in await cur.fetchall():
+                await self._prune(conn, name)
             await conn.execute(sql.query("forget_stopped_workers"))
         dropped = 0
         for partition, detach_pending in old:
             try:
                 await self._drop_history_partition(partition, detach_pending=detach_pending)
                 dropped += 1
-            except psycopg.errors.LockNotAvailable:
+            except (psycopg.errors.LockNotAvailable, TimeoutError):
                 log.info("history partition %s is in use; the next maintenance run drops it",
                          partition)
         return dropped
 
+    async def _prune(self, conn: psycopg.AsyncConnection[Any], name: str) -> None:
+        """One registered table, batch by batch (each a short transaction of its own), by index."""
+        try:
+            while True:
+                cur = await conn.execute(sql.query("prune_retention"), {"name": name, "batch": PRUNE_BATCH})
+                row = await cur.fetchone()
+                if not row or row[0] < PRUNE_BATCH:
+                    return
+        except psycopg.Error as exc:  # one table's trouble never keeps the others unpruned
+            log.warning("pruning %s failed: %s", name, exc)
+
     async def _drop_history_partition(self, partition: str, *, detach_pending: bool) -> None:
-        # Its own connection: DETACH CONCURRENTLY cannot run in a transaction, and the session
-        # setting must not leak into the pool.
+        # Its own connection (the direct URL, when there is one): DETACH CONCURRENTLY cannot run
+        # in a transaction. A detach cut short stays pending: the next run finalizes it.
         name = pgsql.Identifier("dispatch", partition)
         async with await self._connect() as conn:
-            await conn.execute(pgsql.SQL("SET lock_timeout = {}").format(HISTORY_LOCK_TIMEOUT))
             mode = pgsql.SQL("FINALIZE" if detach_pending else "CONCURRENTLY")
-            await conn.execute(pgsql.SQL("ALTER TABLE dispatch.job_history DETACH PARTITION {} {}")
-                               .format(name, mode))
-            await conn.execute(pgsql.SQL("DROP TABLE {}").format(name))
+            async with asyncio.timeout(HISTORY_LOCK_SECONDS):
+                await conn.execute(pgsql.SQL("ALTER TABLE dispatch.job_history DETACH PARTITION {} {}")
+                                   .format(name, mode))
+            async with asyncio.timeout(HISTORY_LOCK_SECONDS):
+                await conn.execute(pgsql.SQL("DROP TABLE {}").format(name))
 
     async def _connect(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
-        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
-                                                     connect_timeout=10)
+        return await psycopg.AsyncConnection.connect(self._conninfo, connect_timeout=10,
+                                                     **self._settings.kwargs())
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
 
     async def vacuum_jobs(self, *, min_dead_tuples: int) -> bool:
         """VACUUM the jobs table once dead row versions pile up. Returns whether it ran.
@@ -185,6 +214,10 @@ class Engine:
             await conn.execute(sql.query("worker_heartbeat"), {
                 "id": self.worker_id, "running": running, "completed": completed,
                 "retried": retried, "dead": dead, "stats": Jsonb(stats)})
+
+    async def notify_probe(self, payload: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql.query("notify_probe"), {"payload": payload})
 
     async def stopped(self) -> None:
         async with self._pool.connection(timeout=5) as conn:
@@ -245,7 +278,8 @@ class OutcomeWriter:
                 batch = self._pending[: self._max_batch]
                 try:
                     counted = await self._engine.finish(batch)
-                except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+                except (psycopg.OperationalError, psycopg.InterfaceError, OSError, PoolTimeout) as exc:
+                    check_soon(self._engine.pool)
                     failures += 1
                     delay = min(5.0, 0.05 * 2**failures)
                     log.warning("writing %d outcomes failed (%s); retrying in %.2fs",

@@ -20,7 +20,7 @@ from pgdispatch.db.errors import PgDispatchError, translated
 from pgdispatch.notify.queue_policies import QueuePolicy
 from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
 from pgdispatch.worker.engine import Finish, finish_params, no_history_partition
-from pgdispatch.worker.job import Job, job_connections
+from pgdispatch.worker.job import Job, JobArgsLoader, job_connections
 from pgdispatch.worker.outcome import Outcome
 
 
@@ -80,6 +80,7 @@ async def _claim(conn: psycopg.AsyncConnection[Any], worker_id: str, kinds: list
                  queues: Sequence[str] | None, with_scheduled: bool) -> Job | None:
     with translated():
         cur = conn.cursor(row_factory=class_row(Job))
+        cur.adapters.register_loader("jsonb", JobArgsLoader)
         await cur.execute(sql.query("claim_inline"), {
             "worker_id": worker_id, "kinds": kinds, "queues": list(queues) if queues else None,
             "with_scheduled": with_scheduled})

@@ -11,6 +11,8 @@ from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
+from psycopg.adapt import Buffer
+from psycopg.types.json import JsonbLoader
 
 from pgdispatch.db.errors import PgDispatchError
 
@@ -47,3 +49,23 @@ class Job:
         if source is None:
             raise PgDispatchError("job.connection() is for executors registered on a pgdispatch.App")
         return source()
+
+
+class UnreadableArgs(dict[str, Any]):
+    """The args of a job that could not be decoded (10,000 nested arrays, written before the
+    schema refused them): the job dies 'invalid' on its own instead of failing its batch."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class JobArgsLoader(JsonbLoader):
+    """Decodes each job's args on its own: a failure becomes that job's UnreadableArgs, never
+    an exception that fails the claim of its whole batch (and rescues it again and again)."""
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return super().load(data)
+        except (RecursionError, ValueError) as exc:
+            return UnreadableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")

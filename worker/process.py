@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import os
@@ -14,8 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
+from pgdispatch.db.connections import guarded, open_pool
 from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.commands import CommandScheduler
@@ -23,7 +23,7 @@ from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import executor_context, on_config_change
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner
+from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner, new_worker_id
 from pgdispatch.worker.services import periodic
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,14 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
     With `parent_pid`, the worker also stops when that process is gone (the pool was killed)."""
     destinations = Destinations(allow_private=config.allow_private_networks,
                                 allowed=config.allowed_destinations)
+    # One name for this process in dispatch.workers and as the holder of its shared-limit slots.
+    config = dataclasses.replace(config, worker_name=config.worker_name or new_worker_id())
     async with contextlib.AsyncExitStack() as stack:
         context = await stack.enter_async_context(executor_context(
             config.database_url, destinations=destinations, max_connections=max(config.concurrency, 10),
             per_host_limit=config.per_host_limit, breaker_failures=config.breaker_failures,
-            breaker_cooldown=config.breaker_cooldown, slot_lease=config.lease_seconds))
+            breaker_cooldown=config.breaker_cooldown, slot_lease=config.lease_seconds,
+            holder=config.worker_name, settings=config.connections))
         integrations = context.integrations
         assert integrations is not None
         refreshing = asyncio.create_task(integrations.reload_forever(), name="integration-configs")
@@ -53,11 +56,13 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
             app = load_app(config.app)
             # job.connection() for the App's executors: connections of their own, so claims and
             # outcomes never wait behind the user's queries. Opened in the background.
-            app_pool = AsyncConnectionPool(config.database_url, min_size=1, max_size=app.pool_size,
-                                           open=False, name="app")
+            app_pool = open_pool(config.database_url, settings=config.connections, name="app", min_size=1,
+                                 max_size=app.pool_size, autocommit=False)
             await app_pool.open(wait=False)
             stack.push_async_callback(app_pool.close)
-            executors.update(app.executors(app_pool.connection))
+            # guarded: a job whose query loses our database (a restart) is postponed, its
+            # attempt not counted.
+            executors.update(app.executors(guarded(app_pool)))
             async with app_pool.connection() as conn:
                 await app.register(conn)
             if app.commands:

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg import AsyncConnection
@@ -36,6 +38,8 @@ from pgdispatch.worker.outcome import Discard, Done, Outcome, Postpone
 TYPE_FORMAT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 KIND_PREFIX = "process:"
 PAYLOAD_LIMIT = 16_384  # bytes of a step's payload kept in the journal
+
+log = logging.getLogger(__name__)
 
 
 def now() -> datetime:
@@ -134,11 +138,23 @@ class ProcessType:
 
 
 @dataclass(frozen=True, slots=True)
-class _Finish:
-    """One step attempt's result, as finish_process_steps_v2 takes it."""
+class _Take:
+    """A step job asking for its instance's step, as take_process_steps_v3 takes it."""
 
     process_id: int
     run_seq: int
+    job_id: int
+    token: UUID  # the job's lease: only its current holder takes (and finishes) the step
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    """One step attempt's result, as finish_process_steps_v3 takes it."""
+
+    process_id: int
+    run_seq: int
+    job_id: int
+    token: UUID
     step: str
     attempt: int
     started_at: datetime
@@ -171,12 +187,18 @@ class ProcessRunner:
     async def __call__(self, job: Job) -> Outcome:
         process_id, run_seq = job.args.get("process_id"), job.args.get("run_seq")
         if not isinstance(process_id, int) or not isinstance(run_seq, int):
-            return Discard(f"a process job needs integer process_id and run_seq, got {job.args!r}")
+            return Discard("invalid", f"a process job needs integer process_id and run_seq, got {job.args!r}")
+        written = job.args.get("version")
+        if isinstance(written, int) and written > self.ptype.version:
+            # Written by a newer version of the type (a rolling deploy, a rollback): its step may
+            # be one this version does not have. Left for a newer worker, as jobs of a newer build.
+            return Postpone(60.0, f"process {process_id}: its step was written by {self.ptype.key} version "
+                                  f"{written}; this worker runs version {self.ptype.version}")
         calls = self._calls_for(job)
-        taken = await calls.take.ask((process_id, run_seq))
+        taken = await calls.take.ask(_Take(process_id, run_seq, job.id, job.lease_token))
         if taken["outcome"] in ("newer", "quiet"):
             return Postpone(taken["wait_seconds"], taken["detail"])
-        if taken["outcome"] != "take":  # skip (moved on) or missing (now in error)
+        if taken["outcome"] != "take":  # skip (moved on, or not our lease) or missing (now in error)
             return Done(detail={"process_id": process_id, "outcome": taken["outcome"]})
         step, attempt, state = taken["step"], taken["attempt"], taken["state"]
         started_job = now()
@@ -185,7 +207,10 @@ class ProcessRunner:
             result = await self._run(step, state)
             last = ran == self.STEPS_PER_JOB or (now() - started_job).total_seconds() > self.JOB_SECONDS
             finished = await self._store(calls, self._finish(
-                process_id, run_seq, step, attempt, started, result, continue_here=not last))
+                job, process_id, run_seq, step, attempt, started, result, continue_here=not last))
+            if finished["status"] == "late":
+                log.warning("process %s: the finish of step %s (attempt %d) came late and was not applied: "
+                            "the instance had moved on (journaled as 'late')", process_id, step, attempt)
             if finished["status"] != "running":
                 return Done(detail={"process_id": process_id, "steps": ran, "status": finished["status"]})
             step, attempt, state = finished["step"], finished["attempt"], finished["state"]
@@ -200,7 +225,8 @@ class ProcessRunner:
             if not _bad_data(exc):
                 raise
             return await calls.finish.ask(_Finish(
-                finish.process_id, finish.run_seq, finish.step, finish.attempt, finish.started_at, "error",
+                finish.process_id, finish.run_seq, finish.job_id, finish.token, finish.step, finish.attempt,
+                finish.started_at, "error",
                 error=f"step {finish.step}: its result could not be stored: {type(exc).__name__}: {exc}"))
 
     def _calls_for(self, job: Job) -> _StepCalls:
@@ -226,9 +252,9 @@ class ProcessRunner:
             return StepRetry(f"step {step} returned {result!r}, not a StepDone/StepRetry/StepError")
         return result
 
-    def _finish(self, process_id: int, run_seq: int, step: str, attempt: int, started: datetime,
+    def _finish(self, job: Job, process_id: int, run_seq: int, step: str, attempt: int, started: datetime,
                 result: StepResult, *, continue_here: bool) -> _Finish:
-        at = (process_id, run_seq, step, attempt, started)
+        at = (process_id, run_seq, job.id, job.lease_token, step, attempt, started)
         if isinstance(result, StepDone):
             return _Finish(*at, "done", message=result.message, payload=_payload(result.payload),
                            state=Jsonb(dict(result.state or {})), next_step=self.ptype.following[step],
@@ -246,25 +272,30 @@ class _StepCalls:
 
     def __init__(self, ptype: ProcessType, source: ConnectionSource) -> None:
         self.ptype, self.source = ptype, source
-        self.take: Batcher[tuple[int, int], dict[str, Any]] = Batcher(self._take, alone_after=_bad_data)
+        self.take: Batcher[_Take, dict[str, Any]] = Batcher(self._take, alone_after=_bad_data)
         self.finish: Batcher[_Finish, dict[str, Any]] = Batcher(self._finish, alone_after=_bad_data)
 
-    async def _take(self, requests: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    async def _take(self, requests: Sequence[_Take]) -> list[dict[str, Any]]:
         rows = await self._rows("take_process_steps", {
-            "ids": [pid for pid, _ in requests], "run_seqs": [seq for _, seq in requests],
+            "ids": [r.process_id for r in requests], "run_seqs": [r.run_seq for r in requests],
+            "job_ids": [r.job_id for r in requests], "tokens": [r.token for r in requests],
             "version": self.ptype.version, "steps": list(self.ptype.names), "at": now()})
-        return _answers(requests, rows, {"outcome": "skip"})
+        return _answers([(r.process_id, r.run_seq) for r in requests], rows, {"outcome": "skip"})
 
     async def _finish(self, requests: Sequence[_Finish]) -> list[dict[str, Any]]:
         columns = {name: [getattr(r, name) for r in requests] for name in _Finish.__slots__}
         rows = await self._rows("finish_process_steps", {
-            "ids": columns["process_id"], "run_seqs": columns["run_seq"], "steps": columns["step"],
+            "ids": columns["process_id"], "run_seqs": columns["run_seq"], "job_ids": columns["job_id"],
+            "tokens": columns["token"], "steps": columns["step"],
             "attempts": columns["attempt"], "version": self.ptype.version,
             "started_ats": columns["started_at"], "results": columns["result"],
             "messages": columns["message"], "payloads": columns["payload"], "states": columns["state"],
             "next_steps": columns["next_step"], "delays": columns["delay"], "errors": columns["error"],
             "continue_here": columns["continue_here"], "at": now()})
-        return _answers([(r.process_id, r.run_seq) for r in requests], rows, {"status": "skip"})
+        late = {(row["process_id"], row["step"], row["attempt"]) for row in rows if row["status"] == "late"}
+        return [{"status": "late"} if (r.process_id, r.step, r.attempt) in late else answer
+                for r, answer in zip(requests, _answers([(r.process_id, r.run_seq) for r in requests],
+                                                        rows, {"status": "skip"}), strict=True)]
 
     async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.source() as conn, _single_statements(conn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -19,8 +20,9 @@ from dataclasses import asdict
 from typing import Any
 
 import psutil
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
+from pgdispatch.db.connections import check_soon, open_pool
 from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL, config_message
 from pgdispatch.notify.listener import Listener
@@ -43,6 +45,14 @@ MAINTENANCE_EVERY = 3600.0
 MAINTENANCE_DUTY_LEASE = 2 * MAINTENANCE_EVERY
 VACUUM_DUTY_LEASE = 60.0
 VACUUM_MAX_BACKOFF = 60.0
+PROBE_TABLE = "listener_probe"
+PROBE_SECONDS = 2.0  # a NOTIFY takes milliseconds; past this, the LISTEN connection hears nothing
+
+
+def new_worker_id() -> str:
+    """host:pid:random, the worker's id in dispatch.workers (and its slots' holder in
+    dispatch.limit_slots)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class Runner:
@@ -57,8 +67,7 @@ class Runner:
         self.config = config
         self.executors = dict(executors)
         self.kinds = sorted(self.executors)
-        self.worker_id = config.worker_name or (
-            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        self.worker_id = config.worker_name or new_worker_id()
         self.counters = Tally()
         self.exit_code = EXIT_OK
         self._running: dict[uuid.UUID, tuple[Job, asyncio.Task[None]]] = {}
@@ -75,6 +84,7 @@ class Runner:
         self._stats = stats
         self._process = psutil.Process()
         self._vacuum_backoff = config.vacuum_interval
+        self._probes: dict[str, asyncio.Event] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -110,22 +120,23 @@ class Runner:
 
     async def run(self) -> int:
         cfg = self.config
-        pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.pool_size,
-                                   open=False, kwargs={"autocommit": True})
+        pool = open_pool(cfg.database_url, settings=cfg.connections, name="engine", min_size=2,
+                         max_size=cfg.pool_size)
         try:
             await pool.open(wait=True, timeout=cfg.connect_timeout)
         except PoolTimeout:
             await pool.close()
             raise DatabaseUnavailable(f"database unavailable: no connection within "
                                       f"{cfg.connect_timeout:g}s") from None
-        self.engine = Engine(pool, database_url=cfg.database_url, worker_id=self.worker_id,
-                             version=cfg.version, lease_seconds=cfg.lease_seconds)
+        self.engine = Engine(pool, database_url=cfg.listen_url or cfg.database_url, worker_id=self.worker_id,
+                             version=cfg.version, lease_seconds=cfg.lease_seconds, settings=cfg.connections)
         self.policies = QueuePolicies(pool)
         self.writer = OutcomeWriter(self.engine)
         await self.policies.reload()
         self._warn_unknown_queues()
         listener = Listener(cfg.listen_url or cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
-                            on_notify=self._on_notify, on_reconnect=self._on_reconnect)
+                            on_notify=self._on_notify, on_reconnect=self._on_reconnect,
+                            settings=cfg.connections)
         self.listener = listener
         await self.engine.register(queues=list(cfg.queues) or [ALL_QUEUES],
                                    slots=cfg.concurrency, kinds=self.kinds)
@@ -153,6 +164,12 @@ class Runner:
                 elect=lambda: self.engine.take_duty("vacuum", VACUUM_DUTY_LEASE)), name="vacuum"))
         with contextlib.suppress(TimeoutError):  # polling covers a slow LISTEN start
             await asyncio.wait_for(listener.connected.wait(), timeout=5)
+        if listener.connected.is_set() and not await self._notify_reaches_listener():
+            log.warning("a NOTIFY sent through the database URL did not reach this worker's LISTEN "
+                        "connection within %gs: is %s a pooler in transaction mode (PgBouncer), which "
+                        "delivers no notifications? Wake-ups fall back to polling every %gs; give "
+                        "--listen-url a direct URL to the server", PROBE_SECONDS,
+                        "--listen-url" if cfg.listen_url else "DATABASE_URL", cfg.poll_interval)
         with contextlib.suppress(Exception):  # /stats has this process's figures from the start
             await self._write_heartbeat()
         self.started.set()
@@ -207,6 +224,7 @@ class Runner:
                     jobs = await self.engine.claim(queue, self.kinds, want)
                 except Exception as exc:  # database restarting: back off, never die
                     log.warning("claim from %s failed: %s", queue, exc)
+                    check_soon(self.engine.pool)  # its other idle connections are likely dead too
                     failed = True
                     await self._sleep_or_stop(min(cfg.poll_interval, 1.0))
                     continue
@@ -307,18 +325,43 @@ class Runner:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    async def _notify_reaches_listener(self) -> bool:
+        """Whether a NOTIFY sent through the engine's pool comes back on the LISTEN connection."""
+        token = uuid.uuid4().hex
+        heard = self._probes[token] = asyncio.Event()
+        try:
+            await self.engine.notify_probe(json.dumps({"table": PROBE_TABLE, "token": token}))
+            await asyncio.wait_for(heard.wait(), PROBE_SECONDS)
+            return True
+        except TimeoutError:
+            return False
+        except Exception as exc:  # the database's trouble is reported elsewhere
+            log.debug("listener probe failed: %s", exc)
+            return True
+        finally:
+            self._probes.pop(token, None)
+
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == JOBS_CHANNEL:
             if not self.config.queues or payload in self.config.queues:
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
-            if config_message(payload).get("table") in ("queues", None):
+            message = config_message(payload)
+            if message.get("table") == PROBE_TABLE:  # some worker's start-up check, not a change
+                heard = self._probes.get(str(message.get("token")))
+                if heard is not None:
+                    heard.set()
+                return
+            if message.get("table") in ("queues", None):
                 self.policies.invalidate()
             if self._on_config_change is not None:
                 self._on_config_change(payload)
             self._wake.set()
 
     async def _on_reconnect(self) -> None:
+        # The server may have restarted: every idle pooled connection may be dead. Checked now,
+        # not discovered one failed claim (or job) at a time.
+        check_soon(self.engine.pool)
         await self.policies.reload()
         if self._on_config_change is not None:
             self._on_config_change(None)

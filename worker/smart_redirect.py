@@ -128,7 +128,7 @@ async def smart_redirect_service(config: WorkerConfig) -> AsyncIterator[SmartRed
     async with executor_context(config.database_url, destinations=destinations, max_connections=50,
                                 breaker_failures=config.breaker_failures,
                                 breaker_cooldown=config.breaker_cooldown,
-                                slot_lease=config.lease_seconds) as context:
+                                slot_lease=config.lease_seconds, settings=config.connections) as context:
         configs = context.integrations
         assert configs is not None
 
@@ -139,7 +139,7 @@ async def smart_redirect_service(config: WorkerConfig) -> AsyncIterator[SmartRed
             on_config_change(context, None)
 
         listener = Listener(config.listen_url or config.database_url, [CONFIG_CHANNEL],
-                            on_notify=on_notify, on_reconnect=on_reconnect)
+                            on_notify=on_notify, on_reconnect=on_reconnect, settings=config.connections)
 
         async def warm() -> None:  # LISTEN first, then read: no change can fall in between
             await listener.connected.wait()

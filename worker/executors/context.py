@@ -9,8 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from psycopg_pool import AsyncConnectionPool
-
+from pgdispatch.db.connections import DIRECT, ConnectionSettings, guarded, open_pool
 from pgdispatch.notify import config_message
 from pgdispatch.notify.integrations import IntegrationConfigs
 from pgdispatch.worker.job import ConnectionSource
@@ -40,7 +39,8 @@ class ExecutorContext:
 @contextlib.asynccontextmanager
 async def executor_context(database_url: str, *, destinations: Destinations, max_connections: int,
                            per_host_limit: int = 64, breaker_failures: int = 5,
-                           breaker_cooldown: float = 30.0, slot_lease: float = 30.0
+                           breaker_cooldown: float = 30.0, slot_lease: float = 30.0,
+                           holder: str | None = None, settings: ConnectionSettings = DIRECT
                            ) -> AsyncIterator[ExecutorContext]:
     """The shared outbound machinery of one process (a worker, the pool's smart redirect, a
     CLI check), opened and closed together: the HTTP pool, the shared limits, the signing
@@ -49,17 +49,17 @@ async def executor_context(database_url: str, *, destinations: Destinations, max
     async with contextlib.AsyncExitStack() as stack:
         limits = await stack.enter_async_context(Limits.open(
             database_url, breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown,
-            slot_lease=slot_lease))
+            slot_lease=slot_lease, holder=holder, settings=settings))
         http = await stack.enter_async_context(HttpTransport(max_connections=max_connections,
                                                              destinations=destinations))
-        keys = SigningKeys(database_url)
+        keys = SigningKeys(database_url, settings=settings)
         stack.push_async_callback(keys.close)
-        pool = AsyncConnectionPool(database_url, min_size=1, max_size=4, open=False, name="executors",
-                                   kwargs={"autocommit": True})
+        pool = open_pool(database_url, settings=settings, name="executors", min_size=1, max_size=4)
         await pool.open(wait=False)
         stack.push_async_callback(pool.close)
+        # guarded: an executor's read that loses our database postpones its job, never fails it.
         yield ExecutorContext(http=http, keys=keys, limits=limits, per_host_limit=per_host_limit,
-                              destinations=destinations, database=pool.connection,
+                              destinations=destinations, database=guarded(pool),
                               integrations=IntegrationConfigs(pool))
 
 

@@ -27,6 +27,7 @@ from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.deadlines import Deadlines
 from pgdispatch.worker.outbound.destinations import forbidden_cause
+from pgdispatch.worker.outbound.hosts import host_key, hostname
 from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.signing import sign_jwt, webhook_headers
 from pgdispatch.worker.outbound.transport import read_at_most, retry_after_seconds, timed_out, transport_error
@@ -43,6 +44,8 @@ HEADERS_OF_INTEREST = ("content-type", "retry-after", "location", "x-request-id"
                        "ratelimit-remaining", "ratelimit-reset", "x-ratelimit-remaining")
 _HEADERS_OF_INTEREST_RAW = frozenset(h.encode() for h in HEADERS_OF_INTEREST)
 _SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|sig|auth)[^=&]*=)[^&#]*")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,16 @@ class HttpRequest:
         headers = args.get("headers") or {}
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise InvalidJob("headers must be an object of strings")
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name) or _HEADER_VALUE_FORBIDDEN.search(value):
+                # A row inserted by hand (send_request refuses these): the HTTP client would fail
+                # every attempt, each retried as if the remote were at fault.
+                raise InvalidJob(f"header {name[:64]!r}: a header name is a token, and a value "
+                                 "holds no CR, LF or NUL")
         return cls(
-            # host: host[:port] without userinfo, the key of per-host caps and circuits.
-            method=method.upper(), uri=uri, url=url, host=url.netloc.decode("ascii"), hostname=url.host,  # type: ignore[arg-type]
+            # host: host[:port] as limit keys name it (hosts.host_key), the key of per-host caps
+            # and circuits.
+            method=method.upper(), uri=uri, url=url, host=host_key(url), hostname=hostname(url),  # type: ignore[arg-type]
             body=body,
             claims=claims, signing_key=args.get("signing_key"),
             success_code=_int(args, "success_code", 200, 100, 599),
@@ -181,22 +191,24 @@ class HttpRequestExecutor:
         host = self._hosts.get(request.host)
         if host is None:
             host = self._hosts[request.host] = _Host(self._per_host_limit)
-        slot = await host.acquire()
-        if slot is None:
-            # A slow or hung host: the job gives its worker slot back rather than waiting in
-            # it, so one host cannot fill the process with jobs queueing for it (fairness).
-            self._limits.cancel(permit)
-            return Postpone(self._bounce_delay(request.host, now),
-                            f"not sent: {self._per_host_limit} requests to {request.host} "
-                            f"already in flight in this worker, answering in "
-                            f"{host.latency:.1f}s on average")
-        try:
+        slot: int | None = None
+        try:  # every await from here on may be cancelled (the job's timeout, a shutdown)
+            slot = await host.acquire()
+            if slot is None:
+                # A slow or hung host: the job gives its worker slot back rather than waiting in
+                # it, so one host cannot fill the process with jobs queueing for it (fairness).
+                self._limits.cancel(permit)
+                return Postpone(self._bounce_delay(request.host, now),
+                                f"not sent: {self._per_host_limit} requests to {request.host} "
+                                f"already in flight in this worker, answering in "
+                                f"{host.latency:.1f}s on average")
             outcome = await self._send(job, request, now)
         except BaseException:
             self._limits.cancel(permit)
             raise
         finally:
-            host.release(slot)
+            if slot is not None:
+                host.release(slot)
         await self._limits.settle(permit, failed=_endpoint_failed(outcome),
                                   retry_after=_paused_for(outcome), reason=_why(outcome))
         return outcome
@@ -246,8 +258,11 @@ class HttpRequestExecutor:
         error = f"HTTP {status} (expected {request.success_code})"
         if status in request.stop_codes:
             return Discard("stop_code", error, status=status, detail=detail)
-        # Retry-After wins over the interval; it also pauses the key for every worker.
+        # Retry-After wins over the interval; it also pauses the key for every worker. One that
+        # cannot be read (`²`, 5,000 digits) counts as the interval, for both.
         pause = _retry_after(response, now)
+        if pause is None and status in (429, 503) and "retry-after" in response.headers:
+            pause = float(request.interval)
         if pause is not None:
             detail["retry_after"] = pause
         return Retry(after=pause if pause is not None else float(request.interval), error=error,

@@ -12,6 +12,7 @@ import httpx
 from pgdispatch.worker.channels.delivery import Answer, NotSent
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.outbound.destinations import forbidden_cause
+from pgdispatch.worker.outbound.hosts import host_key
 from pgdispatch.worker.outbound.limits import Wait
 from pgdispatch.worker.outbound.transport import read_at_most, timed_out, transport_error
 from pgdispatch.worker.outcome import Discard, Postpone, Retry
@@ -35,7 +36,13 @@ class LimitedIO:
         host = parts.netloc.rpartition("@")[2]
         if parts.scheme not in ("http", "https") or not host:
             raise NotSent(Discard("invalid", error=f"not an http(s) URL: {parts.scheme}://{host}"))
-        permit = await self._context.limits.admit(self._tenant, host)
+        try:
+            host = host_key(httpx.URL(url))
+        except (httpx.InvalidURL, ValueError):
+            raise NotSent(Discard("invalid", error=f"not a valid URL: {parts.scheme}://{host}")) from None
+        # The tenant is this feature's own scope (credential:ID, enterprise:N:crm): no producer's
+        # tenant can name it (limits.tenant_part).
+        permit = await self._context.limits.admit(self._tenant, host, feature=True)
         if isinstance(permit, Wait):
             raise NotSent(Postpone(permit.seconds, permit.reason))
         failed, retry_after, reason = True, None, "no answer"

@@ -16,6 +16,7 @@ from typing import Any
 import jwt
 import psycopg
 
+from pgdispatch.db.connections import DIRECT, ConnectionSettings, own_database
 from pgdispatch.notify.cache import KeyedCache
 from pgdispatch.worker.outcome import InvalidJob
 
@@ -34,8 +35,10 @@ class SigningKeys:
     key is used at once, even when the change lands while the old key is being loaded; the TTL
     is the safety net."""
 
-    def __init__(self, database_url: str, *, ttl: float = 30.0) -> None:
+    def __init__(self, database_url: str, *, ttl: float = 30.0,
+                 settings: ConnectionSettings = DIRECT) -> None:
         self._url = database_url
+        self._settings = settings
         self._cache: KeyedCache[str, SigningKey] = KeyedCache(self._load, ttl=ttl)
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
 
@@ -53,16 +56,17 @@ class SigningKeys:
             await self._conn.close()
 
     async def _load(self, name: str) -> SigningKey:
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
-        try:
-            cur = await self._conn.execute(
-                "SELECT name, algorithm, secret, ttl_seconds FROM dispatch.signing_keys WHERE name = %s",
-                (name,))
-            row = await cur.fetchone()
-        except psycopg.OperationalError:
-            await self._conn.close()
-            raise
+        with own_database():
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(self._url, **self._settings.kwargs())
+            try:
+                cur = await self._conn.execute(
+                    "SELECT name, algorithm, secret, ttl_seconds FROM dispatch.signing_keys WHERE name = %s",
+                    (name,))
+                row = await cur.fetchone()
+            except psycopg.OperationalError:
+                await self._conn.close()
+                raise
         if row is None:
             raise InvalidJob(f"no signing key named {name!r} in dispatch.signing_keys")
         return SigningKey(*row)

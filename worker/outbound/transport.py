@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import socket
 from collections.abc import AsyncIterator, Mapping
 from email.utils import parsedate_to_datetime
@@ -73,18 +74,26 @@ async def read_at_most(response: httpx.Response, limit: int) -> bytes:
     return bytes(chunks[:limit])
 
 
+MAX_RETRY_AFTER = 86_400.0  # a Retry-After is honoured up to a day
+_SECONDS = re.compile(r"[0-9]+")
+
+
 def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A Retry-After header in seconds (given as seconds or an HTTP date, at most a day)."""
+    """A Retry-After header in seconds (given as seconds or an HTTP date), at most a day; None
+    when there is none or it cannot be read (`²`, `1e3`, a date from nowhere): a remote's header
+    is anyone's text."""
     value = (value or "").strip()
     if not value:
         return None
-    if value.isdigit():
-        return float(min(int(value), 86400))
+    if _SECONDS.fullmatch(value):  # ASCII digits only (str.isdigit takes `²`); any length
+        return MAX_RETRY_AFTER if len(value) > 6 else min(float(value), MAX_RETRY_AFTER)
+    if len(value) > 64:
+        return None
     try:
         when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, min(when - now, 86400.0))
+    return max(0.0, min(when - now, MAX_RETRY_AFTER))
 
 
 def timed_out(exc: httpx.HTTPError) -> bool:

@@ -11,7 +11,7 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,20 +22,31 @@ from rich.console import Console
 from rich.table import Table
 
 from pgdispatch.db.connections import ConnectionSettings
-from pgdispatch.db.errors import ConfigurationError, translated
-from pgdispatch.db.server import resolve_database_url
+from pgdispatch.db.errors import ConfigurationError, DatabaseUnavailable, translated
+from pgdispatch.db.server import (
+    checked_database_url,
+    embedded_exists,
+    embedded_running,
+    embedded_server,
+    stop_embedded,
+)
 from pgdispatch.worker.build import build_number, read_stamp
 from pgdispatch.worker.job import JobArgsLoader
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE, EXIT_PARTLY = 0, 1, 2, 3, 4, 5
 
 PROG = "pgdispatch"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 Conn = psycopg.Connection[dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Env:
-    """The environment, read once (here and nowhere else), then passed explicitly."""
+    """The environment, read once (here and nowhere else), then passed explicitly.
+
+    Without DATABASE_URL the embedded server under `home` is used, and every command says so
+    (once, on stderr). Only the commands that set a machine up (worker, migrate, embedded)
+    create one; the others need it to exist, and stop it again if they had to start it."""
 
     database_url: str | None
     listen_url: str | None
@@ -47,30 +58,71 @@ class Env:
     log_level: int
     # DATABASE_URL is a pooler in transaction mode (PgBouncer): no prepared statements.
     transaction_pooler: bool = False
+    # Embedded servers this command started (a mutable record in a frozen value: what the
+    # command did, not a setting).
+    started: list[Path] = field(default_factory=list, compare=False)
+    _announced: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def read(cls) -> Env:
-        level = os.environ.get("PGDISPATCH_LOG", "INFO").upper()
-        return cls(database_url=os.environ.get("DATABASE_URL") or None,
+        level = os.environ.get("PGDISPATCH_LOG", "INFO").strip().upper()
+        if level not in LOG_LEVELS:
+            raise ConfigurationError(f"PGDISPATCH_LOG={os.environ['PGDISPATCH_LOG']!r}: "
+                                     f"one of {', '.join(LOG_LEVELS)}")
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url is not None and not database_url.strip():
+            # Set but empty (a systemd unit's Environment=DATABASE_URL=): a mistake, never a
+            # reason to fall back to an embedded server nobody asked for.
+            raise ConfigurationError("DATABASE_URL is set but empty: give it a postgresql:// URL, or "
+                                     "unset it to use the embedded server")
+        home = Path(os.environ.get("PGDISPATCH_HOME") or ".pgdispatch")
+        if home.exists() and not home.is_dir():
+            raise ConfigurationError(f"PGDISPATCH_HOME={home}: not a directory (it is where the "
+                                     "embedded server keeps its data)")
+        return cls(database_url=database_url,
                    listen_url=os.environ.get("PGDISPATCH_LISTEN_URL") or None,
-                   home=Path(os.environ.get("PGDISPATCH_HOME", ".pgdispatch")),
+                   home=home,
                    build=_build(), app=os.environ.get("PGDISPATCH_APP") or None,
                    allowed_destinations=tuple(
                        d.strip() for d in os.environ.get("PGDISPATCH_ALLOW_DESTINATIONS", "").split(",")
                        if d.strip()),
                    operator=f"{getpass.getuser()}@{socket.gethostname()}",
-                   log_level=getattr(logging, level, logging.INFO),
+                   log_level=getattr(logging, level),
                    transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"))
 
     @property
     def connections(self) -> ConnectionSettings:
         return ConnectionSettings(transaction_pooler=self.transaction_pooler)
 
-    def url(self) -> str:
-        return resolve_database_url(self.database_url, self.home)
+    def url(self, *, create: bool = False) -> str:
+        """DATABASE_URL, else the embedded server's URL, started if it was stopped; created
+        only with `create` (worker, migrate, embedded), else a missing one is an error."""
+        if self.database_url:
+            return checked_database_url(self.database_url)
+        running = embedded_running(self.home)
+        if running is None:
+            if not create and not embedded_exists(self.home):
+                raise DatabaseUnavailable(
+                    f"DATABASE_URL is unset and there is no embedded PostgreSQL in {self.home.resolve()}: "
+                    "set DATABASE_URL, or create one here with `pgdispatch worker --migrate` "
+                    "(or `pgdispatch migrate`)")
+            running = embedded_server(self.home).url
+            self.started.append(self.home)
+        if not self._announced:
+            self._announced.append(True)
+            print(f"{PROG}: using the embedded PostgreSQL in {self.home.resolve()} (DATABASE_URL is unset)"
+                  f"{', started it' if self.started else ''}: psql '{running}'", file=sys.stderr)
+        return running
+
+    def stop_what_it_started(self) -> None:
+        """A command that is not meant to leave a server running stops the one it started."""
+        for home in self.started:
+            if stop_embedded(home):
+                print(f"{PROG}: stopped the embedded PostgreSQL it had started", file=sys.stderr)
+        self.started.clear()
 
     def where(self) -> str:
-        return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL: {self.url()}"
+        return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL in {self.home.resolve()}"
 
 
 def _flag(name: str) -> bool:

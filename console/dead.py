@@ -75,8 +75,8 @@ def dead(env: Env, args: argparse.Namespace) -> int:
             emit(args, {"retried": revived, "skipped": skipped}, _render_retry)
             if skipped:
                 # Done as far as it could go: every skipped job is named with why.
-                return EXIT_NOT_FOUND if all(s["reason"] == "not a dead job" for s in skipped) and not revived \
-                    else EXIT_PARTLY
+                none_exist = not revived and all(s["reason"] == "not a dead job" for s in skipped)
+                return EXIT_NOT_FOUND if none_exist else EXIT_PARTLY
         elif args.dead_command == "purge":
             if not args.yes:
                 raise InvalidInput("purge deletes dead jobs for good: add --yes to confirm")

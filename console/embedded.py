@@ -18,12 +18,12 @@ def register(sub: Any) -> None:
     m = sub.add_parser("embedded", help="the embedded PostgreSQL: url, stop")
     m.add_argument("embedded_command", choices=["url", "stop"])
     m.add_argument("--force", action="store_true", help="stop: even under live workers")
-    m.set_defaults(func=embedded)
+    m.set_defaults(func=embedded, keeps_embedded=True)
 
 
 def embedded(env: Env, args: argparse.Namespace) -> int:
     if args.embedded_command == "url":
-        say(env.database_url or env.url())
+        say(env.database_url or env.url(create=True))
         return EXIT_OK
     if env.database_url:
         raise ConfigurationError("DATABASE_URL is set: there is no embedded server to stop")

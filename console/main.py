@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad usage: argparse prints one line, exit 2
+    env: Env | None = None
     try:
         env = Env.read()
         logging.basicConfig(level=env.log_level, stream=sys.stderr,
@@ -85,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
+    finally:
+        # Only the commands that set a machine up leave the embedded server running.
+        if env is not None and not getattr(args, "keeps_embedded", False):
+            env.stop_what_it_started()
 
 
 def _fail(exc: Exception, code: int) -> int:

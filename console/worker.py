@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from typing import Any
 
 import psycopg
 
 from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, Env, connect, duration, port, positive_int, say
-from pgdispatch.db.errors import ConfigurationError, DatabaseUnavailable, translate
+from pgdispatch.db.errors import ConfigurationError, DatabaseUnavailable, SchemaMissing, translate
 from pgdispatch.db.schema import migrate as apply_migrations
+from pgdispatch.db.schema import schema_problem
 
 
 def register(sub: Any) -> None:
-    sub.add_parser("migrate", help="apply pending migrations (idempotent)").set_defaults(func=migrate)
+    sub.add_parser("migrate", help="apply pending migrations (idempotent)").set_defaults(
+        func=migrate, keeps_embedded=True)
 
     w = sub.add_parser("worker", help="run the worker pool")
     w.add_argument("--queue", action="append",
@@ -75,11 +76,11 @@ def register(sub: Any) -> None:
                         "when private networks are forbidden (repeatable; default "
                         "$PGDISPATCH_ALLOW_DESTINATIONS, comma-separated)")
     w.add_argument("--migrate", action="store_true", help="apply migrations before starting")
-    w.set_defaults(func=worker)
+    w.set_defaults(func=worker, keeps_embedded=True)
 
 
 def migrate(env: Env, args: argparse.Namespace) -> int:
-    apply_migrations(env.url(), settings=env.connections)
+    apply_migrations(env.url(create=True), settings=env.connections)
     say(f"schema is up to date ({env.where()})")
     return EXIT_OK
 
@@ -102,9 +103,7 @@ def worker(env: Env, args: argparse.Namespace) -> int:
         destinations = Destinations(allow_private=allow_private, allowed=allowed)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    url = env.url()
-    if not env.database_url:
-        print(f"using embedded PostgreSQL: psql '{url}'", file=sys.stderr)
+    url = env.url(create=True)
     if args.transaction_pooler:
         env = dataclasses.replace(env, transaction_pooler=True)
     if args.migrate:
@@ -113,6 +112,9 @@ def worker(env: Env, args: argparse.Namespace) -> int:
     listen_url = args.listen_url or env.listen_url
     with connect(env) as conn:
         conn.execute(sql.query("ping"))
+        problem = schema_problem(conn)
+    if problem is not None:
+        raise SchemaMissing(f"{problem}: run: pgdispatch migrate (or start the worker with --migrate)")
     if listen_url is not None:
         try:
             psycopg.connect(listen_url, connect_timeout=10).close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from pgdispatch import sql
 from pgdispatch.db.connections import DIRECT, ConnectionSettings
-from pgdispatch.db.errors import translate, translated
+from pgdispatch.db.errors import SchemaMissing, translate, translated
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -37,14 +38,17 @@ def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSe
     together take turns and it may go through a pooler in transaction mode."""
     # Each revision's INFO line is noise next to the one-line result the CLI prints.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
     from sqlalchemy.exc import DBAPIError
 
     from alembic import command
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
     config = alembic_config(database_url, settings)
     script = ScriptDirectory.from_config(config)
-    target = script.get_current_head() if revision == "head" else script.get_revision(revision).revision
+    found = script.get_current_head() if revision == "head" else script.get_revision(revision).revision
+    if found is None:
+        raise SchemaMissing(f"no migration {revision!r}")
+    target: str = found
     try:
         with translated():
             while (current := current_revision(database_url, settings)) is None or current < target:
@@ -57,6 +61,28 @@ def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSe
         if isinstance(exc.orig, psycopg.Error):
             raise translate(exc.orig) from exc
         raise
+
+
+def head_revision() -> str:
+    """The newest migration this code carries (its revision id)."""
+    return sql.migration_files()[-1].name[:4]
+
+
+def schema_problem(conn: psycopg.Connection[Any]) -> str | None:
+    """Why this code cannot run on the database `conn` is connected to; None when it can.
+    (A schema built from schema.sql has no alembic record: it is the current one.)"""
+    cur = conn.cursor(row_factory=tuple_row)
+    row = cur.execute("SELECT to_regclass('dispatch.jobs') IS NOT NULL, "
+                      "to_regclass('public.alembic_version') IS NOT NULL").fetchone()
+    assert row is not None
+    has_schema, recorded = row
+    if not has_schema:
+        return "this database lacks the pgdispatch schema"
+    if recorded:
+        found = cur.execute("SELECT version_num FROM public.alembic_version").fetchone()
+        if found is not None and str(found[0]) < head_revision():
+            return f"this database's schema is at revision {found[0]}; this code needs {head_revision()}"
+    return None
 
 
 def current_revision(database_url: str, settings: ConnectionSettings = DIRECT) -> str | None:

@@ -80,19 +80,19 @@ def _running_pgdata(home: Path) -> Path | None:
     return pgdata if info is not None and info.is_running() else None
 
 
-def resolve_database_url(database_url: str | None, home: Path) -> str:
-    """DATABASE_URL if set, else the embedded server's URL (started on demand)."""
-    if database_url:
-        try:
-            psycopg.conninfo.conninfo_to_dict(database_url)
-        except psycopg.ProgrammingError as exc:
-            raise ConfigurationError(
-                "DATABASE_URL is not a PostgreSQL connection string "
-                "(postgresql://user@host:port/db or 'host=... dbname=...')") from exc
-        return database_url
-    embedded = embedded_server(home)
-    log.debug("using embedded PostgreSQL: %s (data in %s)", embedded.url, embedded.pgdata)
-    return embedded.url
+def checked_database_url(database_url: str) -> str:
+    try:
+        psycopg.conninfo.conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            "DATABASE_URL is not a PostgreSQL connection string "
+            "(postgresql://user@host:port/db or 'host=... dbname=...')") from exc
+    return database_url
+
+
+def embedded_exists(home: Path) -> bool:
+    """Whether an embedded server was ever created under `home` (running or not)."""
+    return (home / "pgdata" / "PG_VERSION").exists()
 
 
 def _ensure_database(admin_url: str, database: str) -> None:

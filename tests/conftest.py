@@ -8,8 +8,10 @@ commit for real).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import warnings
@@ -33,6 +35,35 @@ def _docker_answers() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _container() -> Iterator[str | None]:
+    """A PostgreSQL in a container (PGDISPATCH_TEST_IMAGE, default postgres:16), or None when
+    it cannot be had (no image, no registry): the presence of Docker never fails the suite."""
+    with warnings.catch_warnings():
+        # testcontainers.postgres is deprecated in 4.x in favour of the community module; the
+        # warning names the importer, so no module filter can match it: it is silenced here.
+        warnings.simplefilter("ignore")
+        try:
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:
+            from testcontainers.postgres import PostgresContainer
+    image = os.environ.get("PGDISPATCH_TEST_IMAGE", "postgres:16")
+    container = PostgresContainer(image, driver=None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            container.start()
+    except Exception as exc:
+        print(f"\ntestcontainers: {image} could not be started ({type(exc).__name__}: {exc}); "
+              "using the embedded server", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield container.get_connection_url()
+    finally:
+        container.stop()
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """A URL of a server where tests may create databases (points at its admin database)."""
@@ -40,11 +71,10 @@ def server_url() -> Iterator[str]:
         yield os.environ["DATABASE_URL"]
         return
     if _docker_answers():
-        from testcontainers.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:16", driver=None) as container:
-            yield container.get_connection_url()
-        return
+        with _container() as url:
+            if url is not None:
+                yield url
+                return
     home = Path(tempfile.mkdtemp(prefix="pgd-"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,6 +137,25 @@ def empty_db_url(server_url: str) -> Iterator[str]:
 def conn(db_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(db_url, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def run(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """`pgdispatch ARGV` in this process against the test's database: (exit code, stdout, stderr)."""
+    from pgdispatch.console import main as cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("PGDISPATCH_LOG", "WARNING")
+
+    def invoke(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

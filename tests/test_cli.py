@@ -16,22 +16,6 @@ from tests.helpers import execute, scalar
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def run(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("DATABASE_URL", db_url)
-    monkeypatch.setenv("PGDISPATCH_LOG", "WARNING")
-
-    def invoke(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exc:  # argparse usage errors
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return invoke
-
-
 def test_enqueue_and_status(run) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run("enqueue", "debug.noop", "--args", '{"a": 1}', "--json")
     assert code == 0 and json.loads(out)["id"] == 1
@@ -51,7 +35,7 @@ def test_enqueue_errors(run) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run("enqueue", "debug.noop", "--args", "[1]")
     assert code == 2 and "must be a JSON object" in err
     code, _, err = run("enqueue", "debug.noop", "--queue", "missing")
-    assert code == 2 and "job_queue_must_exist_in_dispatch_queues" in err
+    assert code == 2 and "no queue 'missing'" in err
     code, _, err = run("enqueue", "debug.noop", "--priority", "500")
     assert code == 2 and "job_priority_between_minus_100_and_100" in err
     code, _, err = run("enqueue", "debug.noop", "--run-in", "soon")
@@ -80,7 +64,7 @@ def test_dead_list_show_retry_purge(run, db_url: str) -> None:  # type: ignore[n
     assert json.loads(out)["history"][0]["outcome"] == "dead"
     assert run("dead", "show", "999")[0] == 3
     code, out, _ = run("dead", "retry", "1", "999")
-    assert code == 3 and "1 dead jobs back" in out and "999" in out
+    assert code == 5 and "1 dead jobs back in the queue; 1 skipped:" in out and "job 999: not a dead job" in out
     assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 1
     assert run("dead", "retry")[0] == 2
     code, out, _ = run("dead", "retry", "--all", "--json")

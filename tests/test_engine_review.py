@@ -156,8 +156,10 @@ def test_reviving_an_expired_job_needs_a_new_expiry(conn: Conn) -> None:
     (job_id, token, _, expired), = claim(conn)
     assert expired is True
     finish(conn, [(job_id, token, "dead")], reason="expired")
-    with pytest.raises(psycopg.errors.CheckViolation, match=f"job {job_id} expired; give a new expire_at"):
-        conn.execute("SELECT dispatch.retry_dead(%s)", ([job_id],))
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    assert conn.execute("SELECT dispatch.retry_dead(%s)", ([job_id],)).fetchall() == []  # skipped, said so
+    assert notices == [f"dispatch.retry_dead: job {job_id} skipped: expired; give a new expire_at to revive it"]
     assert conn.execute("SELECT count(*) FROM dispatch.dead_jobs").fetchone() == (1,)  # nothing lost
     with pytest.raises(psycopg.errors.CheckViolation, match="already past"):
         conn.execute("SELECT dispatch.retry_dead(%s, expire_at => now() - interval '1 s')", ([job_id],))
@@ -172,8 +174,8 @@ def test_reviving_a_job_whose_key_is_taken_again_is_refused(conn: Conn) -> None:
     conn.execute("DELETE FROM dispatch.idempotency_keys")  # the dedupe window passed...
     other = conn.execute("SELECT dispatch.enqueue('k', idempotency_key => 'order-2')").fetchone()
     assert other is not None and other[0] != job_id  # ...and a new job took the key
-    with pytest.raises(psycopg.errors.UniqueViolation, match=f"key 'order-2' is held by job {other[0]}"):
-        conn.execute("SELECT dispatch.retry_dead(%s)", ([job_id],))
+    assert conn.execute("SELECT revived, reason FROM dispatch.retry_dead_v2(%s)", ([job_id],)).fetchall() == [
+        (False, f"its idempotency key 'order-2' is held by job {other[0]}")]
     assert conn.execute("SELECT count(*) FROM dispatch.dead_jobs").fetchone() == (1,)
 
 

@@ -39,12 +39,12 @@ async def context(db_url: str) -> AsyncIterator[ExecutorContext]:
         yield ctx
 
 
-async def claim_one(db_url: str, queue: str = "requests") -> Job:
+async def claim_one(db_url: str, queue: str = "requests", kind: str = "http.request") -> Job:
     pool = AsyncConnectionPool(db_url, min_size=1, max_size=1, open=False, kwargs={"autocommit": True})
     await pool.open()
     try:
         jobs = await Engine(pool, database_url=db_url, worker_id="t", version=0,
-                            lease_seconds=30).claim(queue, ["http.request"], 1)
+                            lease_seconds=30).claim(queue, [kind], 1)
     finally:
         await pool.close()
     assert len(jobs) == 1

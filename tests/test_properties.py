@@ -31,7 +31,7 @@ KNOWN_REFUSALS = ("job_kind_format", "job_args_must_be_a_json_object", "job_prio
                   "job_max_attempts_positive", "job_queue_must_exist", "job_idempotency_key_length",
                   "job_tenant_length", "kind must not be null", "args must be a JSON object",
                   "job_expire_at_after_created_at", "smallint out of range", "integer out of range",
-                  "unsupported Unicode escape sequence", "job_args_at_most_1mb")
+                  "unsupported Unicode escape sequence", "job_args_at_most_1mb", "job_args_nesting_at_most_100")
 
 settings.register_profile("pgdispatch", deadline=None, max_examples=150,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])

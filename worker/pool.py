@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 from pgdispatch.db.errors import ConfigurationError
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.process import child_main
-from pgdispatch.worker.runner import EXIT_NEWER_BUILD, EXIT_NO_DATABASE, EXIT_OK, EXIT_RECYCLE
+from pgdispatch.worker.runner import (
+    EXIT_NEWER_BUILD,
+    EXIT_NO_DATABASE,
+    EXIT_OK,
+    EXIT_RECYCLE,
+    EXIT_SCHEMA_MISSING,
+)
 
 if TYPE_CHECKING:
     from pgdispatch.worker.ops_http import OpsServer
@@ -157,6 +163,10 @@ class WorkerPool:
             elif code == EXIT_NO_DATABASE:
                 log.error("worker %d could not reach the database: stopping the pool", slot)
                 self.stop(EXIT_NO_DATABASE)
+            elif code == EXIT_SCHEMA_MISSING:
+                log.error("worker %d found no usable schema (run: pgdispatch migrate): stopping the pool",
+                          slot)
+                self.stop(1)
             elif code == EXIT_OK and self.config.drain:
                 continue
             elif code == EXIT_RECYCLE:

@@ -15,15 +15,17 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+import psycopg
+
 from pgdispatch.db.connections import guarded, open_pool
-from pgdispatch.db.errors import DatabaseUnavailable
+from pgdispatch.db.errors import DatabaseUnavailable, SchemaMissing, translate
 from pgdispatch.worker.app import load_app
 from pgdispatch.worker.commands import CommandScheduler
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.executors import builtin_executors
 from pgdispatch.worker.executors.context import executor_context, on_config_change
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.runner import EXIT_NO_DATABASE, Runner, new_worker_id
+from pgdispatch.worker.runner import EXIT_NO_DATABASE, EXIT_SCHEMA_MISSING, Runner, new_worker_id
 from pgdispatch.worker.services import periodic
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,13 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
                         stats=stats)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, runner.signalled)
-        loop.add_signal_handler(signal.SIGINT, runner.signalled)
+        # A pool's child ignores SIGINT: a terminal's Ctrl-C reaches the whole process group,
+        # and the pool relays it (a SIGTERM, then SIGUSR1 for a second Ctrl-C). Taking it here
+        # too would make the relayed SIGTERM a second signal, and release running jobs at once.
+        signals = (signal.SIGTERM, signal.SIGUSR1) if parent_pid is not None else (
+            signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        if parent_pid is None:
+            loop.add_signal_handler(signal.SIGINT, runner.signalled)
         # From the pool on its second signal: a second SIGTERM sent right after the first could
         # merge with it (the kernel does not queue standard signals).
         loop.add_signal_handler(signal.SIGUSR1, runner.release_now)
@@ -87,7 +95,7 @@ async def run_worker(config: WorkerConfig, *, parent_pid: int | None = None) -> 
         finally:
             if orphan_watch is not None:
                 orphan_watch.cancel()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for signum in signals:
                 loop.remove_signal_handler(signum)
 
 
@@ -120,7 +128,7 @@ def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
     """Target of a pool child process."""
     # A SIGTERM that arrives while the process is still starting must stop it cleanly too.
     signal.signal(signal.SIGTERM, _remember_stop)
-    signal.signal(signal.SIGINT, _remember_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool's to handle (see run_worker)
     signal.signal(signal.SIGUSR1, _remember_stop)
     _term_when_parent_dies()
     logging.basicConfig(level=log_level, stream=sys.stderr,
@@ -130,6 +138,11 @@ def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
     except DatabaseUnavailable as exc:
         log.error("%s", exc)  # one line: the pool reports it and exits with the same code
         code = EXIT_NO_DATABASE
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction, SchemaMissing) as exc:
+        # The schema is gone, or older than this code (dropped, or a migration not run): one
+        # line, and the pool stops instead of restarting this process again and again.
+        log.error("%s", translate(exc) if isinstance(exc, psycopg.Error) else exc)
+        code = EXIT_SCHEMA_MISSING
     sys.exit(code)
 
 

@@ -39,6 +39,7 @@ EXIT_OK = 0
 EXIT_NEWER_BUILD = 10
 EXIT_RECYCLE = 11  # memory limit reached: finished cleanly, start me again
 EXIT_NO_DATABASE = 4  # the database could not be reached at start
+EXIT_SCHEMA_MISSING = 12  # a worker process found no (or an older) schema: the pool stops, exit 1
 
 ALL_QUEUES = "*"  # how dispatch.workers records a worker that serves every queue
 MAINTENANCE_EVERY = 3600.0

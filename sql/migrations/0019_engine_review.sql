@@ -135,8 +135,8 @@ BEGIN
         RAISE EXCEPTION 'dispatch.enqueue: kind must not be null' USING ERRCODE = 'not_null_violation';
     END IF;
     IF kind !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$' THEN
-        RAISE EXCEPTION 'dispatch.enqueue: kind % breaks the naming rule: a letter, digit or _ first, then '
-                        'letters, digits and _ . : -, at most 128 characters', quote_literal(left(kind, 200))
+        RAISE EXCEPTION 'dispatch.enqueue: kind % breaks the naming rule (job_kind_format): a letter, digit or _ '
+                        'first, then letters, digits and _ . : -, at most 128 characters', quote_literal(left(kind, 200))
             USING ERRCODE = 'check_violation', CONSTRAINT = 'job_kind_format';
     END IF;
     IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
@@ -144,8 +144,9 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     IF NOT EXISTS (SELECT FROM dispatch.queues q WHERE q.name = coalesce(enqueue.queue, 'default')) THEN
-        RAISE EXCEPTION 'dispatch.enqueue: no queue % (create it first: pgdispatch queues create NAME, or '
-                        'INSERT INTO dispatch.queues (name) VALUES (...))', quote_literal(left(enqueue.queue, 200))
+        RAISE EXCEPTION 'dispatch.enqueue: no queue % (job_queue_must_exist_in_dispatch_queues): create it first '
+                        'with pgdispatch queues create NAME, or INSERT INTO dispatch.queues (name) VALUES (...)',
+                        quote_literal(left(enqueue.queue, 200))
             USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'job_queue_must_exist_in_dispatch_queues';
     END IF;
     INSERT INTO dispatch.jobs AS j (kind, args, queue, priority, run_at, expire_at, max_attempts,

@@ -46,6 +46,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "latency": ([OURS, *peers], lambda s: [scenarios.latency(server_url, s)]),
         "backlog": ([OURS], lambda s: scenarios.backlog(server_url)),
         "poll": ([OURS], lambda s: scale.poll(server_url)),
+        "review": ([OURS], lambda s: scale.review(server_url)),
         "memory": ([OURS], lambda s: [scenarios.memory(server_url)]),
         "enqueue": ([OURS], lambda s: scenarios.enqueue(server_url)),
         "limits": ([OURS], lambda s: shared_limits.limits(server_url)),

@@ -110,3 +110,48 @@ def _measure(url: str, statement: str, params: dict[str, Any], runs: int) -> tup
             node = top["Plan"]
             buffers.append(node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0))
     return round(statistics.median(times), 3), int(statistics.median(buffers))
+
+
+# -- the second review: parks and ticks at scale ------------------------------------------------------
+
+BEFORE_SECOND = "before the second review (0014)"
+REVIEW_STATEMENTS: list[tuple[str, str, str]] = [
+    ("park one host's waiting requests (1M queued over 1,000 hosts)",
+     "SELECT dispatch.park_requests_v1('h7.example', NULL, now() + interval '30 s', now() + interval '60 s', "
+     "'0', 'bench')",
+     "SELECT dispatch.park_requests_v2('host:h7.example', 'h7.example', NULL, now() + interval '30 s', "
+     "now() + interval '60 s', 'bench')"),
+    ("a per-minute command's tick (30 days of runs)",
+     "SELECT dispatch.schedule_command_v1('every-minute', now(), NULL, false)",
+     "SELECT dispatch.schedule_command_v2('every-minute', now(), NULL, false)"),
+    ("commands status (30 days of runs)",
+     "SELECT * FROM dispatch.command_status",
+     "SELECT * FROM dispatch.command_status"),
+]
+
+
+def review(server_url: str, *, requests: int = 1_000_000, hosts: int = 1000, runs: int = 7) -> list[Result]:
+    """`--scenario review`: the park of a host's backlog and a command's tick, on the schema
+    before the second review (revision 0014) and now, each statement under EXPLAIN ANALYZE in a
+    transaction rolled back, `runs` times (median)."""
+    results: list[Result] = []
+    for system, revision, column in ((BEFORE_SECOND, "0014", 1), (OURS, "head", 2)):
+        with fresh_database(server_url, ours=False) as url:
+            migrate(url, revision)
+            with psycopg.connect(url, autocommit=True) as c:
+                c.execute("INSERT INTO dispatch.jobs (queue, kind, args) SELECT 'requests', 'http.request', "
+                          "jsonb_build_object('method', 'POST', 'uri', "
+                          "'https://h' || (i % %s) || '.example/x') FROM generate_series(1, %s) i",
+                          (hosts, requests))
+                c.execute("INSERT INTO dispatch.commands (key, name, schedule, last_tick) "
+                          "VALUES ('every-minute', 'M', '* * * * *', now() - interval '1 minute')")
+                c.execute("INSERT INTO dispatch.command_runs (key, tick, job_id, created_at) "
+                          "SELECT 'every-minute', t, -extract(epoch FROM t)::bigint, t FROM generate_series("
+                          "now() - interval '30 days', now() - interval '2 minutes', interval '1 minute') t")
+                c.execute("VACUUM ANALYZE dispatch.jobs")
+                c.execute("VACUUM ANALYZE dispatch.command_runs")
+            for statement in REVIEW_STATEMENTS:
+                ms, buffers = _measure(url, statement[column], {}, runs)
+                results.append({"scenario": statement[0], "system": system, "unit": "ms", "value": ms,
+                                "buffers": buffers})
+    return results

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from pgdispatch import sql
 from pgdispatch.bench.scenarios import OURS, Result, fresh_database
 from pgdispatch.db.schema import migrate
 
@@ -98,10 +99,13 @@ def _fill(url: str, backlog: int, *, current: bool) -> dict[str, Any]:
     return {"worker": WORKER, "tokens": [r[1] for r in rows]}
 
 
-def _measure(url: str, statement: str, params: dict[str, Any], runs: int) -> tuple[float, int]:
+def _measure(url: str, statement: str, params: dict[str, Any], runs: int,
+             setup: str | None = None) -> tuple[float, int]:
     times, buffers = [], []
     with psycopg.connect(url) as c:
         for _ in range(runs):
+            if setup:
+                c.execute(setup)
             plan = c.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params).fetchone()
             c.rollback()
             assert plan is not None
@@ -127,13 +131,18 @@ REVIEW_STATEMENTS: list[tuple[str, str, str]] = [
     ("commands status (30 days of runs)",
      "SELECT * FROM dispatch.command_status",
      "SELECT * FROM dispatch.command_status"),
+    ("/stats' integration_status (call events of 10 CRMs, their history)",
+     "SELECT * FROM dispatch.integration_status",
+     "SELECT * FROM dispatch.integration_status"),
 ]
 
 
-def review(server_url: str, *, requests: int = 1_000_000, hosts: int = 1000, runs: int = 7) -> list[Result]:
-    """`--scenario review`: the park of a host's backlog and a command's tick, on the schema
-    before the second review (revision 0014) and now, each statement under EXPLAIN ANALYZE in a
-    transaction rolled back, `runs` times (median)."""
+def review(server_url: str, *, requests: int = 1_000_000, hosts: int = 1000, calls: int = 1_000_000,
+           runs: int = 7) -> list[Result]:
+    """`--scenario review`: the park of a host's backlog, a command's tick and the operators'
+    reads, on the schema before the second review (revision 0014) and now, each statement under
+    EXPLAIN ANALYZE in a transaction rolled back, `runs` times (median). Operators' reads run as
+    the console runs them: before, with the server's settings; now, after `operator_reads`."""
     results: list[Result] = []
     for system, revision, column in ((BEFORE_SECOND, "0014", 1), (OURS, "head", 2)):
         with fresh_database(server_url, ours=False) as url:
@@ -141,17 +150,42 @@ def review(server_url: str, *, requests: int = 1_000_000, hosts: int = 1000, run
             with psycopg.connect(url, autocommit=True) as c:
                 c.execute("INSERT INTO dispatch.jobs (queue, kind, args) SELECT 'requests', 'http.request', "
                           "jsonb_build_object('method', 'POST', 'uri', "
-                          "'https://h' || (i % %s) || '.example/x') FROM generate_series(1, %s) i",
+                          "'https://h' || (i %% %s) || '.example/x') FROM generate_series(1, %s) i",
                           (hosts, requests))
                 c.execute("INSERT INTO dispatch.commands (key, name, schedule, last_tick) "
                           "VALUES ('every-minute', 'M', '* * * * *', now() - interval '1 minute')")
                 c.execute("INSERT INTO dispatch.command_runs (key, tick, job_id, created_at) "
                           "SELECT 'every-minute', t, -extract(epoch FROM t)::bigint, t FROM generate_series("
                           "now() - interval '30 days', now() - interval '2 minutes', interval '1 minute') t")
+                _call_history(c, calls)
                 c.execute("VACUUM ANALYZE dispatch.jobs")
                 c.execute("VACUUM ANALYZE dispatch.command_runs")
+            setup = sql.query("operator_reads") if column == 2 else None
             for statement in REVIEW_STATEMENTS:
-                ms, buffers = _measure(url, statement[column], {}, runs)
+                reads = statement[0].startswith(("commands status", "/stats"))
+                ms, buffers = _measure(url, statement[column], {}, runs, setup if reads else None)
                 results.append({"scenario": statement[0], "system": system, "unit": "ms", "value": ms,
                                 "buffers": buffers})
     return results
+
+
+def _call_history(c: psycopg.Connection[Any], calls: int) -> None:
+    """`calls` call events spread over 10 enterprises with RetailCRM, each with its job's
+    history row (one in ten failed), as a month of telephony leaves them."""
+    c.execute("INSERT INTO dispatch.enterprises (number, name, integrations_config) "
+              "SELECT 'e' || n, 'Enterprise ' || n, jsonb_build_object('retailcrm', jsonb_build_object("
+              "'enabled', true, 'api_url', 'https://e' || n || '.retailcrm.example', 'api_key', 'k')) "
+              "FROM generate_series(1, 10) n")
+    c.execute("INSERT INTO dispatch.call_events "
+              "(call_unique_id, event, integration, enterprise, job_id, created_at) "
+              "SELECT 'c' || i, 'hangup', 'retailcrm', 'e' || (i %% 10 + 1), -i, "
+              "now() - make_interval(secs => (%s - i) * 2.0) FROM generate_series(1, %s) i", (calls, calls))
+    c.execute("SELECT dispatch.create_history_partition(d::date) "
+              "FROM generate_series(now() - interval '7 days', now(), interval '1 day') d")
+    c.execute("INSERT INTO dispatch.job_history (job_id, attempt, queue, kind, outcome, error, finished_at) "
+              "SELECT -i, 1, 'crm', 'crm.event', CASE WHEN i %% 10 = 0 THEN 'failed' ELSE 'completed' END, "
+              "CASE WHEN i %% 10 = 0 THEN 'HTTP 503' END, "
+              "now() - make_interval(secs => (%s - i) * 2.0) + interval '1 s' "
+              "FROM generate_series(1, %s) i WHERE i > %s - 7 * 43200", (calls, calls, calls))
+    c.execute("VACUUM ANALYZE dispatch.call_events")
+    c.execute("ANALYZE dispatch.job_history")

@@ -32,6 +32,7 @@ from pgdispatch.db.server import (
 )
 from pgdispatch.worker.build import build_number, read_stamp
 from pgdispatch.worker.job import JobArgsLoader
+from pgdispatch.worker.outbound.destinations import Destinations
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_DATABASE, EXIT_PARTLY = 0, 1, 2, 3, 4, 5
 
@@ -89,6 +90,15 @@ class Env:
                    operator=f"{getpass.getuser()}@{socket.gethostname()}",
                    log_level=getattr(logging, level),
                    transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"))
+
+    def destinations(self) -> Destinations:
+        """The destination policy a worker started here with no flags would have: private
+        networks forbidden with DATABASE_URL (allowed on the embedded demo server), and
+        PGDISPATCH_ALLOW_DESTINATIONS."""
+        try:
+            return Destinations(allow_private=not self.database_url, allowed=self.allowed_destinations)
+        except ValueError as exc:
+            raise ConfigurationError(f"PGDISPATCH_ALLOW_DESTINATIONS: {exc}") from None
 
     @property
     def connections(self) -> ConnectionSettings:

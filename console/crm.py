@@ -84,7 +84,10 @@ def crm(env: Env, args: argparse.Namespace) -> int:
                 f"{'enabled' if row['enabled'] else 'disabled'}, {', '.join(sorted(changes))} set")
             return EXIT_OK
         if command == "status":
-            rows = conn.execute(sql.query("integration_status_of"), {"number": args.enterprise}).fetchall()
+            with conn.transaction():
+                conn.execute(sql.query("operator_reads"))
+                rows = conn.execute(sql.query("integration_status_of"),
+                                    {"number": args.enterprise}).fetchall()
             emit(args, rows, lambda r: table(r, ["enterprise", "integration", "enabled", "last_success_at",
                                                  "last_error_at", "last_error", "breaker"], title="CRMs"))
             return EXIT_OK
@@ -107,7 +110,6 @@ async def _test(env: Env, number: str, config: Mapping[str, Any], only: str | No
     from pgdispatch.worker.executors.context import executor_context
     from pgdispatch.worker.executors.crm_event import TIMEOUT, crm_tenant
     from pgdispatch.worker.executors.outbound_io import LimitedIO
-    from pgdispatch.worker.outbound.destinations import Destinations
 
     if only is not None and only not in config:
         raise NotFound(f"enterprise {number} has no {only} config")
@@ -115,10 +117,11 @@ async def _test(env: Env, number: str, config: Mapping[str, Any], only: str | No
     if not chosen:
         warn(f"enterprise {number}: no enabled CRM to test")
         return EXIT_ERROR
-    # The operator's own call: private addresses allowed, the enterprise's shared limits kept.
-    destinations = Destinations(allow_private=True, allowed=env.allowed_destinations)
+    # The worker's own policy and the enterprise's shared limits: a check that could reach what
+    # an event may not would only mislead.
     failed = False
-    async with executor_context(env.url(), destinations=destinations, max_connections=4) as context:
+    async with executor_context(env.url(), destinations=env.destinations(), max_connections=4,
+                                settings=env.connections) as context:
         for name, settings in sorted(chosen.items()):
             io = LimitedIO(context, crm_tenant(number, name), timeout=TIMEOUT)
             try:

@@ -201,18 +201,19 @@ async def _test(env: Env, credential: dict[str, Any]) -> int:
     from pgdispatch.worker.channels.delivery import NotSent
     from pgdispatch.worker.executors.context import executor_context
     from pgdispatch.worker.executors.lead_delivery import DeliveryIO
-    from pgdispatch.worker.outbound.destinations import Destinations
 
     check = CHECKS.get(credential["type"])
     if check is None:
         warn(f"credential {credential['id']}: pgdispatch does not deliver to {credential['type']}, "
              "nothing to test")
         return EXIT_ERROR
-    # The operator's own call: private addresses allowed, the credential's shared limits kept.
-    destinations = Destinations(allow_private=True, allowed=env.allowed_destinations)
-    async with executor_context(env.url(), destinations=destinations, max_connections=4) as context:
+    # The worker's own policy and limits: a check that could reach what a delivery may not
+    # would only mislead.
+    async with executor_context(env.url(), destinations=env.destinations(), max_connections=4,
+                                settings=env.connections) as context:
         try:
-            verdict = await check(credential["settings"], DeliveryIO(context, credential["id"]))
+            verdict = await check(credential["settings"], DeliveryIO(context, credential["id"],
+                                                                     list(credential["limit_scopes"])))
         except (CheckFailed, NotSent) as exc:
             why = " ".join(str(exc).split())  # an HTML error page: one line of it
             warn(f"credential {credential['id']} ({credential['type']} {credential['name']!r}): {why}")

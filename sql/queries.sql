@@ -96,6 +96,13 @@ GROUP BY kind ORDER BY kind;
 -- name: ping
 SELECT 1;
 
+-- name: operator_reads
+-- Operators' reads (/stats, crm status, the dashboard) are many small index lookups that the
+-- planner, costing them as scans, would send through JIT: seconds of compiling for a query that
+-- runs in a millisecond. Off for the transaction only (a pooler may give the connection to
+-- anyone next).
+SET LOCAL jit = off;
+
 -- name: notify_probe
 -- A worker checks at start that a NOTIFY sent where it claims reaches its LISTEN connection.
 SELECT pg_notify('dispatch_config', %(payload)s);
@@ -387,19 +394,19 @@ SELECT dispatch.start_process(%(type)s, %(state)s, %(idempotency_key)s) AS id;
 -- name: process_list
 SELECT id, type, version, status::text AS status, current_step, attempts, retry_after, error,
        created_at, updated_at
-FROM dispatch.processes
+FROM dispatch.process_list
 WHERE (%(status)s::text IS NULL OR status::text = %(status)s) AND (%(type)s::text IS NULL OR type = %(type)s)
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: process_get
-SELECT id, type, version, status::text AS status, current_step, dispatch.mask_secrets(state) AS state,
-       attempts, retry_after, error, idempotency_key, created_at, updated_at, finished_at
-FROM dispatch.processes WHERE id = %(id)s;
+SELECT id, type, version, status::text AS status, current_step, state, attempts, retry_after, error,
+       idempotency_key, created_at, updated_at, finished_at
+FROM dispatch.process_list WHERE id = %(id)s;
 
 -- name: process_journal
 -- By index, for one instance, never the whole journal.
 SELECT step, attempt, status, message, payload, error, version, started_at, finished_at
-FROM dispatch.process_history WHERE process_id = %(id)s ORDER BY id;
+FROM dispatch.process_journal WHERE process_id = %(id)s ORDER BY id;
 
 -- name: process_restart
 SELECT dispatch.restart_process_v1(%(id)s, %(from_step)s, %(who)s, %(reason)s);
@@ -412,17 +419,23 @@ SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);
 
 -- name: lead_delivery
 SELECT d.id, d.status::text AS status, d.type, d.credential_id, d.lead_id AS delivery_lead_id, c.enabled, c.settings,
+       dispatch.credential_limit_scopes(c.id, c.type, c.settings) AS limit_scopes,
        l.id AS lead_id, l.external_entity_id, l.external_project_id, l.data, l.created_at
 FROM dispatch.deliveries d
 LEFT JOIN dispatch.credentials c ON c.id = d.credential_id
 LEFT JOIN dispatch.leads l ON l.id = d.lead_id
 WHERE d.id = %(delivery_id)s;
 
--- name: credential_for_update
-SELECT settings FROM dispatch.credentials WHERE id = %(id)s FOR UPDATE;
+-- name: begin_credential_refresh
+-- No row: another worker holds the credential's refresh lease.
+SELECT r.settings FROM dispatch.begin_credential_refresh_v1(%(id)s, %(holder)s, %(lease)s) AS r (settings)
+WHERE r.settings IS NOT NULL;
 
--- name: merge_credential_settings
-UPDATE dispatch.credentials SET settings = settings || %(changes)s WHERE id = %(id)s;
+-- name: credential_exists
+SELECT 1 FROM dispatch.credentials WHERE id = %(id)s;
+
+-- name: finish_credential_refresh
+SELECT dispatch.finish_credential_refresh_v1(%(id)s, %(holder)s, %(changes)s);
 
 -- name: send_lead
 SELECT dispatch.send_lead(%(lead_id)s, %(types)s, make_interval(secs => %(delay)s)) AS batch_id;
@@ -472,7 +485,8 @@ ON CONFLICT DO NOTHING;
 UPDATE dispatch.credentials SET enabled = %(enabled)s WHERE id = %(id)s RETURNING id, type, name;
 
 -- name: credential_get
-SELECT id, type, name, enabled, settings FROM dispatch.credentials WHERE id = %(id)s;
+SELECT id, type, name, enabled, settings, dispatch.credential_limit_scopes(id, type, settings) AS limit_scopes
+FROM dispatch.credentials WHERE id = %(id)s;
 
 -- name: enterprise_config
 -- The integration config cache (notify/integrations.py): one enterprise, secrets included.
@@ -490,7 +504,7 @@ SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_er
 FROM dispatch.integration_status ORDER BY enterprise, integration;
 
 -- name: enterprise_config_masked
-SELECT number, name, dispatch.mask_secrets(integrations_config) AS integrations_config, updated_at
+SELECT number, name, dispatch.mask_integrations(integrations_config) AS integrations_config, updated_at
 FROM dispatch.enterprises WHERE number = %(number)s;
 
 -- name: enterprise_integration_set
@@ -520,6 +534,14 @@ SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_er
 FROM dispatch.integration_status
 WHERE %(number)s::text IS NULL OR enterprise = %(number)s
 ORDER BY enterprise, integration;
+
+-- name: call_event_delivered
+SELECT delivered FROM dispatch.call_events
+WHERE call_unique_id = %(call)s AND event = %(event)s AND integration = %(integration)s;
+
+-- name: call_event_mark_delivered
+UPDATE dispatch.call_events SET delivered = %(delivered)s::text[]
+WHERE call_unique_id = %(call)s AND event = %(event)s AND integration = %(integration)s;
 
 -- name: call_event
 SELECT integration, job_id, created

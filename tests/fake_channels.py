@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,8 @@ class FakeChannels:
     seen: list[Seen] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     amo: dict[str, AmoAccount] = field(default_factory=lambda: defaultdict(AmoAccount))
+    # Awaited by amoCRM's OAuth endpoint once it has rotated the tokens, before it answers.
+    on_refresh: Callable[[], Awaitable[None]] | None = None
 
     def to(self, path_part: str) -> list[Seen]:
         return [s for s in self.seen if path_part in s.path]
@@ -92,7 +94,8 @@ def _bitrix(code: str, calls: int) -> web.Response:
     return web.json_response({"error": "INTERNAL_SERVER_ERROR", "error_description": "oops"}, status=500)
 
 
-async def _amo(account: AmoAccount, name: str, path: str, request: web.Request, body: bytes) -> web.Response:
+async def _amo(fake: FakeChannels, account: AmoAccount, name: str, path: str, request: web.Request,
+               body: bytes) -> web.Response:
     def problem(status: int, title: str, detail: str, **more: Any) -> web.Response:
         return web.json_response({"title": title, "type": "https://httpstatus.es/" + str(status),
                                   "status": status, "detail": detail, **more},
@@ -105,7 +108,9 @@ async def _amo(account: AmoAccount, name: str, path: str, request: web.Request, 
             return problem(400, "Bad Request", "Refresh token has been revoked", hint="invalid_grant")
         account.refreshes += 1
         account.access_token = f"at-{account.refreshes}"
-        account.refresh_token = f"rt-{account.refreshes}"
+        account.refresh_token = f"rt-{account.refreshes}"  # the old one is void from now on
+        if fake.on_refresh is not None:
+            await fake.on_refresh()
         return web.json_response({"token_type": "Bearer", "expires_in": 86400,
                                   "access_token": account.access_token, "refresh_token": account.refresh_token})
     if path == "api/v4/account":
@@ -163,7 +168,7 @@ async def fake_channels() -> AsyncIterator[FakeChannels]:
         if parts[0] == "rest" and parts[-1] == "crm.lead.add.json":
             return _bitrix(parts[2], fake.calls[request.path])
         if parts[0] == "amo":  # /amo/<account>/...
-            return await _amo(fake.amo[parts[1]], parts[1], "/".join(parts[2:]), request, body)
+            return await _amo(fake, fake.amo[parts[1]], parts[1], "/".join(parts[2:]), request, body)
         return web.Response(status=404, text="no such endpoint")
 
     async with served(handle) as fake.url:

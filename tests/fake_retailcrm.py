@@ -58,7 +58,13 @@ class FakeRetailCrm:
         return [s for s in self.seen if s.method == method and account in (None, s.account)]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        account, _, method = request.path.strip("/").partition("/api/v5/")
+        account, _, method = request.path.strip("/").partition("/api/")
+        if method.startswith("v5/"):
+            method = method.removeprefix("v5/")
+            if method in UNVERSIONED:  # as RetailCRM: /api/credentials has no version
+                return web.json_response({"success": False, "errorMsg": "Method not found"}, status=404)
+        elif method not in UNVERSIONED:
+            return web.json_response({"success": False, "errorMsg": "API version is not specified"}, status=404)
         raw = parse_qs((await request.read()).decode()) if request.method == "POST" else parse_qs(request.query_string)
         form = {k: _maybe_json(v[0]) for k, v in raw.items()}
         self.seen.append(Seen(account, method, form, time.monotonic()))
@@ -82,6 +88,9 @@ class FakeRetailCrm:
                                     content_type="text/html")
             case "down" if self.down:
                 return web.json_response({"success": False, "errorMsg": "Internal error"}, status=500)
+            case "flaky-upload" if method == "telephony/calls/upload" and self.calls[account + method] == 0:
+                self.calls[account + method] += 1
+                return web.json_response({"success": False, "errorMsg": "Internal error"}, status=500)
             case "slow":
                 await asyncio.sleep(self.delay)
         return self._ok(method, form)
@@ -104,6 +113,9 @@ class FakeRetailCrm:
             return web.json_response({"success": True, "credentials": ["telephony_write", "telephony_read"],
                                       "siteAccess": "access_full"})
         return web.json_response({"success": True})
+
+
+UNVERSIONED = ("credentials", "api-versions")
 
 
 def _maybe_json(value: str) -> Any:

@@ -213,6 +213,8 @@ def test_crm_cli(db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: p
                  tmp_path: Any) -> None:
     """Every command's happy and error paths, exit codes, and the API key in no output."""
     monkeypatch.setenv("DATABASE_URL", db_url)
+    # With DATABASE_URL the checks keep the workers' policy: the fake on loopback is allowed by name.
+    monkeypatch.setenv("PGDISPATCH_ALLOW_DESTINATIONS", "127.0.0.1")
     with in_a_thread(fake_retailcrm()) as fake:
         settings = tmp_path / "retailcrm.json"
         settings.write_text(json.dumps({"api_url": fake.api_url("ok"), "api_key": API_KEY}))
@@ -274,6 +276,7 @@ async def test_two_worker_processes_share_the_enterprises_rate_limit_and_serve_s
         log = (tmp_path / "pool.log").open("w")
         pool = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pgdispatch", "worker", "--queue", "crm", "--processes", "2", "--concurrency", "20",
+            "--allow-destination", "127.0.0.1",
             "--http-port", str(port), env={**os.environ, "DATABASE_URL": db_url, "PGDISPATCH_LOG": "WARNING"},
             stdout=log, stderr=subprocess.STDOUT)
         try:

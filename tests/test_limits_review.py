@@ -239,7 +239,7 @@ async def test_a_tenant_with_separators_cannot_take_another_tenants_slot(db_url:
         # A feature's own key (an enterprise's CRM) is out of a producer's reach...
         forged = await limits.admit("enterprise:0367:retailcrm", "acme.retailcrm.ru")
         assert isinstance(forged, Permit) and forged.slots == []
-        crm = await limits.admit("enterprise:0367:retailcrm", "acme.retailcrm.ru", feature=True)
+        crm = await limits.admit_scopes(["enterprise:0367:retailcrm"], "acme.retailcrm.ru")
         assert isinstance(crm, Permit) and crm.slots == ["tenant:enterprise:0367:retailcrm"]
         # ...and a tenant named like a pattern is a tenant, not the pattern.
         assert limits.keys("*", "h")[2] == "tenant:%2A"

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgdispatch import sql
 from pgdispatch.db.connections import DIRECT, ConnectionSettings, check_soon
+from pgdispatch.db.masking import mask_text
 from pgdispatch.worker.job import Job, JobArgsLoader
 
 log = logging.getLogger(__name__)
@@ -333,9 +334,11 @@ def no_history_partition(exc: psycopg.Error) -> bool:
 
 
 def _clip(text: str | None) -> str | None:
+    """An error as it is stored: masked (an exception's text may quote a URL with its key),
+    then cut."""
     if text is None:
         return None
-    text = text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
+    text = mask_text(text.replace("\x00", "\\0"))  # PostgreSQL text cannot hold NUL
     if len(text) <= MAX_ERROR_CHARS:
         return text
     return text[: MAX_ERROR_CHARS - 1] + "…"

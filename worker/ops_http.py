@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 async def read_stats(database_url: str, *, integrations: str = "integration_status") -> dict[str, Any]:
     """What /stats shows; /metrics reads `integrations` from crm_breakers, which skips the history."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True,
-                                                     connect_timeout=5) as conn:
+                                                     connect_timeout=5) as conn, conn.transaction():
         cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(sql.query("operator_reads"))
         await cur.execute(sql.query("queue_stats"))
         queues = await cur.fetchall()
         await cur.execute(sql.query("worker_status"))

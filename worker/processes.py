@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
 from pgdispatch.db.errors import ConfigurationError, PgDispatchError
+from pgdispatch.db.masking import mask_document, mask_text
 from pgdispatch.worker.batcher import Batcher
 from pgdispatch.worker.job import ConnectionSource, Job, job_connections
 from pgdispatch.worker.outcome import Discard, Done, Outcome, Postpone
@@ -333,9 +334,12 @@ async def _single_statements(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
 
 
 def _payload(payload: Any) -> Jsonb | None:
+    """What the journal keeps of a step's payload: masked first, then cut (an excerpt is text,
+    which no key-based masking can see into afterwards)."""
     if payload is None:
         return None
-    text = json.dumps(payload, default=str)
+    masked = mask_document(json.loads(json.dumps(payload, default=str)))
+    text = json.dumps(masked)
     if len(text.encode()) > PAYLOAD_LIMIT:
-        return Jsonb({"truncated": True, "excerpt": text[:PAYLOAD_LIMIT]})
-    return Jsonb(payload if isinstance(payload, dict | list) else {"value": payload})
+        return Jsonb({"truncated": True, "excerpt": mask_text(text[:PAYLOAD_LIMIT])})
+    return Jsonb(masked if isinstance(masked, dict | list) else {"value": masked})

@@ -407,7 +407,7 @@ BEGIN
     ), journaled AS (
         INSERT INTO dispatch.process_history (process_id, step, attempt, status, message, payload, error, version,
                                               started_at)
-        SELECT d.id, d.step, d.attempt, d.result, d.message,
+        SELECT d.id, d.step, d.attempt, d.result, dispatch.mask_text(d.message),
                CASE WHEN d.payload IS NOT NULL THEN dispatch.mask_secrets(d.payload) END,
                CASE WHEN d.error IS NOT NULL THEN dispatch.mask_text(d.error) END, worker_version, d.started_at
         FROM decided d

@@ -208,14 +208,16 @@ SELECT c.key, c.name, c.args, c.schedule, c.queue,
        CASE WHEN run.state = 'running' AND run.lease_expires_at <= now() THEN 'Locked'
             WHEN run.state = 'running' THEN 'Working'
             WHEN run.state IS NOT NULL THEN 'Queued'
-            WHEN NOT c.enabled OR s.all_disabled THEN 'Disabled'
+            WHEN NOT c.enabled OR switch.all_disabled THEN 'Disabled'
             ELSE 'Idle' END AS status,
-       c.enabled AND NOT s.all_disabled AS enabled,
+       c.enabled AND NOT switch.all_disabled AS enabled,
        run.leased_by AS holder, run.leased_at AS since, run.lease_expires_at AS expires,
        last.finished_at AS last_run, last.outcome AS last_outcome, dispatch.mask_text(last.error) AS last_error,
        c.next_tick AS next_run
 FROM dispatch.commands c
-CROSS JOIN dispatch.command_switch s
+-- One row, read once: a join would let the planner guess thousands of rows for the never-analysed
+-- switch, multiply every cost by them and cross PostgreSQL's JIT threshold (half a second per call).
+CROSS JOIN (SELECT coalesce((SELECT w.all_disabled FROM dispatch.command_switch w), false) AS all_disabled) switch
 LEFT JOIN LATERAL (
     SELECT j.state, j.leased_by, j.leased_at, j.lease_expires_at
     FROM (SELECT r.job_id FROM dispatch.command_runs r WHERE r.key = c.key ORDER BY r.created_at DESC LIMIT 1) r

@@ -1,15 +1,19 @@
 """amoCRM API v4: leads/complex, with its OAuth refresh.
 
 Every refresh returns a new refresh token and voids the old one, so two workers refreshing the
-same credential at once would leave one of them (and then everyone) locked out. A refresh is
-therefore done under the credential's row lock (FOR UPDATE, every worker on every host), and a
-worker that got the lock after another refreshed uses the new token instead of refreshing
-again. Both tokens are stored in the same statement.
+same credential at once would leave one of them (and then everyone) locked out, and a new pair
+that is not stored is a dead credential. A refresh is therefore done under the credential's
+refresh lease (one worker of all at a time; the others wait for it, then find the new token and
+do not refresh again), with no database connection held across the call, and the new pair is
+stored the moment it is in: both tokens in one short transaction that a cancellation cannot
+stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +31,8 @@ from pgdispatch.worker.channels.delivery import (
 from pgdispatch.worker.outcome import Discard, Outcome, Retry
 
 EARLY = 60.0  # refresh an access token this long before it expires
+
+log = logging.getLogger(__name__)
 
 
 def lead_complex(delivery: Delivery) -> list[dict[str, Any]]:
@@ -77,7 +83,21 @@ def _fresh_access_token(settings: Any) -> str | None:
 
 
 async def _refresh(io: ChannelIO, base: str, *, stale: str | None) -> str:
-    async with io.credential_for_update() as credential:
+    """A fresh access token. Once begun, a refresh runs to its end even when the job is
+    cancelled meanwhile (its timeout, a shutdown): amoCRM voids the old refresh token the moment
+    it answers, so the answer must be read and stored whatever becomes of the caller."""
+    refreshing = asyncio.ensure_future(_refresh_now(io, base, stale=stale))
+    refreshing.add_done_callback(_log_failure)
+    return await asyncio.shield(refreshing)
+
+
+def _log_failure(task: asyncio.Future[str]) -> None:
+    if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), NotSent):
+        log.warning("amoCRM token refresh failed: %s", task.exception())
+
+
+async def _refresh_now(io: ChannelIO, base: str, *, stale: str | None) -> str:
+    async with io.credential_refresh() as credential:
         current = credential.settings
         fresh = _fresh_access_token(current)
         if fresh is not None and fresh != stale:
@@ -94,8 +114,8 @@ async def _refresh(io: ChannelIO, base: str, *, stale: str | None) -> str:
                 raise NotSent(Retry(error=why, status=answer.status))
             raise NotSent(Discard("discarded", error=f"{why} (re-authorise the integration)",
                                   status=answer.status))
-        credential.save(access_token=granted["access_token"], refresh_token=granted["refresh_token"],
-                        expires_at=int(time.time()) + int(granted.get("expires_in", 86400)))
+        await credential.save(access_token=granted["access_token"], refresh_token=granted["refresh_token"],
+                              expires_at=int(time.time()) + int(granted.get("expires_in", 86400)))
         return str(granted["access_token"])
 
 

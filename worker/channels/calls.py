@@ -34,6 +34,8 @@ class CallEvent:
     payload: Mapping[str, Any]
     sent_at: datetime  # when dispatch.call_event took it: the same on every retry
     settings: Mapping[str, Any] = field(repr=False)  # the CRM's config: its API key inside
+    # The requests of this event an earlier attempt got through (by name): not sent again.
+    delivered: frozenset[str] = frozenset()
 
     def text(self, name: str) -> str | None:
         value = self.payload.get(name)

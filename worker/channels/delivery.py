@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from pgdispatch.worker.outbound.destinations import Destinations
-from pgdispatch.worker.outbound.transport import retry_after_seconds
+from pgdispatch.worker.outbound.transport import MAX_RETRY_AFTER, retry_after_seconds
 from pgdispatch.worker.outcome import Discard, Done, Postpone, Retry
 
 EXCERPT_CHARS = 2048
@@ -54,21 +54,28 @@ class Answer:
             return None
 
     def retry_after(self, default: float | None = None) -> float | None:
+        """Its Retry-After header, else the `retry_after` of a JSON answer's `parameters` (where
+        Telegram says it), in seconds, at most a day."""
         seconds = retry_after_seconds(self.headers.get("retry-after"), time.time())
+        if seconds is None and self.status == 429:
+            reply = self.json()
+            parameters = reply.get("parameters") if isinstance(reply, dict) else None
+            given = parameters.get("retry_after") if isinstance(parameters, dict) else None
+            if isinstance(given, int | float) and not isinstance(given, bool) and given >= 0:
+                seconds = min(float(given), MAX_RETRY_AFTER)
         return default if seconds is None else seconds
 
 
-@dataclass(slots=True)
-class CredentialUpdate:
-    """A credential's settings read under a row lock (FOR UPDATE: every worker on every host
-    waits for it); what `save` is given is merged into them when the block ends, atomically."""
+class CredentialRefresh(Protocol):
+    """A credential's settings while this worker holds its refresh lease (one worker of all at a
+    time; no database connection is held meanwhile, so the vendor's HTTP call holds none)."""
 
     settings: dict[str, Any]
-    changes: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, **changes: Any) -> None:
-        self.changes.update(changes)
-        self.settings.update(changes)
+    async def save(self, **changes: Any) -> None:
+        """Merge `changes` into the settings at once, in a short transaction of its own that a
+        cancellation cannot stop (a rotated refresh token is void the moment the vendor answers:
+        losing the new one would leave a dead credential)."""
 
 
 class Outbound(Protocol):
@@ -78,14 +85,17 @@ class Outbound(Protocol):
     destinations: Destinations
 
     async def request(self, method: str, url: str, *, content: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> Answer: ...
+                      headers: Mapping[str, str] | None = None,
+                      slow_down: Callable[[Answer], float | None] | None = None) -> Answer:
+        """`slow_down` reads a vendor's own "too many requests" from an answer that is not a
+        429 (Bitrix24's 503 QUERY_LIMIT_EXCEEDED): seconds to pause the key, or None."""
 
 
 class ChannelIO(Outbound, Protocol):
-    """A lead adapter's way out: Outbound, and changing its credential's settings (tokens
-    that rotate)."""
+    """A lead adapter's way out: Outbound, and refreshing its credential's tokens (tokens that
+    rotate), one worker at a time."""
 
-    def credential_for_update(self) -> AbstractAsyncContextManager[CredentialUpdate]: ...
+    def credential_refresh(self) -> AbstractAsyncContextManager[CredentialRefresh]: ...
 
 
 class NotSent(Exception):

@@ -1,7 +1,13 @@
-"""E-mail over SMTP (aiosmtplib): STARTTLS, implicit TLS or plain, as the credential says."""
+"""E-mail over SMTP (aiosmtplib): STARTTLS, implicit TLS or plain, as the credential says.
+
+The server's name is resolved once, each address checked by the destination policy (IPv4 and
+IPv6 alike), and the connection is made to an address that passed; TLS still verifies the
+server's name. Resolving again to connect (as aiosmtplib would) could reach another address
+than the one checked (DNS rebinding)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Mapping
 from email.message import EmailMessage
@@ -10,7 +16,7 @@ from typing import Any
 import aiosmtplib
 
 from pgdispatch.worker.channels.delivery import ChannelIO, CheckFailed, Delivery
-from pgdispatch.worker.outbound.destinations import CheckedResolver
+from pgdispatch.worker.outbound.destinations import Destinations, ForbiddenDestination
 from pgdispatch.worker.outcome import Discard, Done, Outcome, Retry
 
 TIMEOUT = 30.0
@@ -29,20 +35,41 @@ def message(delivery: Delivery) -> EmailMessage:
     return mail
 
 
+async def connect(destinations: Destinations, host: str, port: int) -> socket.socket:
+    """A TCP connection to an address of `host` the policy allows (the first that answers)."""
+    loop = asyncio.get_running_loop()
+    failure: OSError = OSError(f"{host} has no address")
+    for address in await destinations.addresses(host, port):
+        sock = socket.socket(address["family"], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await loop.sock_connect(sock, (address["host"], address["port"]))
+            return sock
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            failure = exc if isinstance(exc, OSError) else OSError(f"{address['host']}: no answer")
+        except BaseException:
+            sock.close()
+            raise
+    raise failure
+
+
 async def send_email(delivery: Delivery, io: ChannelIO) -> Outcome:
     settings = delivery.settings
     host, port, security = str(settings["host"]), int(settings["port"]), settings["security"]
     mail = message(delivery)
     sent = f"SMTP {host}:{port} ({security}) to {mail['To']}: {mail['Subject']}"
     detail = {"request": sent}
-    if not io.destinations.allow_private:
-        try:  # the same policy as HTTP: no private, loopback or link-local servers unless allowed
-            await CheckedResolver(io.destinations).resolve(host, port, socket.AF_INET)
-        except OSError as exc:
-            return Discard("discarded", error=f"{host}: {exc}", detail=detail)
+    try:  # the same policy as HTTP: no private, loopback or link-local servers unless allowed
+        sock = await connect(io.destinations, host, port)
+    except ForbiddenDestination as exc:
+        return Discard("discarded", error=f"{host}: {exc}", detail=detail)
+    except OSError as exc:
+        return Retry(error=f"SMTP {host}:{port}: {type(exc).__name__}: {exc}", detail=detail)
     try:
         refused, reply = await aiosmtplib.send(
-            mail, hostname=host, port=port, username=settings.get("username"),
+            mail, hostname=host, sock=sock, username=settings.get("username"),
             password=settings.get("password"), use_tls=security == "ssl", start_tls=security == "starttls",
             timeout=TIMEOUT)
     except aiosmtplib.SMTPAuthenticationError as exc:
@@ -59,6 +86,8 @@ async def send_email(delivery: Delivery, io: ChannelIO) -> Outcome:
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # Connect errors, timeouts, a server that hung up, a STARTTLS the server does not offer.
         return Retry(error=f"SMTP {host}:{port}: {type(exc).__name__}: {exc}", detail=detail)
+    finally:
+        sock.close()
     answer = {"request": sent, "response": reply}
     if refused:
         answer["response"] += f"; refused: {', '.join(f'{to} ({r.code})' for to, r in refused.items())}"
@@ -72,7 +101,11 @@ def _refusals(recipients: list[aiosmtplib.SMTPRecipientRefused]) -> str:
 async def check_email(settings: Mapping[str, Any], io: ChannelIO) -> str:
     """Connect, say EHLO, secure the session as configured and log in; nothing is sent."""
     host, port, security = str(settings["host"]), int(settings["port"]), settings["security"]
-    client = aiosmtplib.SMTP(hostname=host, port=port, use_tls=security == "ssl",
+    try:
+        sock = await connect(io.destinations, host, port)
+    except OSError as exc:
+        raise CheckFailed(f"SMTP {host}:{port} ({security}): {type(exc).__name__}: {exc}") from None
+    client = aiosmtplib.SMTP(hostname=host, sock=sock, use_tls=security == "ssl",
                              start_tls=security == "starttls", timeout=TIMEOUT)
     try:
         await client.connect()
@@ -81,5 +114,7 @@ async def check_email(settings: Mapping[str, Any], io: ChannelIO) -> str:
         await client.quit()
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise CheckFailed(f"SMTP {host}:{port} ({security}): {type(exc).__name__}: {exc}") from None
+    finally:
+        sock.close()
     login = " and the login" if settings.get("username") else ""
     return f"SMTP {host}:{port} accepts a {security} session{login}"

@@ -10,6 +10,7 @@ limit: retried after Retry-After when it gives one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import urlencode
 
 from pgdispatch.worker.channels.calls import BadEvent, CallEvent
 from pgdispatch.worker.channels.delivery import Answer, CheckFailed, Outbound, done, excerpt, retry, stop
-from pgdispatch.worker.outcome import Done, Outcome
+from pgdispatch.worker.outcome import Done, Outcome, Retry
 
 # A call event says "no answered"; an uploaded call says "no answer" (two enums in their API).
 HANGUP_STATUS = {"answered": "answered", "busy": "busy", "cancel": "cancel", "failed": "failed",
@@ -31,20 +32,27 @@ async def send_retailcrm(call: CallEvent, io: Outbound) -> Outcome:
     hangup: the event, then the call into the history; download: the call again, with its
     recording (RetailCRM keeps the first upload of a call: later ones are duplicateCalls)."""
     try:
-        requests = _requests(call)
+        requests = [(method, form) for method, form in _requests(call) if method not in call.delivered]
     except BadEvent as bad:
         return bad.outcome()
     sent_all: list[str] = []
     answers: list[str] = []
+    got_through = sorted(call.delivered)
+    status = 200
     for method, form in requests:
         sent, answer = await _post(io, call.settings, method, form)
         outcome = verdict(sent, answer)
         if not isinstance(outcome, Done):
+            if got_through and isinstance(outcome, Retry) and outcome.detail is not None:
+                # A hangup's event got through, its upload did not: the retry sends the upload only.
+                return dataclasses.replace(outcome, detail={**outcome.detail, "delivered": got_through})
             return outcome
+        got_through.append(method)
         sent_all.append(sent)
         answers.append(answer.text)
-    return Done(status=answer.status, detail={"request": excerpt("\n".join(sent_all)),
-                                              "response": excerpt("\n".join(answers))})
+        status = answer.status
+    return Done(status=status, detail={"request": excerpt("\n".join(sent_all)),
+                                       "response": excerpt("\n".join(answers))})
 
 
 def verdict(sent: str, answer: Answer) -> Outcome:
@@ -77,8 +85,9 @@ async def responsible_manager(settings: Mapping[str, Any], io: Outbound, phone: 
 
 
 async def check_retailcrm(settings: Mapping[str, Any], io: Outbound) -> str:
-    """`pgdispatch crm config test`: the key's rights (api/credentials), sending nothing."""
-    answer = await io.request("GET", f"{_base(settings)}/credentials", headers=_headers(settings))
+    """`pgdispatch crm config test`: the key's rights, sending nothing. /api/credentials is
+    unversioned (both official clients call it without v5; /api/v5/credentials is a 404)."""
+    answer = await io.request("GET", f"{_root(settings)}/api/credentials", headers=_headers(settings))
     reply = _reply_or_fail(answer)
     scopes = reply.get("scopes") or reply.get("credentials") or []
     missing = [s for s in ("telephony_write", "telephony_read") if scopes and s not in scopes]
@@ -182,8 +191,12 @@ def _message(reply: Mapping[str, Any]) -> str:
     return message[:500]
 
 
+def _root(settings: Mapping[str, Any]) -> str:
+    return str(settings["api_url"]).rstrip("/")
+
+
 def _base(settings: Mapping[str, Any]) -> str:
-    return str(settings["api_url"]).rstrip("/") + "/api/v5"
+    return _root(settings) + "/api/v5"
 
 
 def _headers(settings: Mapping[str, Any]) -> dict[str, str]:

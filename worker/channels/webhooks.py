@@ -18,6 +18,7 @@ from pgdispatch.worker.channels.delivery import (
     retry,
     stop,
 )
+from pgdispatch.worker.channels.secrets import mask_url_path
 from pgdispatch.worker.outbound.signing import SigningKey, webhook_headers
 from pgdispatch.worker.outcome import Outcome
 
@@ -28,7 +29,8 @@ async def send_webhook(delivery: Delivery, io: ChannelIO) -> Outcome:
                       ensure_ascii=False, separators=(",", ":")).encode()
     # The same id on every retry: the receiver's idempotency key.
     answer = await _post(io, settings, body, f"lead-delivery-{delivery.delivery_id}")
-    return _verdict(f"POST {settings['url']} {body.decode()}", answer, "lead")
+    # A hook's path may be its credential (/services/T.../B.../...): where it went, not how.
+    return _verdict(f"POST {mask_url_path(settings['url'])} {body.decode()}", answer, "lead")
 
 
 async def send_call_webhook(call: CallEvent, io: Outbound) -> Outcome:
@@ -40,7 +42,7 @@ async def send_call_webhook(call: CallEvent, io: Outbound) -> Outcome:
                       ensure_ascii=False, separators=(",", ":")).encode()
     # One id per (call, event), the same on every retry: the receiver's idempotency key.
     answer = await _post(io, call.settings, body, f"call-{call.call_unique_id}-{call.event}")
-    return _verdict(f"POST {call.settings['url']} {body.decode()}", answer, "call event")
+    return _verdict(f"POST {mask_url_path(call.settings['url'])} {body.decode()}", answer, "call event")
 
 
 def _verdict(sent: str, answer: Answer, what: str) -> Outcome:

@@ -10,13 +10,14 @@ with the CRM's host, its circuit breaker.
 
 from __future__ import annotations
 
+from pgdispatch import sql
 from pgdispatch.worker.channels import CRM_ADAPTERS, CallEvent
 from pgdispatch.worker.channels.calls import EVENTS
 from pgdispatch.worker.channels.delivery import NotSent
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.executors.outbound_io import LimitedIO
 from pgdispatch.worker.job import Job
-from pgdispatch.worker.outcome import Discard, InvalidJob, Outcome
+from pgdispatch.worker.outcome import Discard, InvalidJob, Outcome, Retry
 
 TIMEOUT = 3.0  # seconds for one CRM request (the seed: 2-3 s); the queue bounds the job (10 s)
 
@@ -51,14 +52,33 @@ class CrmEventExecutor:
         adapter = CRM_ADAPTERS.get(integration)
         if adapter is None:
             return Discard("discarded", error=f"no adapter for {integration} in this build")
+        key = {"call": call_unique_id, "event": event, "integration": integration}
+        # An earlier attempt may have got part of the event through (a hangup: its event, not
+        # its upload): those requests are not sent again. Read on retries only.
+        delivered = frozenset(await self._delivered(key)) if job.attempt > 1 else frozenset()
         call = CallEvent(enterprise=enterprise, integration=integration, event=event,
                          call_unique_id=call_unique_id, payload=payload, sent_at=job.created_at,
-                         settings=crm.settings)
+                         settings=crm.settings, delivered=delivered)
         try:
-            return await adapter(call, LimitedIO(self._context, crm_tenant(enterprise, integration),
-                                                 timeout=TIMEOUT))
+            outcome = await adapter(call, LimitedIO(self._context, crm_tenant(enterprise, integration),
+                                                    timeout=TIMEOUT))
         except NotSent as not_sent:
             return not_sent.outcome
+        got_through = (outcome.detail or {}).get("delivered") if isinstance(outcome, Retry) else None
+        if got_through and set(got_through) != delivered:
+            await self._remember(key, list(got_through))
+        return outcome
+
+    async def _delivered(self, key: dict[str, str]) -> list[str]:
+        assert self._context.database is not None
+        async with self._context.database() as conn:
+            row = await (await conn.execute(sql.query("call_event_delivered"), key)).fetchone()
+        return list(row[0]) if row else []
+
+    async def _remember(self, key: dict[str, str], delivered: list[str]) -> None:
+        assert self._context.database is not None
+        async with self._context.database() as conn:
+            await conn.execute(sql.query("call_event_mark_delivered"), {**key, "delivered": delivered})
 
 
 def _text(args: dict[str, object], name: str) -> str:

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
+from pgdispatch.db import masking
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outbound.deadlines import Deadlines
@@ -43,7 +43,6 @@ RESPONSE_EXCERPT_BYTES = 2048
 HEADERS_OF_INTEREST = ("content-type", "retry-after", "location", "x-request-id", "request-id",
                        "ratelimit-remaining", "ratelimit-reset", "x-ratelimit-remaining")
 _HEADERS_OF_INTEREST_RAW = frozenset(h.encode() for h in HEADERS_OF_INTEREST)
-_SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:token|key|secret|password|sig|auth)[^=&]*=)[^&#]*")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
 
@@ -310,10 +309,7 @@ def mask_url(uri: str) -> str:
     """The URL without credentials: userinfo and secret-looking query values are masked."""
     if "@" not in uri and "?" not in uri and "&" not in uri:
         return uri  # nothing to mask (the common case; this runs once per delivery)
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        uri = uri.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)
-    return _SECRET_QUERY.sub(r"\1***", uri)
+    return masking.mask_url(uri)
 
 
 def _retry_after(response: httpx.Response, now: float) -> float | None:

@@ -4,7 +4,7 @@ concurrency caps, breakers, Retry-After pauses, across every worker and host).""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,20 +18,28 @@ from pgdispatch.worker.outbound.transport import read_at_most, timed_out, transp
 from pgdispatch.worker.outcome import Discard, Postpone, Retry
 
 ANSWER_BYTES = 65_536  # of a vendor's answer read: its JSON verdict fits, a flood does not
+VENDOR_PAUSE = 1.0  # a 429 that says not how long: every worker waits a second for the key
 
 
 class LimitedIO:
-    """Outbound (worker/channels/delivery.py) for one job, limited as `tenant`; each request
-    waits at most `timeout` seconds for its answer."""
+    """Outbound (worker/channels/delivery.py) for one job, limited in its `scopes` (a feature's
+    own: enterprise:N:crm; a credential's vendor scopes, telegram-bot:HASH and its chat, or
+    credential:ID): each a shared limit, the first also the breaker's with the host. Each
+    request waits at most `timeout` seconds for its answer.
 
-    def __init__(self, context: ExecutorContext, tenant: str, *, timeout: float) -> None:
+    A 429 is the vendor's own word on its rate: a pause of the key for every worker (for its
+    Retry-After, or the retry_after of a Telegram answer, else a second), never a breaker
+    failure; timeouts, connection errors and 5xx are."""
+
+    def __init__(self, context: ExecutorContext, scopes: str | Sequence[str], *, timeout: float) -> None:
         self._context = context
-        self._tenant = tenant
+        self._scopes = [scopes] if isinstance(scopes, str) else list(scopes)
         self._timeout = timeout
         self.destinations = context.destinations
 
     async def request(self, method: str, url: str, *, content: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> Answer:
+                      headers: Mapping[str, str] | None = None,
+                      slow_down: Callable[[Answer], float | None] | None = None) -> Answer:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
         if parts.scheme not in ("http", "https") or not host:
@@ -40,9 +48,8 @@ class LimitedIO:
             host = host_key(httpx.URL(url))
         except (httpx.InvalidURL, ValueError):
             raise NotSent(Discard("invalid", error=f"not a valid URL: {parts.scheme}://{host}")) from None
-        # The tenant is this feature's own scope (credential:ID, enterprise:N:crm): no producer's
-        # tenant can name it (limits.tenant_part).
-        permit = await self._context.limits.admit(self._tenant, host, feature=True)
+        # Scopes this feature owns: no producer's tenant can name them (limits.tenant_part).
+        permit = await self._context.limits.admit_scopes(self._scopes, host)
         if isinstance(permit, Wait):
             raise NotSent(Postpone(permit.seconds, permit.reason))
         failed, retry_after, reason = True, None, "no answer"
@@ -51,8 +58,12 @@ class LimitedIO:
                                                    timeout=self._timeout) as response:
                 body = (await read_at_most(response, ANSWER_BYTES)).decode("utf-8", "replace")
             answer = Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()}, body)
-            failed = answer.status >= 500 or answer.status == 429
-            if answer.status in (429, 503):
+            failed = answer.status >= 500
+            if answer.status == 429:
+                retry_after = answer.retry_after(VENDOR_PAUSE)
+            elif slow_down is not None and (asked := slow_down(answer)) is not None:
+                retry_after = asked
+            elif answer.status == 503:
                 retry_after = answer.retry_after()
             reason = f"answered {answer.status}"
             return answer

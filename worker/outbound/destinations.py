@@ -63,11 +63,12 @@ class Destinations:
         return self.forbids_address(host)
 
     def forbids_address(self, address: str) -> bool:
+        """Whether `address`, an IP literal, is refused (False for a name: the resolver
+        decides). IPv4-mapped IPv6 is checked as the IPv4 address it maps."""
         if self.allow_private:
             return False
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
+        ip = ip_literal(address)
+        if ip is None:
             return False  # not an IP literal: the resolver decides
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
@@ -78,6 +79,36 @@ class Destinations:
 
     def resolver(self) -> AbstractResolver | None:
         return None if self.allow_private else CheckedResolver(self)
+
+    async def addresses(self, host: str, port: int) -> list[ResolveResult]:
+        """The addresses of `host` (a name or an IP literal, IPv4 and IPv6) this policy lets a
+        connection reach; ForbiddenDestination when there is none. A channel that opens its own
+        connection (SMTP) connects to one of these, never to a name resolved again."""
+        resolver: AbstractResolver = ThreadedResolver() if self.allow_private else CheckedResolver(self)
+        try:
+            return await resolver.resolve(host.rstrip(".") or host, port, socket.AF_UNSPEC)
+        finally:
+            await resolver.close()
+
+
+_NUMERIC_IPV4 = re.compile(r"(?i)^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
+def ip_literal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`address` as an IP address when it is one however it is written: IPv6 with or without
+    brackets and zone, and the shorthand IPv4 forms the C library takes (2130706433, 0x7f.1,
+    127.1), which some clients connect to as they are."""
+    text = address.strip("[]").split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if _NUMERIC_IPV4.match(text):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    return None
 
 
 def _network(text: str) -> IPNetwork | None:

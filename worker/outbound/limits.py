@@ -236,13 +236,20 @@ class Limits:
 
     # -- what applies -------------------------------------------------------------------------
 
-    def keys(self, tenant: str | None, host: str, *, feature: bool = False) -> list[str]:
-        """The limit keys of a request, the narrowest first. `tenant` is a producer's, encoded
-        by tenant_part, unless `feature` says it is a feature's own scope (credential:ID)."""
+    def keys(self, tenant: str | None, host: str) -> list[str]:
+        """The limit keys of a producer's request, the narrowest first (`tenant` encoded by
+        tenant_part)."""
         if tenant is None:
             return [f"host:{host}"]
-        scope = tenant if feature else tenant_part(tenant)
-        return [f"tenant:{scope}|host:{host}", f"host:{host}", f"tenant:{scope}"]
+        return self.scope_keys([tenant_part(tenant)], host)
+
+    @staticmethod
+    def scope_keys(scopes: Sequence[str], host: str) -> list[str]:
+        """The limit keys of a request in `scopes` (the first also names its breaker, with the
+        host), the narrowest first."""
+        first, *others = scopes
+        return [f"tenant:{first}|host:{host}", f"host:{host}", f"tenant:{first}",
+                *(f"tenant:{scope}" for scope in others)]
 
     def rule_for(self, key: str) -> Rule | None:
         """The rule of `key`: by name, else the pattern with the fewest stars that matches
@@ -267,22 +274,30 @@ class Limits:
 
     # -- admission ----------------------------------------------------------------------------
 
-    async def admit(self, tenant: str | None, host: str, *, feature: bool = False) -> Permit | Wait:
-        """A Permit when a request to `host` for `tenant` may go out now (waiting up to
-        MAX_WAIT for a token or a slot), else how long to wait. Checks blocks (pauses, open
+    async def admit(self, tenant: str | None, host: str) -> Permit | Wait:
+        """A Permit when a producer's request to `host` for `tenant` may go out now (waiting up
+        to MAX_WAIT for a token or a slot), else how long to wait. Checks blocks (pauses, open
         breakers), then rates, then concurrency, then takes the probe of a half-open breaker.
-        `feature`: `tenant` is a feature's own scope (see keys).
 
         Never raises for the limits' own database (a pool timeout, a restart): the request is
         postponed, and no attempt is spent. Whatever becomes of the caller (cancelled at any
         await, an error), the slots taken so far are given back."""
-        permit = Permit(tenant if feature or tenant is None else tenant_part(tenant), host,
-                        job_tenant=None if feature else tenant, parks=not feature)
+        permit = Permit(None if tenant is None else tenant_part(tenant), host, job_tenant=tenant)
+        return await self._admit_keys(permit, lambda: self.keys(tenant, host))
+
+    async def admit_scopes(self, scopes: Sequence[str], host: str) -> Permit | Wait:
+        """As admit, for a feature's request: its own scopes (a lead credential's vendor
+        scopes, telegram-bot:HASH and its chat; an enterprise's CRM, enterprise:N:crm), which
+        no producer's tenant can name. The first names its breaker (with the host)."""
+        return await self._admit_keys(Permit(scopes[0], host, parks=False),
+                                      lambda: self.scope_keys(scopes, host))
+
+    async def _admit_keys(self, permit: Permit, keys: Callable[[], list[str]]) -> Permit | Wait:
         if not self._rules and not self._blocked:
             self.counters.admitted += 1
             return permit  # the unlimited path: nothing configured, nothing blocked
         try:
-            admitted = await self._admit(permit, self.keys(tenant, host, feature=feature))
+            admitted = await self._admit(permit, keys())
         except BaseException as exc:
             self.cancel(permit)
             if not isinstance(exc, DATABASE_ERRORS):

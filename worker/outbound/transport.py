@@ -17,21 +17,28 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from email.utils import parsedate_to_datetime
 
+import aiohttp
 import httpx
 
-from pgdispatch.worker.outbound.destinations import Destinations
+from pgdispatch.worker.outbound.destinations import Destinations, ForbiddenDestination
+from pgdispatch.worker.outbound.hosts import hostname
 
 USER_AGENT = "pgdispatch"
 
 
 class HttpTransport:
     """Owns the aiohttp session (built lazily inside the running loop) behind httpx's API.
-    Host names resolving only to addresses `destinations` forbids are refused at connect time
-    (the address checked is the one connected to: no DNS rebinding)."""
+
+    Every request goes through the destination policy here, whoever sends it (a request, a lead
+    channel, a CRM, smart redirect, a CLI check): an IP literal (IPv4, IPv6, IPv4-mapped, 0.0.0.0,
+    with userinfo or a stray `#`: as the URL parser reads it) is checked before sending, since
+    aiohttp skips the resolver for those; a host name is checked after DNS, inside the
+    connector's resolver, so the address checked is the address connected to (no DNS
+    rebinding)."""
 
     def __init__(self, *, max_connections: int, destinations: Destinations | None = None) -> None:
         policy = destinations or Destinations(allow_private=True)
-        import aiohttp
+        self.destinations = policy
         from httpx_aiohttp import AiohttpTransport
 
         def session() -> aiohttp.ClientSession:
@@ -52,15 +59,27 @@ class HttpTransport:
     async def exchange(self, method: str, url: str | httpx.URL, *, content: bytes | None = None,
                        headers: Mapping[str, str] | None = None,
                        timeout: float = 30.0) -> AsyncIterator[httpx.Response]:
-        """Send one request; the response's body is streamed and released on exit."""
+        """Send one request; the response's body is streamed and released on exit. A destination
+        the policy forbids raises httpx.ConnectError caused by ForbiddenDestination (see
+        destinations.forbidden_cause), like one refused after DNS."""
         request = httpx.Request(method, url, content=content,
                                 headers={"User-Agent": USER_AGENT, **(headers or {})},
                                 extensions={"timeout": httpx.Timeout(timeout).as_dict()})
-        response = await self._transport.handle_async_request(request)
+        host = hostname(request.url)
+        if self.destinations.forbids_address(host):
+            raise httpx.ConnectError(f"{host}: forbidden destination") from ForbiddenDestination(
+                f"{host} is a private, loopback or link-local address, which this worker may not reach")
         try:
-            yield response
-        finally:
-            await response.aclose()
+            response = await self._transport.handle_async_request(request)
+            try:
+                yield response
+            finally:
+                await response.aclose()
+        except aiohttp.ClientError as exc:
+            # aiohttp's own errors escape the httpx transport when an answer is malformed (a bad
+            # chunk size, say), and their text quotes the URL, query string and its keys included:
+            # said in our own words, as an httpx error like every other failure to exchange.
+            raise httpx.RemoteProtocolError(f"{type(exc).__name__}: the answer could not be read") from exc
 
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 from typing import Any
 
 from pgdispatch import sql
@@ -58,8 +57,7 @@ def commands(env: Env, args: argparse.Namespace) -> int:
             say(f"command {args.key}: {released} stale run given up" if released else
                 f"command {args.key} has no stale lock (a lock is stale once its run's lease ran out)")
             return EXIT_OK
-        row = conn.execute(sql.query("schedule_command"), {
-            "key": args.key, "tick": datetime.now(UTC), "next_tick": None, "manual": True}).fetchone()
+        row = conn.execute(sql.query("run_command"), {"key": args.key, "who": env.operator}).fetchone()
         job_id = row["job_id"] if row else None
         if job_id is None:
             say(f"command {args.key} not started: its previous run is still queued or running "

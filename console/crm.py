@@ -77,11 +77,12 @@ def crm(env: Env, args: argparse.Namespace) -> int:
             if args.enabled is not None:
                 changes["enabled"] = args.enabled
             row = conn.execute(sql.query("enterprise_integration_set"), {
-                "number": args.enterprise, "name": args.name or args.enterprise,
-                "integration": args.integration, "changes": Jsonb(changes)}).fetchone()
+                "number": args.enterprise, "name": args.name, "integration": args.integration,
+                "changes": Jsonb(changes), "who": env.operator, "reason": None}).fetchone()
             assert row is not None
+            enabled = row["integrations_config"][args.integration]["enabled"]
             say(f"enterprise {args.enterprise}: {args.integration} "
-                f"{'enabled' if row['enabled'] else 'disabled'}, {', '.join(sorted(changes))} set")
+                f"{'enabled' if enabled else 'disabled'}, {', '.join(sorted(changes))} set")
             return EXIT_OK
         if command == "status":
             with conn.transaction():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import Any
 
 from pgdispatch import sql
@@ -10,6 +11,7 @@ from pgdispatch.console.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_PARTLY,
+    Conn,
     Env,
     connect,
     db_now_plus,
@@ -20,6 +22,8 @@ from pgdispatch.console.common import (
     table,
 )
 from pgdispatch.db.errors import InvalidInput, NotFound, translated
+
+CHUNK = 5000  # dead letters per transaction of a bulk retry or purge
 
 
 def register(sub: Any) -> None:
@@ -64,14 +68,15 @@ def dead(env: Env, args: argparse.Namespace) -> int:
             if args.all == bool(args.ids):
                 raise InvalidInput("give job ids or --all (not both)")
             expire_at = None if args.expire_in is None else db_now_plus(conn, args.expire_in)
-            if args.all:
-                rows = conn.execute(sql.query("dead_retry_all"),
-                                    {"queue": args.queue, "expire_at": expire_at}).fetchall()
-            else:
-                rows = conn.execute(sql.query("dead_retry"),
-                                    {"job_ids": args.ids, "expire_at": expire_at}).fetchall()
-            revived = [r["job_id"] for r in rows if r["revived"]]
-            skipped = [{"job_id": r["job_id"], "reason": r["reason"]} for r in rows if not r["revived"]]
+            revived, skipped = [], []
+            for chunk in _chunks(conn, args) if args.all else [args.ids]:
+                for r in conn.execute(sql.query("dead_retry"), {"job_ids": chunk, "expire_at": expire_at,
+                                                               "who": env.operator, "reason": None}):
+                    if r["revived"]:
+                        revived.append(r["job_id"])
+                    else:
+                        skipped.append({"job_id": r["job_id"], "reason": r["reason"]})
+                conn.commit()  # each chunk is done for good, whatever happens to the next
             emit(args, {"retried": revived, "skipped": skipped}, _render_retry)
             if skipped:
                 # Done as far as it could go: every skipped job is named with why.
@@ -80,10 +85,28 @@ def dead(env: Env, args: argparse.Namespace) -> int:
         elif args.dead_command == "purge":
             if not args.yes:
                 raise InvalidInput("purge deletes dead jobs for good: add --yes to confirm")
-            cur = conn.execute(sql.query("dead_purge"), {
-                "queue": args.queue, "older_than_seconds": args.older_than})
-            emit(args, {"purged": cur.rowcount}, lambda d: say(f"purged {d['purged']} dead jobs"))
+            purged = 0
+            for chunk in _chunks(conn, args):
+                purged += sum(1 for r in conn.execute(sql.query("dead_purge"), {
+                    "job_ids": chunk, "who": env.operator, "reason": None}) if r["purged"])
+                conn.commit()
+            emit(args, {"purged": purged}, lambda d: say(f"purged {d['purged']} dead jobs"))
     return EXIT_OK
+
+
+def _chunks(conn: Conn, args: argparse.Namespace) -> Iterator[list[int]]:
+    """The ids of the dead letters the filter matches, CHUNK at a time, oldest death first (a
+    chunk revived or purged leaves the filter, so the cursor only moves forward)."""
+    after: tuple[Any, int] | None = None
+    while True:
+        rows = conn.execute(sql.query("dead_ids"), {
+            "queue": args.queue, "kind": None, "reason": None, "since": None, "until": None,
+            "older_than_seconds": getattr(args, "older_than", None), "limit": CHUNK,
+            "after_at": after[0] if after else None, "after_id": after[1] if after else None}).fetchall()
+        if not rows:
+            return
+        yield [r["job_id"] for r in rows]
+        after = (rows[-1]["died_at"], rows[-1]["job_id"])
 
 
 def _render_retry(done: dict[str, Any]) -> None:

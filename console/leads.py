@@ -82,7 +82,7 @@ def leads(env: Env, args: argparse.Namespace) -> int:
             assert batch is not None
             return _show_batch(conn, args, batch["batch_id"])
         if args.leads_command == "resend":
-            summary = _resend(conn, _lead_ids(args), args.types, quiet=args.json)
+            summary = _resend(conn, _lead_ids(args), args.types, who=env.operator, quiet=args.json)
             emit(args, summary, lambda s: say(json.dumps({k: v for k, v in s.items() if k != "batches"},
                                                          ensure_ascii=False)))
             return EXIT_OK if not summary["errors_count"] else EXIT_ERROR
@@ -121,7 +121,7 @@ def _show_batch(conn: Conn, args: argparse.Namespace, batch_id: int) -> int:
     return EXIT_OK
 
 
-def _resend(conn: Conn, ids: list[int], types: list[str] | None, *, quiet: bool) -> dict[str, Any]:
+def _resend(conn: Conn, ids: list[int], types: list[str] | None, *, who: str, quiet: bool) -> dict[str, Any]:
     from rich.progress import Progress
 
     summary: dict[str, Any] = {"dispatched_count": 0, "total_count": 0, "errors_count": 0, "errors": [],
@@ -130,7 +130,8 @@ def _resend(conn: Conn, ids: list[int], types: list[str] | None, *, quiet: bool)
         task = progress.add_task("resending", total=len(ids))
         for start in range(0, len(ids), RESEND_CHUNK):
             chunk = ids[start:start + RESEND_CHUNK]
-            row = conn.execute(sql.query("resend_leads"), {"lead_ids": chunk, "types": types}).fetchone()
+            row = conn.execute(sql.query("resend_leads"), {"lead_ids": chunk, "types": types,
+                                                           "who": who}).fetchone()
             assert row is not None
             for key, value in row["summary"].items():
                 summary[key] += value
@@ -185,7 +186,7 @@ def credentials(env: Env, args: argparse.Namespace) -> int:
             return EXIT_OK
         if action in ("enable", "disable"):
             changed = conn.execute(sql.query("credential_enable"), {
-                "id": args.id, "enabled": action == "enable"}).fetchone()
+                "id": args.id, "enabled": action == "enable", "who": env.operator, "reason": None}).fetchone()
             if changed is None:
                 raise NotFound(f"no credential {args.id}")
             say(f"credential {args.id} ({changed['type']} {changed['name']!r}) {action}d")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
+
+from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, Env, connect, duration, emit, say, table
@@ -59,20 +60,20 @@ def limits(env: Env, args: argparse.Namespace) -> int:
             if not given and args.note is None:
                 raise InvalidInput("limits set: give at least one of --rate, --burst, --concurrency, "
                                    "--breaker-failures, --breaker-cooldown, --note")
-            params: dict[str, Any] = {"key": args.key, "note": args.note}
-            for setting in SETTINGS:
-                value = given.get(setting)
-                if setting == "breaker_cooldown" and value not in (None, OFF):
-                    value = timedelta(seconds=value)
-                params[setting] = None if value == OFF else value
-                params[f"set_{setting}"] = setting in given
-            conn.execute(sql.query("limit_upsert"), params)
+            changes: dict[str, Any] = {k: None if v == OFF else v for k, v in given.items()}
+            if args.note is not None:
+                changes["note"] = args.note
+            conn.execute(sql.query("limit_set"), {"key": args.key, "changes": Jsonb(changes),
+                                                 "who": env.operator, "reason": None})
             say(f"limit {args.key} set; every worker applies it at once")
         elif args.limits_command == "clear":
-            if not conn.execute(sql.query("limit_delete"), {"key": args.key}).rowcount:
+            row = conn.execute(sql.query("limit_delete"), {"key": args.key, "who": env.operator,
+                                                          "reason": None}).fetchone()
+            if not row or not row["deleted"]:
                 raise NotFound(f"no limit rule {args.key!r} (see: pgdispatch limits list)")
             say(f"limit {args.key} cleared")
         else:
-            row = conn.execute(sql.query("limit_reset"), {"key": args.key}).fetchone()
+            row = conn.execute(sql.query("limit_reset"), {"key": args.key, "who": env.operator,
+                                                         "reason": None}).fetchone()
             say(f"limit {args.key} reset ({row['back'] if row else 0} waiting requests back)")
     return EXIT_OK

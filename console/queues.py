@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from psycopg.types.json import Jsonb
+
 from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, PROG, Conn, Env, connect, duration, emit, say, table
 from pgdispatch.db.errors import InvalidInput, NotFound, translated
@@ -45,14 +47,16 @@ def queues(env: Env, args: argparse.Namespace) -> int:
             return EXIT_OK
         _require_queue(conn, args.name)
         if args.queues_command in ("pause", "resume"):
-            conn.execute(sql.query("queue_set_paused"),
-                         {"name": args.name, "paused": args.queues_command == "pause"})
+            conn.execute(sql.query("queue_set_paused"), {
+                "name": args.name, "paused": args.queues_command == "pause", "who": env.operator,
+                "reason": None})
             say(f"queue {args.name} {args.queues_command}d")
         elif args.queues_command == "set":
-            values = {k: getattr(args, k) for k in SETTINGS}
-            if all(v is None for v in values.values()):
+            changes = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+            if not changes:
                 raise InvalidInput("queues set: give at least one setting to change")
-            conn.execute(sql.query("queue_update"), {"name": args.name, **values})
+            conn.execute(sql.query("queue_update"), {"name": args.name, "changes": Jsonb(changes),
+                                                    "who": env.operator, "reason": None})
             say(f"queue {args.name} updated")
     return EXIT_OK
 

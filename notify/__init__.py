@@ -10,6 +10,8 @@ from typing import Any
 
 JOBS_CHANNEL = "dispatch_jobs"
 CONFIG_CHANNEL = "dispatch_config"
+# dispatch.cancel_jobs_v1: {"worker": ID, "tokens": [lease tokens]}, for the worker holding them.
+CANCEL_CHANNEL = "dispatch_cancel"
 
 
 def config_message(payload: str | None) -> dict[str, Any]:

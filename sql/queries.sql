@@ -145,42 +145,39 @@ SELECT attempt, outcome, error, status, worker, started_at, finished_at
 FROM dispatch.job_history WHERE job_id = %(job_id)s ORDER BY finished_at, attempt;
 
 -- name: dead_retry
--- One row per job asked for: revived, or skipped with the reason.
-SELECT job_id, revived, reason FROM dispatch.retry_dead_v2(%(job_ids)s, expire_at => %(expire_at)s);
+-- One row per job asked for: revived, or skipped with the reason (audited as one action).
+SELECT job_id, revived, reason FROM dispatch.retry_dead_v3(%(job_ids)s, %(expire_at)s, %(who)s, %(reason)s);
 
--- name: dead_retry_all
-SELECT r.job_id, r.revived, r.reason
-FROM dispatch.retry_dead_v2((SELECT coalesce(array_agg(job_id), '{}') FROM dispatch.dead_jobs
-                             WHERE %(queue)s::text IS NULL OR queue = %(queue)s),
-                            expire_at => %(expire_at)s) r;
+-- name: dead_ids
+-- The next chunk of dead letters a filter matches, oldest death first, after a cursor
+-- (died_at, job_id): bulk actions over "everything the filter matches" go chunk by chunk.
+SELECT job_id, died_at FROM dispatch.dead_jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s)
+  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+  AND (%(older_than_seconds)s::float8 IS NULL
+       OR died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
+  AND (%(since)s::timestamptz IS NULL OR died_at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR died_at < %(until)s)
+  AND (%(after_at)s::timestamptz IS NULL OR (died_at, job_id) > (%(after_at)s, %(after_id)s::bigint))
+ORDER BY died_at, job_id LIMIT %(limit)s;
 
 -- name: dead_purge
-DELETE FROM dispatch.dead_jobs
-WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(older_than_seconds)s::float8 IS NULL
-       OR died_at < now() - make_interval(secs => %(older_than_seconds)s::float8));
+-- One row per job asked for: purged, or skipped with the reason (audited as one action).
+SELECT job_id, purged, reason FROM dispatch.purge_dead_v1(%(job_ids)s, %(who)s, %(reason)s);
 
 -- name: queue_exists
 SELECT EXISTS (SELECT 1 FROM dispatch.queues WHERE name = %(name)s);
 
 -- name: queue_set_paused
-UPDATE dispatch.queues SET paused = %(paused)s WHERE name = %(name)s;
+SELECT dispatch.pause_queue_v1(%(name)s, %(paused)s, %(who)s, %(reason)s);
 
 -- name: queue_create
 INSERT INTO dispatch.queues (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
 
 -- name: queue_update
-UPDATE dispatch.queues SET
-    max_attempts = coalesce(%(max_attempts)s, max_attempts),
-    backoff_base = coalesce(make_interval(secs => %(backoff_base)s::float8), backoff_base),
-    backoff_factor = coalesce(%(backoff_factor)s, backoff_factor),
-    backoff_cap = coalesce(make_interval(secs => %(backoff_cap)s::float8), backoff_cap),
-    backoff_jitter = coalesce(%(backoff_jitter)s, backoff_jitter),
-    job_timeout = coalesce(make_interval(secs => %(job_timeout)s::float8), job_timeout),
-    concurrency = CASE WHEN %(concurrency)s::int = 0 THEN NULL
-                       ELSE coalesce(%(concurrency)s::int, concurrency) END,
-    dedupe_window = coalesce(make_interval(secs => %(dedupe_window)s::float8), dedupe_window)
-WHERE name = %(name)s;
+-- `changes`: the settings to change, seconds for durations, concurrency 0 for no cap.
+SELECT dispatch.update_queue_v1(%(name)s, %(changes)s, %(who)s, %(reason)s);
 
 -- name: send_request
 SELECT dispatch.send_request(
@@ -317,31 +314,15 @@ FROM dispatch.limit_status ORDER BY key;
 SELECT key, rate, burst, concurrency, breaker_failures, breaker_cooldown, note, updated_at
 FROM dispatch.limits ORDER BY key;
 
--- name: limit_upsert
--- limits set: the settings given replace those of the rule; the others stay (set_*: given).
-WITH changed AS (
-    UPDATE dispatch.limits l SET
-        rate = CASE WHEN %(set_rate)s THEN %(rate)s ELSE l.rate END,
-        burst = CASE WHEN %(set_burst)s THEN %(burst)s ELSE l.burst END,
-        concurrency = CASE WHEN %(set_concurrency)s THEN %(concurrency)s ELSE l.concurrency END,
-        breaker_failures = CASE WHEN %(set_breaker_failures)s THEN %(breaker_failures)s
-                                ELSE l.breaker_failures END,
-        breaker_cooldown = CASE WHEN %(set_breaker_cooldown)s THEN %(breaker_cooldown)s::interval
-                                ELSE l.breaker_cooldown END,
-        note = coalesce(%(note)s, l.note)
-    WHERE l.key = %(key)s
-    RETURNING l.key
-)
-INSERT INTO dispatch.limits (key, rate, burst, concurrency, breaker_failures, breaker_cooldown, note)
-SELECT %(key)s, %(rate)s, %(burst)s, %(concurrency)s, %(breaker_failures)s, %(breaker_cooldown)s::interval,
-       %(note)s
-WHERE NOT EXISTS (SELECT 1 FROM changed);
+-- name: limit_set
+-- limits set: the settings `changes` names replace the rule's (null clears one); the others stay.
+SELECT dispatch.set_limit_v1(%(key)s, %(changes)s, %(who)s, %(reason)s) AS created;
 
 -- name: limit_delete
-DELETE FROM dispatch.limits WHERE key = %(key)s;
+SELECT dispatch.delete_limit_v1(%(key)s, %(who)s, %(reason)s) AS deleted;
 
 -- name: limit_reset
-SELECT dispatch.reset_limit_v2(%(key)s) AS back;
+SELECT dispatch.reset_limit_v3(%(key)s, %(who)s, %(reason)s) AS back;
 
 -- Commands (worker/commands.py, console/commands.py) ---------------------------------------------
 
@@ -354,6 +335,9 @@ SELECT key, last_tick FROM dispatch.commands WHERE key = ANY (%(keys)s);
 
 -- name: schedule_command
 SELECT dispatch.schedule_command_v2(%(key)s, %(tick)s, %(next_tick)s, %(manual)s) AS job_id;
+
+-- name: run_command
+SELECT dispatch.run_command_v1(%(key)s, %(who)s) AS job_id;
 
 -- name: command_status
 SELECT key, name, args, schedule, queue, status, enabled, holder, since, expires, last_run,
@@ -445,7 +429,7 @@ SELECT type, credential_id, status::text AS status, error FROM dispatch.deliveri
 WHERE batch_id = %(batch_id)s ORDER BY id;
 
 -- name: resend_leads
-SELECT dispatch.resend_leads(%(lead_ids)s, %(types)s) AS summary;
+SELECT dispatch.resend_leads_v2(%(lead_ids)s, %(types)s, %(who)s) AS summary;
 
 -- name: lead_get
 SELECT id, external_entity_id, external_project_id, dispatch.mask_secrets(data) AS data, created_at
@@ -482,7 +466,8 @@ INSERT INTO dispatch.project_credentials (external_project_id, credential_id) VA
 ON CONFLICT DO NOTHING;
 
 -- name: credential_enable
-UPDATE dispatch.credentials SET enabled = %(enabled)s WHERE id = %(id)s RETURNING id, type, name;
+SELECT c.id, c.type, c.name, dispatch.enable_credential_v1(c.id, %(enabled)s, %(who)s, %(reason)s) AS changed
+FROM dispatch.credentials c WHERE c.id = %(id)s;
 
 -- name: credential_get
 SELECT id, type, name, enabled, settings, dispatch.credential_limit_scopes(id, type, settings) AS limit_scopes
@@ -508,25 +493,12 @@ SELECT number, name, dispatch.mask_integrations(integrations_config) AS integrat
 FROM dispatch.enterprises WHERE number = %(number)s;
 
 -- name: enterprise_integration_set
--- crm config set: the fields given are merged into the integration's config (a new integration
--- starts disabled; a new enterprise is created); the config trigger checks the result. An
--- UPDATE, else an INSERT: a BEFORE INSERT trigger would check the proposed row even when
--- ON CONFLICT turns it into an update.
-WITH updated AS (
-    UPDATE dispatch.enterprises e
-    SET integrations_config = e.integrations_config || jsonb_build_object(%(integration)s::text,
-            coalesce(e.integrations_config -> %(integration)s::text, '{"enabled": false}') || %(changes)s::jsonb)
-    WHERE e.number = %(number)s
-    RETURNING e.integrations_config
-), created AS (
-    INSERT INTO dispatch.enterprises (number, name, integrations_config)
-    SELECT %(number)s, %(name)s,
-           jsonb_build_object(%(integration)s::text, '{"enabled": false}'::jsonb || %(changes)s::jsonb)
-    WHERE NOT EXISTS (SELECT FROM updated)
-    RETURNING integrations_config
-)
-SELECT coalesce((c.integrations_config -> %(integration)s::text ->> 'enabled')::boolean, false) AS enabled
-FROM (SELECT * FROM updated UNION ALL SELECT * FROM created) c;
+-- crm config set: the fields given are merged into the integration's config (null removes one;
+-- a new integration starts disabled; a new enterprise is created); the config trigger checks the
+-- result. Returns the config with its secrets masked.
+SELECT dispatch.set_enterprise_integration_v1(%(number)s, %(integration)s, %(changes)s, %(who)s, %(reason)s,
+                                              %(name)s)
+    AS integrations_config;
 
 -- name: integration_status_of
 SELECT enterprise, integration, enabled, last_success_at, last_error_at, last_error, breaker,

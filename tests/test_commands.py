@@ -140,8 +140,8 @@ async def test_switches_locks_and_the_safe_to_stop_question(env_db: str, capsys:
         assert cli.main(["commands", "enable", "--all"]) == 0
         assert scalar(db_url, "SELECT status FROM dispatch.command_status") == "Idle"
         audit = psycopg.connect(db_url).execute("SELECT action, target, reason FROM dispatch.audit_log ORDER BY id").fetchall()
-        assert audit == [("disable", "command:*", "DB restart"), ("unlock", "command:every-minute", "worker host lost"),
-                         ("enable", "command:*", None)]
+        assert audit == [("disable", "command:*", "DB restart"), ("run now", "command:every-minute", None),
+                         ("unlock", "command:every-minute", "worker host lost"), ("enable", "command:*", None)]
         # Mistakes: one line and a documented code.
         assert cli.main(["commands", "disable"]) == 2
         assert cli.main(["commands", "disable", "every-minute", "--all"]) == 2

@@ -24,7 +24,7 @@ from psycopg_pool import PoolTimeout
 
 from pgdispatch.db.connections import check_soon, open_pool
 from pgdispatch.db.errors import DatabaseUnavailable
-from pgdispatch.notify import CONFIG_CHANNEL, JOBS_CHANNEL, config_message
+from pgdispatch.notify import CANCEL_CHANNEL, CONFIG_CHANNEL, JOBS_CHANNEL, config_message
 from pgdispatch.notify.listener import Listener
 from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
 from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
@@ -70,6 +70,7 @@ class Runner:
         self.kinds = sorted(self.executors)
         self.worker_id = config.worker_name or new_worker_id()
         self.counters = Tally()
+        self.cancelled = 0  # running jobs stopped because an operator cancelled them
         self.exit_code = EXIT_OK
         self._running: dict[uuid.UUID, tuple[Job, asyncio.Task[None]]] = {}
         self._per_queue: dict[str, int] = {}
@@ -135,7 +136,8 @@ class Runner:
         self.writer = OutcomeWriter(self.engine)
         await self.policies.reload()
         self._warn_unknown_queues()
-        listener = Listener(cfg.listen_url or cfg.database_url, [JOBS_CHANNEL, CONFIG_CHANNEL],
+        listener = Listener(cfg.listen_url or cfg.database_url,
+                            [JOBS_CHANNEL, CONFIG_CHANNEL, CANCEL_CHANNEL],
                             on_notify=self._on_notify, on_reconnect=self._on_reconnect,
                             settings=cfg.connections)
         self.listener = listener
@@ -343,7 +345,9 @@ class Runner:
             self._probes.pop(token, None)
 
     def _on_notify(self, channel: str, payload: str) -> None:
-        if channel == JOBS_CHANNEL:
+        if channel == CANCEL_CHANNEL:
+            self._cancel(payload)
+        elif channel == JOBS_CHANNEL:
             if not self.config.queues or payload in self.config.queues:
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
@@ -358,6 +362,27 @@ class Runner:
             if self._on_config_change is not None:
                 self._on_config_change(payload)
             self._wake.set()
+
+    def _cancel(self, payload: str) -> None:
+        """An operator cancelled jobs this worker runs (dispatch.cancel_jobs_v1): their rows are
+        already dead letters, so the executors stop now and write nothing. A message lost while
+        the listener reconnects is made up for by the next heartbeat, which finds the leases gone."""
+        message = config_message(payload)
+        if message.get("worker") != self.worker_id or not isinstance(message.get("tokens"), list):
+            return
+        for text in message["tokens"]:
+            try:
+                token = uuid.UUID(str(text))
+            except ValueError:
+                continue
+            entry = self._running.get(token)
+            if entry is not None and token not in self._lost:
+                job, task = entry
+                log.info("job %s (%s, attempt %d) was cancelled by an operator: stopping it",
+                         job.id, job.kind, job.attempt)
+                self._lost.add(token)
+                self.cancelled += 1
+                task.cancel()
 
     async def _on_reconnect(self) -> None:
         # The server may have restarted: every idle pooled connection may be dead. Checked now,
@@ -444,7 +469,7 @@ class Runner:
 
     async def _write_heartbeat(self) -> None:
         c = self.counters
-        stats = {"released": c.released, "outcomes_pending": self.writer.pending,
+        stats = {"released": c.released, "cancelled": self.cancelled, "outcomes_pending": self.writer.pending,
                  "queue_policy_cache": asdict(self.policies.counters),
                  "outcomes_ignored": self.writer.ignored,
                  "listener_reconnects": self.listener.reconnects,

@@ -248,3 +248,61 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA dispatch TO dispatch_worker;
 GRANT EXECUTE ON FUNCTION dispatch.mask_secrets(jsonb), dispatch.mask_text(text), dispatch.mask_url_path(text),
     dispatch.mask_settings(text, text, jsonb), dispatch.mask_integrations(jsonb) TO dispatch_reader;
+
+-- The last success and the last error of each enterprise's CRM, kept as outcomes are written:
+-- integration_status read them from the whole call history, which took seconds for a CRM that
+-- never failed (every event of its history walked to find no error). One statement-level
+-- trigger per batch of outcomes; non-CRM batches cost a scan of their transition rows.
+CREATE TABLE dispatch.integration_outcomes (
+    enterprise      text NOT NULL REFERENCES dispatch.enterprises (number) ON DELETE CASCADE,
+    integration     text NOT NULL,
+    last_success_at timestamptz,
+    last_error_at   timestamptz,
+    last_error      text,
+    PRIMARY KEY (enterprise, integration)
+);
+CREATE INDEX call_events_job ON dispatch.call_events (job_id);
+
+CREATE FUNCTION dispatch.note_integration_outcomes() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM added a WHERE a.kind = 'crm.event') THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO dispatch.integration_outcomes AS o (enterprise, integration, last_success_at, last_error_at, last_error)
+    SELECT c.enterprise, c.integration,
+           max(a.finished_at) FILTER (WHERE a.outcome = 'completed'),
+           max(a.finished_at) FILTER (WHERE a.outcome <> 'completed'),
+           (array_agg(a.error ORDER BY a.finished_at DESC) FILTER (WHERE a.outcome <> 'completed'))[1]
+    FROM added a JOIN dispatch.call_events c ON c.job_id = a.job_id
+    WHERE a.kind = 'crm.event'
+    GROUP BY c.enterprise, c.integration
+    ORDER BY c.enterprise, c.integration  -- one order for every writer: no deadlock between two
+    ON CONFLICT (enterprise, integration) DO UPDATE SET
+        last_success_at = greatest(o.last_success_at, excluded.last_success_at),
+        last_error      = CASE WHEN excluded.last_error_at >= o.last_error_at OR o.last_error_at IS NULL
+                               THEN coalesce(excluded.last_error, o.last_error) ELSE o.last_error END,
+        last_error_at   = greatest(o.last_error_at, excluded.last_error_at);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER job_history_integration_outcomes AFTER INSERT ON dispatch.job_history
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION dispatch.note_integration_outcomes();
+
+-- What the history of the previous release says (once, at the upgrade).
+INSERT INTO dispatch.integration_outcomes (enterprise, integration, last_success_at, last_error_at, last_error)
+SELECT c.enterprise, c.integration,
+       max(h.finished_at) FILTER (WHERE h.outcome = 'completed'),
+       max(h.finished_at) FILTER (WHERE h.outcome <> 'completed'),
+       (array_agg(h.error ORDER BY h.finished_at DESC) FILTER (WHERE h.outcome <> 'completed'))[1]
+FROM dispatch.job_history h JOIN dispatch.call_events c ON c.job_id = h.job_id
+WHERE h.kind = 'crm.event'
+GROUP BY c.enterprise, c.integration;
+
+CREATE OR REPLACE VIEW dispatch.integration_status AS
+SELECT b.enterprise, b.integration, b.enabled,
+       o.last_success_at, o.last_error_at, dispatch.mask_text(o.last_error) AS last_error,
+       b.breaker, b.breaker_open_until, b.breaker_reason, b.paused_until
+FROM dispatch.crm_breakers b
+LEFT JOIN dispatch.integration_outcomes o ON o.enterprise = b.enterprise AND o.integration = b.integration;
+GRANT SELECT ON dispatch.integration_outcomes TO dispatch_worker;

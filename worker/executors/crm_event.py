@@ -49,6 +49,10 @@ class CrmEventExecutor:
         crm = config.integrations.get(integration)
         if crm is None or not crm.enabled:
             return Discard("discarded", error=f"{integration} is not enabled for enterprise {enterprise}")
+        events = crm.settings.get("events")
+        if isinstance(events, dict) and events.get(event) is False:  # switched off after it was queued
+            return Discard("discarded", error=f"{integration} of enterprise {enterprise} no longer sends "
+                                              f"{event} events (its events.{event} is false)")
         adapter = CRM_ADAPTERS.get(integration)
         if adapter is None:
             return Discard("discarded", error=f"no adapter for {integration} in this build")

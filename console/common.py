@@ -59,6 +59,10 @@ class Env:
     log_level: int
     # DATABASE_URL is a pooler in transaction mode (PgBouncer): no prepared statements.
     transaction_pooler: bool = False
+    # The console's own login (PGDISPATCH_DASHBOARD_URL), and a console account's new password
+    # for scripts (PGDISPATCH_PASSWORD; never shown).
+    dashboard_url: str | None = None
+    password: str | None = field(default=None, repr=False)
     # Embedded servers this command started (a mutable record in a frozen value: what the
     # command did, not a setting).
     started: list[Path] = field(default_factory=list, compare=False)
@@ -89,7 +93,9 @@ class Env:
                        if d.strip()),
                    operator=f"{getpass.getuser()}@{socket.gethostname()}",
                    log_level=getattr(logging, level),
-                   transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"))
+                   transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"),
+                   dashboard_url=os.environ.get("PGDISPATCH_DASHBOARD_URL") or None,
+                   password=os.environ.get("PGDISPATCH_PASSWORD"))
 
     def destinations(self) -> Destinations:
         """The destination policy a worker started here with no flags would have: private

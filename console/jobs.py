@@ -9,7 +9,9 @@ from psycopg.types.json import Jsonb
 
 from pgdispatch import sql
 from pgdispatch.console.common import (
+    EXIT_NOT_FOUND,
     EXIT_OK,
+    EXIT_PARTLY,
     PROG,
     Env,
     connect,
@@ -41,6 +43,15 @@ def register(sub: Any) -> None:
     e.add_argument("--tenant")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=enqueue)
+
+    j = sub.add_parser("jobs", help="live jobs: cancel")
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    c = jsub.add_parser("cancel", help="cancel queued or running jobs: each ends among the dead letters "
+                                       "as 'cancelled'; its worker stops a running one within a second")
+    c.add_argument("ids", type=int, nargs="+", help="job ids")
+    c.add_argument("--reason", help="kept with the dead letter and in the audit log")
+    c.add_argument("--json", action="store_true")
+    j.set_defaults(func=jobs)
 
 
 def status(env: Env, args: argparse.Namespace) -> int:
@@ -91,4 +102,25 @@ def enqueue(env: Env, args: argparse.Namespace) -> int:
     emit(args, data, lambda d: say(f"enqueued job {d['id']}" if d["created"] else
                                    f"not enqueued: idempotency key {args.idempotency_key!r} is "
                                    f"already taken by job {d['id']}"))
+    return EXIT_OK
+
+
+def jobs(env: Env, args: argparse.Namespace) -> int:
+    with connect(env) as conn, translated():
+        rows = conn.execute(sql.query("console_cancel_jobs"), {"ids": args.ids, "reason": args.reason,
+                                                              "who": env.operator}).fetchall()
+    done = [{"job_id": r["job_id"], "detail": r["detail"]} for r in rows if r["done"]]
+    skipped = [{"job_id": r["job_id"], "reason": r["detail"]} for r in rows if not r["done"]]
+
+    def render(d: dict[str, Any]) -> None:
+        skipped_text = f"; {len(d['skipped'])} skipped:" if d["skipped"] else ""
+        say(f"{len(d['cancelled'])} jobs cancelled{skipped_text}")
+        for item in d["cancelled"]:
+            say(f"  job {item['job_id']}: {item['detail']}")
+        for item in d["skipped"]:
+            say(f"  job {item['job_id']} skipped: {item['reason']}")
+
+    emit(args, {"cancelled": done, "skipped": skipped}, render)
+    if skipped:
+        return EXIT_NOT_FOUND if not done else EXIT_PARTLY
     return EXIT_OK

@@ -8,6 +8,8 @@ Environment (read here and nowhere else):
   PGDISPATCH_APP    the worker's --app (module:attribute)
   PGDISPATCH_LISTEN_URL  the worker's --listen-url
   PGDISPATCH_LOG    log level (default INFO)
+  PGDISPATCH_DASHBOARD_URL  the console's own login (default DATABASE_URL)
+  PGDISPATCH_PASSWORD       a console account's password for `users add|passwd` in scripts
 
 Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 not found, 4 database unavailable,
 5 partly done (a bulk action skipped some items, each named with why), 10 worker saw jobs of a
@@ -27,6 +29,7 @@ from pgdispatch.console import (
     build,
     commands,
     crm,
+    dashboard,
     dead,
     embedded,
     jobs,
@@ -47,8 +50,8 @@ from pgdispatch.db.errors import (
 )
 
 # One module per noun; each adds its subcommands.
-NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, crm, requests, build, bench,
-         embedded)
+NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, crm, requests, dashboard, build,
+         bench, embedded)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,6 +5,7 @@
      ├── InvalidInput          the database refused a value: the message names the constraint
      ├── NotFound              an id or name that does not exist
      ├── ConfigurationError    a setting that cannot work
+     ├── NotAllowed            the database refused the caller the right (a console user's scope)
      └── SchemaMissing         the database lacks the schema (or this version of it): migrate
 """
 
@@ -41,6 +42,10 @@ class ConfigurationError(PgDispatchError):
     """A setting that cannot work as given."""
 
 
+class NotAllowed(PgDispatchError):
+    """The caller may not do this (a viewer's action, another enterprise's config)."""
+
+
 class SchemaMissing(PgDispatchError):
     """The database has no pgdispatch schema, or an older one than this code needs."""
 
@@ -60,6 +65,8 @@ def translate(exc: psycopg.Error) -> PgDispatchError:
             and "dispatch" in str(exc):
         return SchemaMissing(f"{first_line(exc)}: this database lacks the pgdispatch schema "
                              "(or a newer version of it); run: pgdispatch migrate")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return NotAllowed(exc.diag.message_primary or first_line(exc))
     if isinstance(exc, pg_errors.NoDataFound):  # a function's "no lead 42", "no process 7"
         return NotFound(exc.diag.message_primary or first_line(exc))
     if isinstance(exc, _INPUT_ERRORS):

@@ -151,16 +151,9 @@ SELECT job_id, revived, reason FROM dispatch.retry_dead_v3(%(job_ids)s, %(expire
 -- name: dead_ids
 -- The next chunk of dead letters a filter matches, oldest death first, after a cursor
 -- (died_at, job_id): bulk actions over "everything the filter matches" go chunk by chunk.
-SELECT job_id, died_at FROM dispatch.dead_jobs
-WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
-  AND (%(kind)s::text IS NULL OR kind = %(kind)s)
-  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-  AND (%(older_than_seconds)s::float8 IS NULL
-       OR died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
-  AND (%(since)s::timestamptz IS NULL OR died_at >= %(since)s)
-  AND (%(until)s::timestamptz IS NULL OR died_at < %(until)s)
-  AND (%(after_at)s::timestamptz IS NULL OR (died_at, job_id) > (%(after_at)s, %(after_id)s::bigint))
-ORDER BY died_at, job_id LIMIT %(limit)s;
+SELECT job_id, died_at FROM dispatch.console_dead_ids_v1(
+    %(queue)s, %(kind)s, %(reason)s, make_interval(secs => %(older_than_seconds)s::float8), %(since)s, %(until)s,
+    %(after_at)s, %(after_id)s, %(limit)s);
 
 -- name: dead_purge
 -- One row per job asked for: purged, or skipped with the reason (audited as one action).
@@ -345,10 +338,12 @@ SELECT key, name, args, schedule, queue, status, enabled, holder, since, expires
 FROM dispatch.command_status ORDER BY key;
 
 -- name: switch_command
-SELECT dispatch.switch_command_v1(%(key)s, %(enable)s, %(who)s, %(reason)s) AS changed;
+WITH allowed AS MATERIALIZED (SELECT dispatch.console_require_operator())
+SELECT dispatch.switch_command_v1(%(key)s, %(enable)s, %(who)s, %(reason)s) AS changed FROM allowed;
 
 -- name: unlock_command
-SELECT dispatch.unlock_command_v1(%(key)s, %(who)s, %(reason)s) AS released;
+WITH allowed AS MATERIALIZED (SELECT dispatch.console_require_operator())
+SELECT dispatch.unlock_command_v1(%(key)s, %(who)s, %(reason)s) AS released FROM allowed;
 
 -- name: command_exists
 SELECT EXISTS (SELECT 1 FROM dispatch.commands WHERE key = %(key)s) AS exists;
@@ -393,13 +388,16 @@ SELECT step, attempt, status, message, payload, error, version, started_at, fini
 FROM dispatch.process_journal WHERE process_id = %(id)s ORDER BY id;
 
 -- name: process_restart
-SELECT dispatch.restart_process_v1(%(id)s, %(from_step)s, %(who)s, %(reason)s);
+WITH allowed AS MATERIALIZED (SELECT dispatch.console_require_operator())
+SELECT dispatch.restart_process_v1(%(id)s, %(from_step)s, %(who)s, %(reason)s) FROM allowed;
 
 -- name: process_work
-SELECT dispatch.work_process_v1(%(id)s, %(who)s);
+WITH allowed AS MATERIALIZED (SELECT dispatch.console_require_operator())
+SELECT dispatch.work_process_v1(%(id)s, %(who)s) FROM allowed;
 
 -- name: process_abandon
-SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s);
+WITH allowed AS MATERIALIZED (SELECT dispatch.console_require_operator())
+SELECT dispatch.abandon_process_v1(%(id)s, %(who)s, %(reason)s) FROM allowed;
 
 -- name: lead_delivery
 SELECT d.id, d.status::text AS status, d.type, d.credential_id, d.lead_id AS delivery_lead_id, c.enabled, c.settings,
@@ -518,3 +516,223 @@ WHERE call_unique_id = %(call)s AND event = %(event)s AND integration = %(integr
 -- name: call_event
 SELECT integration, job_id, created
 FROM dispatch.call_event(%(number)s, %(event)s, %(call)s, %(payload)s);
+
+-- The operators' console (dashboard/) -----------------------------------------------------------------
+
+-- name: console_begin
+-- Every console transaction starts here: who the console user is (the SQL scopes an enterprise
+-- admin by it), no JIT for its many small reads, no page waiting long on a lock.
+SELECT set_config('pgdispatch.console_user', %(user)s, true), set_config('jit', 'off', true),
+       set_config('statement_timeout', '5000', true), set_config('lock_timeout', '2000', true);
+
+-- name: console_session_touch
+-- A session's expiry moves on with use, at most once a minute (not a write per page).
+UPDATE dispatch.console_sessions s SET last_seen_at = now(), expires_at = now() + %(life)s
+WHERE s.token_hash = %(hash)s AND s.expires_at > now() AND s.last_seen_at < now() - interval '1 minute';
+
+-- name: console_session_user
+SELECT u.name, u.role, u.enterprises, u.entities, s.csrf_token
+FROM dispatch.console_sessions s JOIN dispatch.console_users u ON u.name = s.user_name
+WHERE s.token_hash = %(hash)s AND s.expires_at > now() AND NOT u.disabled;
+
+-- name: console_session_start
+INSERT INTO dispatch.console_sessions (token_hash, user_name, csrf_token, address, expires_at)
+VALUES (%(hash)s, %(name)s, %(csrf)s, %(address)s, now() + %(life)s);
+
+-- name: console_session_end
+DELETE FROM dispatch.console_sessions WHERE token_hash = %(hash)s;
+
+-- name: console_account_enabled
+SELECT 1 FROM dispatch.console_users WHERE name = %(name)s AND NOT disabled;
+
+-- name: console_login_state
+-- Failed logins of this name and this address in the window, and the account's password hash.
+SELECT (SELECT count(*) FROM dispatch.console_login_failures f
+        WHERE f.user_name = %(name)s AND f.at > now() - %(window)s) AS by_name,
+       (SELECT count(*) FROM dispatch.console_login_failures f
+        WHERE f.address = %(address)s AND f.at > now() - %(window)s) AS by_address,
+       (SELECT u.password_hash FROM dispatch.console_users u WHERE u.name = %(name)s AND NOT u.disabled) AS stored;
+
+-- name: console_login_failed
+INSERT INTO dispatch.console_login_failures (user_name, address) VALUES (%(name)s, %(address)s);
+
+-- name: console_login_forget
+DELETE FROM dispatch.console_login_failures WHERE user_name = %(name)s;
+
+-- name: console_superuser
+SELECT rolsuper FROM pg_roles WHERE rolname = current_user;
+
+-- name: console_overview_queues
+SELECT * FROM dispatch.console_queues_v1(%(cap)s);
+
+-- name: console_throughput
+SELECT at, completed, failed FROM dispatch.console_throughput_v1(%(span)s, %(bucket)s);
+
+-- name: console_workers
+-- Workers alive, lost, or stopped within the hour.
+SELECT id, host, pid, version, queues, kinds, slots, running, completed, retried, dead, started_at,
+       heartbeat_at, status
+FROM dispatch.worker_status
+WHERE status <> 'stopped' OR heartbeat_at > now() - interval '1 hour'
+ORDER BY status, started_at DESC LIMIT 100;
+
+-- name: console_limits_in_use
+-- Open and half-open breakers, paused keys, keys with requests in flight; then the rules.
+SELECT key, rate, burst, concurrency, tokens, in_flight, breaker, paused_until, why
+FROM dispatch.limit_status
+WHERE breaker <> 'closed' OR paused_until IS NOT NULL OR in_flight > 0
+ORDER BY breaker DESC, key LIMIT 100;
+
+-- name: console_limit_rules
+SELECT key, rate, burst, concurrency, breaker_failures,
+       extract(epoch FROM breaker_cooldown)::double precision AS breaker_cooldown, note, updated_at
+FROM dispatch.limits ORDER BY key LIMIT 500;
+
+-- name: console_jobs
+-- A page of live jobs, newest first (dispatch.console_jobs_v1: bounded; a row with a NULL id
+-- carries how far it looked when nothing matched).
+SELECT * FROM dispatch.console_jobs_v1(%(queue)s, %(kind)s, %(tenant)s, %(state)s, %(args)s, %(before)s,
+                                       %(scan)s, %(page)s);
+
+-- name: console_job_by_key
+SELECT id FROM dispatch.console_job_by_key_v1(%(key)s) id;
+
+-- name: console_job
+SELECT * FROM dispatch.console_job_v1(%(id)s);
+
+-- name: console_dead_job
+SELECT * FROM dispatch.console_dead_job_v1(%(id)s);
+
+-- name: console_job_attempts
+SELECT attempt, outcome, error, status, worker, started_at, finished_at, seconds
+FROM dispatch.job_attempts WHERE job_id = %(id)s ORDER BY finished_at, attempt LIMIT 500;
+
+-- name: console_dead
+SELECT * FROM dispatch.console_dead_v1(%(queue)s, %(kind)s, %(reason)s, %(since)s, %(until)s, %(before_at)s,
+                                       %(before_id)s, %(scan)s, %(page)s);
+
+-- name: console_processes
+SELECT * FROM dispatch.console_processes_v1(%(type)s, %(status)s, %(before)s, %(scan)s, %(page)s);
+
+-- name: console_process_types
+SELECT type, version, steps, queue FROM dispatch.process_types ORDER BY type;
+
+-- name: console_process
+SELECT l.*, l.status::text AS status_text, t.steps, t.version AS registered_version
+FROM dispatch.process_list l JOIN dispatch.process_types t ON t.type = l.type WHERE l.id = %(id)s;
+
+-- name: console_process_journal
+SELECT id, step, attempt, status::text AS status, message, payload, error, version, started_at, finished_at
+FROM dispatch.process_journal WHERE process_id = %(id)s ORDER BY id LIMIT 1000;
+
+-- name: console_batches
+-- Lead batches, newest first, with their counters; an enterprise admin's entities only. At most
+-- %(scan)s batches read below the cursor (by the primary key); a row with a NULL id carries how
+-- far it looked when nothing matched.
+WITH scanned AS MATERIALIZED (
+    SELECT b.id, b.lead_id FROM dispatch.lead_batches b
+    WHERE %(before)s::bigint IS NULL OR b.id < %(before)s
+    ORDER BY b.id DESC LIMIT %(scan)s
+), page AS (
+    SELECT s.id FROM scanned s JOIN dispatch.leads l ON l.id = s.lead_id
+    WHERE (%(lead)s::bigint IS NULL OR s.lead_id = %(lead)s) AND dispatch.console_sees_entity(l.external_entity_id)
+    ORDER BY s.id DESC LIMIT %(page)s
+)
+SELECT b.id, b.lead_id, b.requested_types, b.total, b.pending, b.succeeded, b.failed, b.skipped, b.created_at,
+       b.finished_at, f.scanned, f.lowest
+FROM (SELECT count(*) AS scanned, min(s.id) AS lowest FROM scanned s) f
+LEFT JOIN (page p CROSS JOIN LATERAL (SELECT * FROM dispatch.batches x WHERE x.id = p.id) b) ON true
+ORDER BY b.id DESC NULLS LAST;
+
+-- name: console_batch
+SELECT b.*, l.external_entity_id, l.external_project_id, dispatch.mask_secrets(l.data) AS data
+FROM dispatch.batches b JOIN dispatch.leads l ON l.id = b.lead_id
+WHERE b.id = %(id)s AND dispatch.console_sees_entity(l.external_entity_id);
+
+-- name: console_batch_deliveries
+SELECT d.id, d.credential_id, d.type, d.status::text AS status, dispatch.mask_text(d.error) AS error, d.job_id,
+       c.name AS credential
+FROM dispatch.deliveries d LEFT JOIN dispatch.credentials_masked c ON c.id = d.credential_id
+WHERE d.batch_id = %(id)s ORDER BY d.id;
+
+-- name: console_batch_log
+SELECT at, delivery_id, type, attempt, status, http_status, error, request_excerpt, response_excerpt
+FROM dispatch.integration_logs WHERE batch_id = %(id)s ORDER BY at LIMIT 500;
+
+-- name: console_credentials
+SELECT id, type, name, enabled, settings, entities, projects, created_at, updated_at
+FROM dispatch.credentials_masked c WHERE dispatch.console_sees_credential(c.id) ORDER BY id LIMIT 500;
+
+-- name: console_enterprises
+SELECT * FROM dispatch.console_enterprises_v1(%(after)s, %(page)s);
+
+-- name: console_enterprise
+SELECT * FROM dispatch.console_enterprise_v1(%(number)s);
+
+-- name: console_enterprise_status
+SELECT integration, enabled, last_success_at, last_error_at, last_error, breaker, breaker_open_until,
+       breaker_reason, paused_until
+FROM dispatch.integration_status WHERE enterprise = %(number)s AND dispatch.console_sees_enterprise(%(number)s)
+ORDER BY integration;
+
+-- name: console_crm_logs
+SELECT * FROM dispatch.console_crm_logs_v1(%(number)s, %(before)s, %(outcome)s, %(scan)s, %(page)s);
+
+-- name: console_test_credential
+SELECT dispatch.test_credential_v1(%(id)s, %(who)s) AS job_id;
+
+-- name: console_test_integration
+SELECT dispatch.test_integration_v1(%(number)s, %(integration)s, %(who)s) AS job_id;
+
+-- name: console_test_result
+SELECT * FROM dispatch.console_test_result_v1(%(job)s, %(queue)s, %(who)s);
+
+-- name: console_audit
+-- The audit log, newest first: at most %(scan)s entries read below the cursor (at, id), the
+-- filters applied to those.
+WITH scanned AS MATERIALIZED (
+    SELECT a.id, a.at, a.who, a.action, a.target FROM dispatch.audit_log a
+    WHERE %(before_at)s::timestamptz IS NULL OR (a.at, a.id) < (%(before_at)s, %(before_id)s::bigint)
+    ORDER BY a.at DESC, a.id DESC LIMIT %(scan)s
+), page AS (
+    SELECT s.id, s.at FROM scanned s
+    WHERE (%(who)s::text IS NULL OR s.who = %(who)s)
+      AND (%(action)s::text IS NULL OR s.action = %(action)s)
+      AND (%(target)s::text IS NULL OR starts_with(s.target, %(target)s))
+    ORDER BY s.at DESC, s.id DESC LIMIT %(page)s
+)
+SELECT a.id, a.at, a.who, a.action, a.target, a.reason, a.detail, f.scanned, f.lowest_at, f.lowest_id
+FROM (SELECT count(*) AS scanned, min(s.at) AS lowest_at, (array_agg(s.id ORDER BY s.at, s.id))[1] AS lowest_id
+      FROM scanned s) f
+LEFT JOIN (page p JOIN dispatch.audit_log a ON a.id = p.id) ON true
+ORDER BY p.at DESC NULLS LAST, p.id DESC;
+
+-- name: console_users
+SELECT name, role, enterprises, entities, disabled, has_password, created_at, password_changed_at, last_seen_at
+FROM dispatch.console_user_list ORDER BY name;
+
+-- name: console_user_add
+SELECT dispatch.add_console_user_v1(%(name)s, %(role)s, %(password_hash)s, %(enterprises)s, %(entities)s, %(who)s);
+
+-- name: console_user_set_disabled
+SELECT dispatch.disable_console_user_v1(%(name)s, %(disabled)s, %(who)s);
+
+-- name: console_user_password
+SELECT dispatch.set_console_password_v1(%(name)s, %(password_hash)s, %(who)s);
+
+-- name: console_user_delete
+SELECT dispatch.delete_console_user_v1(%(name)s, %(who)s);
+
+-- name: console_cancel_jobs
+SELECT job_id, cancelled AS done, detail FROM dispatch.cancel_jobs_v1(%(ids)s, %(reason)s, %(who)s);
+
+-- name: console_run_jobs_now
+SELECT job_id, moved AS done, detail FROM dispatch.run_jobs_now_v1(%(ids)s, %(who)s);
+
+-- name: console_job_ids
+-- The ids of the live jobs a filter matches, newest first, below a cursor: a bulk action's chunk.
+SELECT id FROM dispatch.console_job_ids_v1(%(queue)s, %(kind)s, %(tenant)s, %(state)s, %(args)s, %(before)s,
+                                          %(limit)s) id;
+
+-- name: console_crm_reset
+SELECT dispatch.reset_integration_v1(%(number)s, %(integration)s, %(who)s) AS back;

@@ -143,10 +143,9 @@ def plant(db_url: str, hooks: str, retailcrm_url: str, remote: str) -> None:
         conn.execute("UPDATE dispatch.queues SET max_attempts = 1")
 
 
-async def test_no_planted_secret_reaches_a_reader_the_cli_or_a_log(
-        db_url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    caplog.set_level(logging.DEBUG)
+async def run_planted(db_url: str) -> None:
+    """Every channel, CRM, process and request with its planted secrets, run once by a worker
+    against local servers (failures included, so errors are stored)."""
     server = await asyncio.start_server(malformed, "127.0.0.1", 0)
     remote = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     async with fake_channels() as hooks, fake_retailcrm() as crm:
@@ -168,12 +167,23 @@ async def test_no_planted_secret_reaches_a_reader_the_cli_or_a_log(
                 await app_pool.close()
         await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs") == 0, 10)
     server.close()
+
+
+def leaks_in(found: dict[str, list[str]], where: str, text: str) -> None:
+    for name, secret in PLANTED.items():
+        if secret in text:
+            found.setdefault(name, []).append(where)
+
+
+async def test_no_planted_secret_reaches_a_reader_the_cli_or_a_log(
+        db_url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG)
+    await run_planted(db_url)
     leaks: dict[str, list[str]] = {}
 
     def look(where: str, text: str) -> None:
-        for name, secret in PLANTED.items():
-            if secret in text:
-                leaks.setdefault(name, []).append(where)
+        leaks_in(leaks, where, text)
 
     # Every relation the read-only role can read, whole.
     with login(db_url, "reader") as reader:

@@ -7,6 +7,9 @@
 
 ALTER TABLE dispatch.audit_log ADD COLUMN detail jsonb;
 CREATE INDEX audit_log_at_desc ON dispatch.audit_log (at DESC, id DESC);
+-- Dead letters newest death first, a page at a time (keyset on died_at, job_id).
+CREATE INDEX dead_jobs_died_at_id ON dispatch.dead_jobs (died_at, job_id);
+DROP INDEX dispatch.dead_jobs_died_at;
 
 -- One audit row; actions that are not audited by their own function call this in the same
 -- transaction (so the record commits or rolls back with the action).
@@ -71,6 +74,78 @@ CREATE INDEX console_login_failures_user ON dispatch.console_login_failures (use
 CREATE INDEX console_login_failures_address ON dispatch.console_login_failures (address, at);
 CREATE INDEX console_login_failures_at ON dispatch.console_login_failures (at);
 
+-- Console accounts are changed through these (the CLI's `pgdispatch users`, the console's users
+-- page): from the console, by an admin only; each change audited. A disabled account's sessions
+-- end at once, and so do an account's other sessions when its password changes.
+CREATE FUNCTION dispatch.console_require_admin() RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF dispatch.console_user() IS NOT NULL AND NOT EXISTS (
+            SELECT FROM dispatch.console_users u WHERE u.name = dispatch.console_user()
+            AND u.role = 'admin' AND NOT u.disabled) THEN
+        RAISE EXCEPTION 'console user % may not manage accounts (admins may)', dispatch.console_user()
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+END $$;
+
+CREATE FUNCTION dispatch.add_console_user_v1(user_name text, role text, password_hash text, enterprises text[],
+                                             entities bigint[], who text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch.console_require_admin();
+    IF EXISTS (SELECT FROM dispatch.console_users u WHERE u.name = user_name) THEN
+        RAISE EXCEPTION 'a console user named % exists already', user_name USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO dispatch.console_users (name, role, password_hash, enterprises, entities)
+    VALUES (user_name, role, password_hash, coalesce(enterprises, '{}'), coalesce(entities, '{}'));
+    PERFORM dispatch.audit_v1(who, 'add user', 'console-user:' || user_name, NULL, jsonb_build_object(
+        'role', role, 'enterprises', to_jsonb(coalesce(enterprises, '{}')), 'entities', to_jsonb(coalesce(entities, '{}'))));
+END $$;
+
+CREATE FUNCTION dispatch.disable_console_user_v1(user_name text, disabled boolean, who text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch.console_require_admin();
+    UPDATE dispatch.console_users u SET disabled = disable_console_user_v1.disabled WHERE u.name = user_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no console user %', user_name USING ERRCODE = 'no_data_found';
+    END IF;
+    IF disabled THEN
+        DELETE FROM dispatch.console_sessions s WHERE s.user_name = disable_console_user_v1.user_name;
+    END IF;
+    PERFORM dispatch.audit_v1(who, CASE WHEN disabled THEN 'disable user' ELSE 'enable user' END,
+                              'console-user:' || user_name);
+END $$;
+
+CREATE FUNCTION dispatch.set_console_password_v1(user_name text, password_hash text, who text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch.console_require_admin();
+    UPDATE dispatch.console_users u SET password_hash = set_console_password_v1.password_hash,
+                                        password_changed_at = now()
+    WHERE u.name = user_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no console user %', user_name USING ERRCODE = 'no_data_found';
+    END IF;
+    DELETE FROM dispatch.console_sessions s WHERE s.user_name = set_console_password_v1.user_name;
+    PERFORM dispatch.audit_v1(who, 'set password', 'console-user:' || user_name);
+END $$;
+
+CREATE FUNCTION dispatch.delete_console_user_v1(user_name text, who text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch.console_require_admin();
+    DELETE FROM dispatch.console_users u WHERE u.name = user_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no console user %', user_name USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM dispatch.audit_v1(who, 'delete user', 'console-user:' || user_name);
+END $$;
+
 -- The console user of this transaction (the console sets it with set_config(..., true) at the
 -- start of every transaction); NULL for every other caller (the CLI, psql, an application).
 CREATE FUNCTION dispatch.console_user() RETURNS text
@@ -105,6 +180,29 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                AND dispatch.console_sees_entity(ec.external_entity_id)) END
 $$;
 
+-- Whether the console user may act on the engine (queues, jobs, dead letters, limits, commands,
+-- processes): operators and admins.
+CREATE FUNCTION dispatch.console_may_operate() RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT dispatch.console_user() IS NULL
+        OR EXISTS (SELECT FROM dispatch.console_users u WHERE u.name = dispatch.console_user()
+                   AND NOT u.disabled AND u.role IN ('operator', 'admin'))
+$$;
+
+-- For the engine actions whose functions predate the console (commands, processes): their
+-- queries call this first, so a console viewer is refused by the database too.
+CREATE FUNCTION dispatch.console_require_operator() RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT dispatch.console_may_operate() THEN
+        RAISE EXCEPTION 'console user % may not do that (operators and admins may)', dispatch.console_user()
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN true;
+END $$;
+
+-- Whether the console user may act on CRM and lead settings (then within their scope):
+-- operators, admins and enterprise admins.
 CREATE FUNCTION dispatch.console_may_act() RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT dispatch.console_user() IS NULL
@@ -128,7 +226,7 @@ DECLARE
     why text := format('cancelled by %s: %s', coalesce(nullif(btrim(who), ''), session_user::text),
                        coalesce(nullif(btrim(reason), ''), 'no reason given'));
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not cancel jobs', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -219,7 +317,7 @@ CREATE FUNCTION dispatch.pause_queue_v1(queue_name text, paused boolean, who tex
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not change queues', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -240,7 +338,7 @@ DECLARE
     unknown text;
     bad text;
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not change queues', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -290,7 +388,7 @@ DECLARE
     unknown text;
     created boolean;
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not change limits', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -333,7 +431,7 @@ CREATE FUNCTION dispatch.delete_limit_v1(limit_key text, who text, reason text D
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not change limits', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -352,7 +450,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     back integer;
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not change limits', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -367,7 +465,7 @@ RETURNS TABLE (job_id bigint, revived boolean, reason text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not retry dead jobs', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -388,7 +486,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     purged_ids bigint[];
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not purge dead jobs', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -409,7 +507,7 @@ DECLARE
     moved_ids bigint[];
     queues text[];
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not run jobs', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -439,7 +537,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     made bigint;
 BEGIN
-    IF NOT dispatch.console_may_act() THEN
+    IF NOT dispatch.console_may_operate() THEN
         RAISE EXCEPTION 'console user % may not run commands', dispatch.console_user()
             USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -580,6 +678,28 @@ BEGIN
     PERFORM dispatch.audit_v1(who, 'configure', format('enterprise:%s:%s', enterprise_number, integration), reason,
                               dispatch.mask_integrations(jsonb_build_object(integration, changes)));
     RETURN dispatch.mask_integrations(config);
+END $$;
+
+-- Close an enterprise CRM's breaker and lift its pause (every key of its shared limit: the rule's
+-- and each host's), audited; an enterprise admin for their own enterprises only.
+CREATE FUNCTION dispatch.reset_integration_v1(enterprise_number text, integration text, who text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    prefix text := dispatch.crm_limit_key(enterprise_number, integration);
+    k text;
+    back integer := 0;
+BEGIN
+    IF NOT dispatch.console_may_act() OR NOT dispatch.console_sees_enterprise(enterprise_number) THEN
+        RAISE EXCEPTION 'console user % may not change enterprise %', dispatch.console_user(), enterprise_number
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    FOR k IN SELECT s.key FROM dispatch.limit_state s
+             WHERE s.key = prefix OR s.key LIKE replace(replace(prefix, '%', '\%'), '_', '\_') || '|%' LOOP
+        back := back + dispatch.reset_limit_v2(k);
+    END LOOP;
+    PERFORM dispatch.audit_v1(who, 'reset', format('enterprise:%s:%s', enterprise_number, integration));
+    RETURN back;
 END $$;
 
 -- -- Per-event send flags of a CRM (seed 004: "флаги отправки событий") ----------------------------
@@ -814,6 +934,219 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     GROUP BY b.at ORDER BY b.at
 $$;
 
+-- -- The console's reads of tables its role may not read (raw args, configs, history) -----------
+-- Each returns what the reader's views would show (masked), bounded: a page below a cursor, at
+-- most scan_rows rows read beyond it by the index that orders the page, every other filter applied
+-- to those (so a filter that matches little costs a constant, never a walk of the table), and
+-- how far it looked (scanned: rows read; lowest: the last key read, where to look further).
+
+-- Live jobs, newest first. A row with a NULL id carries the figures when nothing matched.
+CREATE FUNCTION dispatch.console_jobs_v1(queue_is text, kind_is text, tenant_is text, state_is text,
+                                         args_contain jsonb, before_id bigint, scan_rows integer, page_rows integer)
+RETURNS TABLE (id bigint, queue text, kind text, state text, attempt integer, max_attempts integer, tenant text,
+               priority smallint, run_at timestamptz, created_at timestamptz, last_error text, leased_by text,
+               scanned bigint, lowest bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH scanned AS MATERIALIZED (
+        SELECT j.id, j.queue, j.kind, j.tenant, j.state, j.parked_at, j.run_at, j.args FROM dispatch.jobs j
+        WHERE before_id IS NULL OR j.id < before_id
+        ORDER BY j.id DESC LIMIT scan_rows
+    ), figures AS (
+        SELECT count(*) AS scanned, min(s.id) AS lowest FROM scanned s
+    ), matched AS (
+        SELECT s.id FROM scanned s
+        WHERE (queue_is IS NULL OR s.queue = queue_is)
+          AND (kind_is IS NULL OR s.kind = kind_is)
+          AND (tenant_is IS NULL OR s.tenant = tenant_is)
+          AND (state_is IS NULL OR CASE state_is
+                WHEN 'running' THEN s.state = 'running'
+                WHEN 'parked' THEN s.state <> 'running' AND s.parked_at IS NOT NULL
+                WHEN 'scheduled' THEN s.state <> 'running' AND s.parked_at IS NULL AND s.run_at > now()
+                ELSE s.state <> 'running' AND s.parked_at IS NULL AND s.run_at <= now() END)
+          AND (args_contain IS NULL OR s.args @> args_contain)
+        ORDER BY s.id DESC LIMIT page_rows
+    )
+    SELECT l.id, l.queue, l.kind, l.state, l.attempt, l.max_attempts, l.tenant, l.priority, l.run_at, l.created_at,
+           l.last_error, l.leased_by, f.scanned, f.lowest
+    FROM figures f
+    LEFT JOIN (matched m JOIN dispatch.job_list l ON l.id = m.id) ON true
+    ORDER BY l.id DESC NULLS LAST
+$$;
+
+-- The ids of the live jobs a filter matches, newest first, below a cursor: a bulk action's chunk.
+CREATE FUNCTION dispatch.console_job_ids_v1(queue_is text, kind_is text, tenant_is text, state_is text,
+                                            args_contain jsonb, before_id bigint, limit_rows integer)
+RETURNS SETOF bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT j.id FROM dispatch.jobs j
+    WHERE (before_id IS NULL OR j.id < before_id)
+      AND (queue_is IS NULL OR j.queue = queue_is)
+      AND (kind_is IS NULL OR j.kind = kind_is)
+      AND (tenant_is IS NULL OR j.tenant = tenant_is)
+      AND (state_is IS NULL OR CASE state_is
+            WHEN 'running' THEN j.state = 'running'
+            WHEN 'parked' THEN j.state <> 'running' AND j.parked_at IS NOT NULL
+            WHEN 'scheduled' THEN j.state <> 'running' AND j.parked_at IS NULL AND j.run_at > now()
+            ELSE j.state <> 'running' AND j.parked_at IS NULL AND j.run_at <= now() END)
+      AND (args_contain IS NULL OR j.args @> args_contain)
+    ORDER BY j.id DESC LIMIT limit_rows
+$$;
+
+-- A job by its idempotency key: the live one (an index lookup per queue), else the finished one
+-- the key is kept for.
+CREATE FUNCTION dispatch.console_job_by_key_v1(key_is text) RETURNS SETOF bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    (SELECT j.id FROM dispatch.queues q JOIN dispatch.jobs j ON j.queue = q.name AND j.idempotency_key = key_is
+     UNION ALL
+     SELECT k.job_id FROM dispatch.idempotency_keys k JOIN dispatch.queues q ON q.name = k.queue WHERE k.key = key_is)
+    LIMIT 5
+$$;
+
+CREATE FUNCTION dispatch.console_job_v1(job_id bigint)
+RETURNS TABLE (id bigint, queue text, kind text, args jsonb, priority smallint, state text, run_at timestamptz,
+               expire_at timestamptz, attempt integer, max_attempts integer, tenant text, version bigint,
+               created_at timestamptz, last_error text, leased_by text, lease_expires timestamptz,
+               idempotency_key text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT l.id, l.queue, l.kind, l.args, l.priority, l.state, l.run_at, l.expire_at, l.attempt, l.max_attempts,
+           l.tenant, l.version, l.created_at, l.last_error, l.leased_by, l.lease_expires_at, j.idempotency_key
+    FROM dispatch.job_list l JOIN dispatch.jobs j ON j.id = l.id WHERE l.id = job_id
+$$;
+
+CREATE FUNCTION dispatch.console_dead_job_v1(dead_id bigint)
+RETURNS TABLE (job_id bigint, queue text, kind text, args jsonb, tenant text, attempt integer, reason text,
+               last_error text, last_status integer, created_at timestamptz, died_at timestamptz,
+               idempotency_key text, expire_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT l.job_id, l.queue, l.kind, l.args, l.tenant, l.attempt, l.reason, l.last_error, l.last_status,
+           l.created_at, l.died_at, d.idempotency_key, d.expire_at
+    FROM dispatch.dead_job_list l JOIN dispatch.dead_jobs d ON d.job_id = l.job_id WHERE l.job_id = dead_id
+$$;
+
+-- Dead letters, newest death first, below a cursor (died_at, job_id).
+CREATE FUNCTION dispatch.console_dead_v1(queue_is text, kind_is text, reason_is text, died_since timestamptz,
+                                         died_until timestamptz, before_at timestamptz, before_id bigint,
+                                         scan_rows integer, page_rows integer)
+RETURNS TABLE (job_id bigint, queue text, kind text, reason text, attempt integer, last_status integer,
+               last_error text, tenant text, died_at timestamptz, scanned bigint, lowest_at timestamptz,
+               lowest_id bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH scanned AS MATERIALIZED (  -- by (died_at, job_id), or (queue, died_at) for one queue
+        SELECT d.job_id, d.died_at, d.kind, d.reason FROM dispatch.dead_jobs d
+        WHERE (before_at IS NULL OR (d.died_at, d.job_id) < (before_at, before_id))
+          AND (queue_is IS NULL OR d.queue = queue_is)
+          AND (died_since IS NULL OR d.died_at >= died_since)
+          AND (died_until IS NULL OR d.died_at < died_until)
+        ORDER BY d.died_at DESC, d.job_id DESC LIMIT scan_rows
+    ), page AS (
+        SELECT s.job_id, s.died_at FROM scanned s
+        WHERE (kind_is IS NULL OR s.kind = kind_is) AND (reason_is IS NULL OR s.reason = reason_is)
+        ORDER BY s.died_at DESC, s.job_id DESC LIMIT page_rows
+    )
+    SELECT l.job_id, l.queue, l.kind, l.reason, l.attempt, l.last_status, l.last_error, l.tenant, l.died_at,
+           f.scanned, f.lowest_at, f.lowest_id
+    FROM (SELECT count(*) AS scanned, min(s.died_at) AS lowest_at,
+                 (array_agg(s.job_id ORDER BY s.died_at, s.job_id))[1] AS lowest_id FROM scanned s) f
+    LEFT JOIN (page p JOIN dispatch.dead_job_list l ON l.job_id = p.job_id) ON true
+    ORDER BY p.died_at DESC NULLS LAST, p.job_id DESC
+$$;
+
+-- The ids of the dead letters a filter matches, oldest death first, after a cursor: a bulk
+-- action's chunk (a chunk revived or purged leaves the filter; the cursor only moves on).
+CREATE FUNCTION dispatch.console_dead_ids_v1(queue_is text, kind_is text, reason_is text, older_than interval,
+                                             died_since timestamptz, died_until timestamptz,
+                                             after_at timestamptz, after_id bigint, limit_rows integer)
+RETURNS TABLE (job_id bigint, died_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT d.job_id, d.died_at FROM dispatch.dead_jobs d
+    WHERE (queue_is IS NULL OR d.queue = queue_is)
+      AND (kind_is IS NULL OR d.kind = kind_is)
+      AND (reason_is IS NULL OR d.reason = reason_is)
+      AND (older_than IS NULL OR d.died_at < now() - older_than)
+      AND (died_since IS NULL OR d.died_at >= died_since)
+      AND (died_until IS NULL OR d.died_at < died_until)
+      AND (after_at IS NULL OR (d.died_at, d.job_id) > (after_at, after_id))
+    ORDER BY d.died_at, d.job_id LIMIT limit_rows
+$$;
+
+CREATE FUNCTION dispatch.console_processes_v1(type_is text, status_is text, before_id bigint, scan_rows integer,
+                                              page_rows integer)
+RETURNS TABLE (id bigint, type text, version integer, status text, current_step text, attempts integer, error text,
+               retry_after timestamptz, created_at timestamptz, updated_at timestamptz, finished_at timestamptz,
+               scanned bigint, lowest bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH scanned AS MATERIALIZED (
+        SELECT p.id, p.type, p.status FROM dispatch.processes p
+        WHERE before_id IS NULL OR p.id < before_id
+        ORDER BY p.id DESC LIMIT scan_rows
+    ), page AS (
+        SELECT s.id FROM scanned s
+        WHERE (type_is IS NULL OR s.type = type_is) AND (status_is IS NULL OR s.status::text = status_is)
+        ORDER BY s.id DESC LIMIT page_rows
+    )
+    SELECT l.id, l.type, l.version, l.status::text, l.current_step, l.attempts, l.error, l.retry_after,
+           l.created_at, l.updated_at, l.finished_at, f.scanned, f.lowest
+    FROM (SELECT count(*) AS scanned, min(s.id) AS lowest FROM scanned s) f
+    LEFT JOIN (page p JOIN dispatch.process_list l ON l.id = p.id) ON true
+    ORDER BY l.id DESC NULLS LAST
+$$;
+
+-- Enterprises with their CRMs' state (an enterprise admin: their own), by number.
+CREATE FUNCTION dispatch.console_enterprises_v1(after_number text, page_rows integer)
+RETURNS TABLE (number text, name text, integrations jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT e.number, e.name,
+           coalesce((SELECT jsonb_agg(jsonb_build_object('integration', s.integration, 'enabled', s.enabled,
+                                                         'breaker', s.breaker) ORDER BY s.integration)
+                     FROM dispatch.integration_status s WHERE s.enterprise = e.number), '[]')
+    FROM dispatch.enterprises e
+    WHERE (after_number IS NULL OR e.number > after_number) AND dispatch.console_sees_enterprise(e.number)
+    ORDER BY e.number LIMIT page_rows
+$$;
+
+CREATE FUNCTION dispatch.console_enterprise_v1(number_is text)
+RETURNS TABLE (number text, name text, integrations_config jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT e.number, e.name, dispatch.mask_integrations(e.integrations_config)
+    FROM dispatch.enterprises e WHERE e.number = number_is AND dispatch.console_sees_enterprise(e.number)
+$$;
+
+-- An enterprise's recent call events with their attempts: the newest scan_rows events (by
+-- index), their history joined, filtered by outcome ('ok', 'error', or NULL for both).
+CREATE FUNCTION dispatch.console_crm_logs_v1(number_is text, before_at timestamptz, outcome_is text,
+                                             scan_rows integer, page_rows integer)
+RETURNS TABLE (call_unique_id text, event text, integration text, created_at timestamptz, attempt integer,
+               outcome text, status integer, error text, request_excerpt text, response_excerpt text,
+               finished_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.call_unique_id, c.event, c.integration, c.created_at, h.attempt, h.outcome, h.status,
+           dispatch.mask_text(h.error), dispatch.mask_text(h.detail ->> 'request'),
+           dispatch.mask_text(h.detail ->> 'response'), h.finished_at
+    FROM (SELECT c.* FROM dispatch.call_events c
+          WHERE c.enterprise = number_is AND (before_at IS NULL OR c.created_at < before_at)
+            AND dispatch.console_sees_enterprise(number_is)
+          ORDER BY c.created_at DESC LIMIT scan_rows) c
+    JOIN dispatch.job_history h ON h.job_id = c.job_id
+    WHERE outcome_is IS NULL OR (outcome_is = 'ok') = (h.outcome = 'completed')
+    ORDER BY h.finished_at DESC LIMIT page_rows
+$$;
+
+-- A connection test's job, for the console user who asked for it (the audit log says who):
+-- waiting (state), or how it ended; and how many live workers serve its queue.
+CREATE FUNCTION dispatch.console_test_result_v1(test_job bigint, queue_is text, asked_by text)
+RETURNS TABLE (state text, outcome text, result text, error text, target text, at timestamptz, workers bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (SELECT j.state::text FROM dispatch.jobs j WHERE j.id = a.job),
+           h.outcome, dispatch.mask_text(h.detail ->> 'result'), dispatch.mask_text(h.error), a.target, a.at,
+           (SELECT count(*) FROM dispatch.worker_status w WHERE w.status = 'alive'
+              AND (cardinality(w.queues) = 0 OR '*' = ANY (w.queues) OR queue_is = ANY (w.queues)))
+    FROM (SELECT (x.detail ->> 'job_id')::bigint AS job, x.target, x.at FROM dispatch.audit_log x
+          WHERE x.action = 'test' AND x.who = asked_by AND x.detail ->> 'job_id' = test_job::text
+          ORDER BY x.id DESC LIMIT 1) a
+    LEFT JOIN LATERAL (SELECT h.outcome, h.detail, h.error FROM dispatch.job_history h
+                       WHERE h.job_id = a.job ORDER BY h.finished_at DESC LIMIT 1) h ON true
+$$;
+
 -- -- The console's own role: the reader's rights, its accounts, the actions it calls ---------------
 
 DO $$
@@ -828,8 +1161,9 @@ REVOKE ALL ON dispatch.console_users, dispatch.console_sessions, dispatch.consol
     dispatch.history_minutes FROM PUBLIC;
 GRANT SELECT ON dispatch.job_attempts, dispatch.history_minutes TO dispatch_reader, dispatch_worker;
 GRANT SELECT ON dispatch.console_user_list TO dispatch_console;
-GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.console_users, dispatch.console_sessions TO dispatch_console;
-GRANT SELECT, INSERT ON dispatch.console_login_failures TO dispatch_console;
+GRANT SELECT ON dispatch.console_users TO dispatch_console;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dispatch.console_sessions TO dispatch_console;
+GRANT SELECT, INSERT, DELETE ON dispatch.console_login_failures TO dispatch_console;
 GRANT SELECT, INSERT, UPDATE ON dispatch.history_minutes TO dispatch_worker;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dispatch FROM PUBLIC;
@@ -839,7 +1173,8 @@ GRANT EXECUTE ON FUNCTION dispatch.mask_secrets(jsonb), dispatch.mask_text(text)
 GRANT EXECUTE ON FUNCTION dispatch.cancel_job_by_key(text, text, text) TO dispatch_producer;
 GRANT EXECUTE ON FUNCTION
     dispatch.console_user(), dispatch.console_sees_enterprise(text), dispatch.console_sees_entity(bigint),
-    dispatch.console_sees_credential(bigint), dispatch.console_may_act(),
+    dispatch.console_sees_credential(bigint), dispatch.console_may_act(), dispatch.console_may_operate(),
+    dispatch.console_require_operator(),
     dispatch.audit_v1(text, text, text, text, jsonb),
     dispatch.audit_jobs_v1(text, text, bigint[], text),
     dispatch.cancel_jobs_v1(bigint[], text, text),
@@ -862,7 +1197,27 @@ GRANT EXECUTE ON FUNCTION
     dispatch.abandon_process_v1(bigint, text, text),
     dispatch.enable_credential_v1(bigint, boolean, text, text),
     dispatch.set_enterprise_integration_v1(text, text, jsonb, text, text, text),
+    dispatch.reset_integration_v1(text, text, text),
+    dispatch.console_require_admin(),
+    dispatch.add_console_user_v1(text, text, text, text[], bigint[], text),
+    dispatch.disable_console_user_v1(text, boolean, text),
+    dispatch.set_console_password_v1(text, text, text),
+    dispatch.delete_console_user_v1(text, text),
     dispatch.integration_sends(jsonb, text)
 TO dispatch_console;
 GRANT EXECUTE ON FUNCTION dispatch.console_queues_v1(integer), dispatch.console_throughput_v1(interval, interval)
 TO dispatch_reader;
+GRANT EXECUTE ON FUNCTION
+    dispatch.console_jobs_v1(text, text, text, text, jsonb, bigint, integer, integer),
+    dispatch.console_job_ids_v1(text, text, text, text, jsonb, bigint, integer),
+    dispatch.console_job_by_key_v1(text),
+    dispatch.console_job_v1(bigint),
+    dispatch.console_dead_job_v1(bigint),
+    dispatch.console_dead_v1(text, text, text, timestamptz, timestamptz, timestamptz, bigint, integer, integer),
+    dispatch.console_dead_ids_v1(text, text, text, interval, timestamptz, timestamptz, timestamptz, bigint, integer),
+    dispatch.console_processes_v1(text, text, bigint, integer, integer),
+    dispatch.console_enterprises_v1(text, integer),
+    dispatch.console_enterprise_v1(text),
+    dispatch.console_crm_logs_v1(text, timestamptz, text, integer, integer),
+    dispatch.console_test_result_v1(bigint, text, text)
+TO dispatch_console;

@@ -3,4 +3,4 @@
 Only the scenario names live here: the CLI lists them without importing the harness."""
 
 SCENARIOS = ("drain", "deliver", "latency", "backlog", "poll", "review", "memory", "enqueue", "limits",
-             "limits-pools", "processes", "leads", "calls")
+             "limits-pools", "processes", "leads", "calls", "dashboard")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pgdispatch.bench import calls as bench_calls
+from pgdispatch.bench import dashboard as bench_dashboard
 from pgdispatch.bench import leads as bench_leads
 from pgdispatch.bench import limits as shared_limits
 from pgdispatch.bench import processes as bench_processes
@@ -54,6 +55,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "processes": ([OURS], lambda s: bench_processes.processes(server_url)),
         "leads": ([OURS], lambda s: bench_leads.leads(server_url)),
         "calls": ([OURS], lambda s: bench_calls.calls(server_url)),
+        "dashboard": ([OURS], lambda s: bench_dashboard.dashboard(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):

@@ -10,6 +10,7 @@ field `csrf` or header X-CSRF-Token). Errors become a page that says what went w
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,17 +97,20 @@ def _guarded(route: Route) -> Handler:
 
 @web.middleware
 async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Security headers on every answer, and Server-Timing: how long the console took (the
+    dashboard bench reads it; so can a browser's developer tools)."""
+    began = time.perf_counter()
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        response = exc
-        _secure(response, request)
+        _secure(exc, request, began)
         raise
-    _secure(response, request)
+    _secure(response, request, began)
     return response
 
 
-def _secure(response: web.StreamResponse, request: web.Request) -> None:
+def _secure(response: web.StreamResponse, request: web.Request, began: float) -> None:
+    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - began) * 1000:.1f}"
     for name, value in HEADERS.items():
         response.headers.setdefault(name, value)
     if not request.path.startswith("/static/"):

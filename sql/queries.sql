@@ -527,7 +527,7 @@ SELECT set_config('pgdispatch.console_user', %(user)s, true), set_config('jit', 
 
 -- name: console_session_touch
 -- A session's expiry moves on with use, at most once a minute (not a write per page).
-UPDATE dispatch.console_sessions s SET last_seen_at = now(), expires_at = now() + %(life)s
+UPDATE dispatch.console_sessions s SET last_seen_at = now(), expires_at = now() + %(life)s::interval
 WHERE s.token_hash = %(hash)s AND s.expires_at > now() AND s.last_seen_at < now() - interval '1 minute';
 
 -- name: console_session_user
@@ -537,7 +537,7 @@ WHERE s.token_hash = %(hash)s AND s.expires_at > now() AND NOT u.disabled;
 
 -- name: console_session_start
 INSERT INTO dispatch.console_sessions (token_hash, user_name, csrf_token, address, expires_at)
-VALUES (%(hash)s, %(name)s, %(csrf)s, %(address)s, now() + %(life)s);
+VALUES (%(hash)s, %(name)s, %(csrf)s, %(address)s, now() + %(life)s::interval);
 
 -- name: console_session_end
 DELETE FROM dispatch.console_sessions WHERE token_hash = %(hash)s;
@@ -548,9 +548,9 @@ SELECT 1 FROM dispatch.console_users WHERE name = %(name)s AND NOT disabled;
 -- name: console_login_state
 -- Failed logins of this name and this address in the window, and the account's password hash.
 SELECT (SELECT count(*) FROM dispatch.console_login_failures f
-        WHERE f.user_name = %(name)s AND f.at > now() - %(window)s) AS by_name,
+        WHERE f.user_name = %(name)s AND f.at > now() - %(window)s::interval) AS by_name,
        (SELECT count(*) FROM dispatch.console_login_failures f
-        WHERE f.address = %(address)s AND f.at > now() - %(window)s) AS by_address,
+        WHERE f.address = %(address)s AND f.at > now() - %(window)s::interval) AS by_address,
        (SELECT u.password_hash FROM dispatch.console_users u WHERE u.name = %(name)s AND NOT u.disabled) AS stored;
 
 -- name: console_login_failed
@@ -626,28 +626,51 @@ SELECT id, step, attempt, status::text AS status, message, payload, error, versi
 FROM dispatch.process_journal WHERE process_id = %(id)s ORDER BY id LIMIT 1000;
 
 -- name: console_batches
--- Lead batches, newest first, with their counters; an enterprise admin's entities only. At most
--- %(scan)s batches read below the cursor (by the primary key); a row with a NULL id carries how
--- far it looked when nothing matched.
+-- Lead batches, newest first, with their counters (dispatch.batches' own, counted for the page's
+-- batches only, by index); an enterprise admin's entities only. At most %(scan)s batches read
+-- below the cursor (by the primary key); a row with a NULL id carries how far it looked.
 WITH scanned AS MATERIALIZED (
     SELECT b.id, b.lead_id FROM dispatch.lead_batches b
     WHERE %(before)s::bigint IS NULL OR b.id < %(before)s
     ORDER BY b.id DESC LIMIT %(scan)s
 ), page AS (
     SELECT s.id FROM scanned s JOIN dispatch.leads l ON l.id = s.lead_id
-    WHERE (%(lead)s::bigint IS NULL OR s.lead_id = %(lead)s) AND dispatch.console_sees_entity(l.external_entity_id)
+    WHERE (%(lead)s::bigint IS NULL OR s.lead_id = %(lead)s)  -- the scope once (an InitPlan), not per row
+      AND ((SELECT dispatch.console_entity_scope()) IS NULL
+           OR l.external_entity_id = ANY (coalesce((SELECT dispatch.console_entity_scope()), '{}')))
     ORDER BY s.id DESC LIMIT %(page)s
+), counted AS (
+    SELECT b.id, b.lead_id, b.requested_types, b.created_at,
+           count(d.id) FILTER (WHERE d.status <> 'skipped')::integer AS total,
+           count(d.id) FILTER (WHERE d.status = 'pending')::integer AS pending,
+           count(d.id) FILTER (WHERE d.status = 'succeeded')::integer AS succeeded,
+           count(d.id) FILTER (WHERE d.status = 'failed')::integer AS failed,
+           count(d.id) FILTER (WHERE d.status = 'skipped')::integer AS skipped,
+           CASE WHEN count(d.id) FILTER (WHERE d.status = 'pending') = 0
+                THEN coalesce(max(d.finished_at), b.created_at) END AS finished_at
+    FROM page p JOIN dispatch.lead_batches b ON b.id = p.id
+    LEFT JOIN dispatch.deliveries d ON d.batch_id = b.id
+    GROUP BY b.id
 )
-SELECT b.id, b.lead_id, b.requested_types, b.total, b.pending, b.succeeded, b.failed, b.skipped, b.created_at,
-       b.finished_at, f.scanned, f.lowest
+SELECT c.*, f.scanned, f.lowest
 FROM (SELECT count(*) AS scanned, min(s.id) AS lowest FROM scanned s) f
-LEFT JOIN (page p CROSS JOIN LATERAL (SELECT * FROM dispatch.batches x WHERE x.id = p.id) b) ON true
-ORDER BY b.id DESC NULLS LAST;
+LEFT JOIN counted c ON true
+ORDER BY c.id DESC NULLS LAST;
 
 -- name: console_batch
-SELECT b.*, l.external_entity_id, l.external_project_id, dispatch.mask_secrets(l.data) AS data
-FROM dispatch.batches b JOIN dispatch.leads l ON l.id = b.lead_id
-WHERE b.id = %(id)s AND dispatch.console_sees_entity(l.external_entity_id);
+SELECT b.id, b.lead_id, b.requested_types, b.created_at,
+       count(d.id) FILTER (WHERE d.status <> 'skipped')::integer AS total,
+           count(d.id) FILTER (WHERE d.status = 'pending')::integer AS pending,
+           count(d.id) FILTER (WHERE d.status = 'succeeded')::integer AS succeeded,
+           count(d.id) FILTER (WHERE d.status = 'failed')::integer AS failed,
+           count(d.id) FILTER (WHERE d.status = 'skipped')::integer AS skipped,
+           CASE WHEN count(d.id) FILTER (WHERE d.status = 'pending') = 0
+                THEN coalesce(max(d.finished_at), b.created_at) END AS finished_at,
+       l.external_entity_id, l.external_project_id, dispatch.mask_secrets(l.data) AS data
+FROM dispatch.lead_batches b JOIN dispatch.leads l ON l.id = b.lead_id
+LEFT JOIN dispatch.deliveries d ON d.batch_id = b.id
+WHERE b.id = %(id)s AND dispatch.console_sees_entity(l.external_entity_id)
+GROUP BY b.id, l.id;
 
 -- name: console_batch_deliveries
 SELECT d.id, d.credential_id, d.type, d.status::text AS status, dispatch.mask_text(d.error) AS error, d.job_id,

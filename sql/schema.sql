@@ -4687,6 +4687,31 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                FROM dispatch.console_users u WHERE u.name = dispatch.console_user()), false) END
 $$;
 
+-- The same scope as a list, read once per query (a per-row call of the functions above costs a
+-- few microseconds each): NULL = everything; else the enterprise admin's own (empty for an
+-- unknown or disabled console user).
+CREATE FUNCTION dispatch.console_entity_scope() RETURNS bigint[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN dispatch.console_user() IS NULL THEN NULL
+                ELSE coalesce((SELECT CASE WHEN u.disabled THEN '{}'::bigint[]
+                                           WHEN u.role = 'enterprise_admin' THEN u.entities END
+                               FROM dispatch.console_users u WHERE u.name = dispatch.console_user()),
+                              CASE WHEN EXISTS (SELECT FROM dispatch.console_users u
+                                                WHERE u.name = dispatch.console_user()) THEN NULL
+                                   ELSE '{}'::bigint[] END) END
+$$;
+
+CREATE FUNCTION dispatch.console_enterprise_scope() RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN dispatch.console_user() IS NULL THEN NULL
+                ELSE coalesce((SELECT CASE WHEN u.disabled THEN '{}'::text[]
+                                           WHEN u.role = 'enterprise_admin' THEN u.enterprises END
+                               FROM dispatch.console_users u WHERE u.name = dispatch.console_user()),
+                              CASE WHEN EXISTS (SELECT FROM dispatch.console_users u
+                                                WHERE u.name = dispatch.console_user()) THEN NULL
+                                   ELSE '{}'::text[] END) END
+$$;
+
 -- A credential is an enterprise admin's when it serves one of their entities.
 CREATE FUNCTION dispatch.console_sees_credential(credential_id bigint) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -5385,7 +5410,7 @@ FROM dispatch.console_users u;
 -- The planner's estimate of a query's rows (EXPLAIN, not a count): for the console's counts of
 -- big tables. Internal: called with constant text and quoted literals only.
 CREATE FUNCTION dispatch.estimated_rows(query text) RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$  -- volatile: EXPLAIN runs only there
 DECLARE
     plan jsonb;
 BEGIN
@@ -5401,7 +5426,7 @@ RETURNS TABLE (queue text, paused boolean, concurrency integer, max_attempts int
                available bigint, available_exact boolean, scheduled bigint, scheduled_exact boolean,
                running bigint, dead bigint, dead_exact boolean, next_since timestamptz,
                completed_hour bigint, failed_hour bigint)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     q dispatch.queues;
@@ -5620,7 +5645,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                                                          'breaker', s.breaker) ORDER BY s.integration)
                      FROM dispatch.integration_status s WHERE s.enterprise = e.number), '[]')
     FROM dispatch.enterprises e
-    WHERE (after_number IS NULL OR e.number > after_number) AND dispatch.console_sees_enterprise(e.number)
+    WHERE (after_number IS NULL OR e.number > after_number)  -- the scope once (an InitPlan), not per row
+      AND ((SELECT dispatch.console_enterprise_scope()) IS NULL
+           OR e.number = ANY (coalesce((SELECT dispatch.console_enterprise_scope()), '{}')))
     ORDER BY e.number LIMIT page_rows
 $$;
 
@@ -5694,6 +5721,7 @@ GRANT EXECUTE ON FUNCTION dispatch.cancel_job_by_key(text, text, text) TO dispat
 GRANT EXECUTE ON FUNCTION
     dispatch.console_user(), dispatch.console_sees_enterprise(text), dispatch.console_sees_entity(bigint),
     dispatch.console_sees_credential(bigint), dispatch.console_may_act(), dispatch.console_may_operate(),
+    dispatch.console_entity_scope(), dispatch.console_enterprise_scope(),
     dispatch.console_require_operator(),
     dispatch.audit_v1(text, text, text, text, jsonb),
     dispatch.audit_jobs_v1(text, text, bigint[], text),

@@ -85,7 +85,7 @@ async def test_every_page_renders_its_data_as_html_alone(db_url: str) -> None:
 
 
 async def test_lists_say_how_far_they_looked_and_offer_to_look_further(db_url: str) -> None:
-    execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'bulk.job' FROM generate_series(1, 120)")
+    execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'bulk.job' FROM generate_series(1, 1200)")
     rare = job(db_url, "rare.job")
     execute(db_url, "INSERT INTO dispatch.jobs (kind) SELECT 'bulk.job' FROM generate_series(1, 120)")
     async with logged_in(db_url, "ann", "viewer", scan_limit=50, page_size=10) as ann:
@@ -101,6 +101,10 @@ async def test_lists_say_how_far_they_looked_and_offer_to_look_further(db_url: s
             further = re.search(r'href="([^"]*before=\d+[^"]*)">Search further', html)
             assert further is not None
         assert f"/jobs/{rare}" in html
+        # Counts past the cap are the planner's estimate, and say so.
+        execute(db_url, "ANALYZE dispatch.jobs")
+        status, html = await ann.get("/overview")
+        assert status == 200 and "≈" in html and "exact up to 1,000" in html
 
 
 # -- who may do what --------------------------------------------------------------------------------------

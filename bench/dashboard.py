@@ -37,9 +37,10 @@ def dashboard(server_url: str, *, requests: int = 20, sizes: dict[str, int] | No
     for page, times in timings.items():
         ordered = sorted(times)
         p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-        results.append({"scenario": f"dashboard: {page}", "system": OURS, "unit": "ms",
-                        "value": round(statistics.median(ordered), 1), "p95_ms": round(p95, 1),
-                        "requests": len(ordered), **{f"{k}_rows": v for k, v in sizes.items()}})
+        for label, value in (("p50", statistics.median(ordered)), ("p95", p95)):
+            results.append({"scenario": f"dashboard: {page}, {label}", "system": OURS, "unit": "ms",
+                            "value": round(value, 1), "requests": len(ordered),
+                            **{f"{k}_rows": v for k, v in sizes.items()}})
     return results
 
 

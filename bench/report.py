@@ -172,6 +172,12 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     if lost:
         checks.append(("calls: no call event lost", f"{max(r['max'] for r in lost)} requests at most",
                        all(r["max"] == 0 for r in lost)))
+    pages = [r for r in rows if r["scenario"].startswith("dashboard: ") and r["scenario"].endswith(", p95")
+             and "median" in r]
+    if pages:
+        worst = max(pages, key=lambda r: r["max"])
+        checks.append(("dashboard: every page p95 < 150 ms at 1M jobs / 10M history",
+                       f"{worst['max']} ms at most ({worst['scenario'][11:-5]})", worst["max"] < 150))
     memory = next((r for r in rows if r["scenario"].startswith("memory") and "median" in r), None)
     if memory:
         checks.append(("memory ≤ 100 MB per worker process at 256 in flight", f"{memory['median']} MB",

@@ -57,6 +57,7 @@ class Env:
     allowed_destinations: tuple[str, ...]
     operator: str  # who runs this command line: the audit log's "who"
     log_level: int
+    log_format: str = "text"  # PGDISPATCH_LOG_FORMAT: text or json (one JSON object per line)
     # DATABASE_URL is a pooler in transaction mode (PgBouncer): no prepared statements.
     transaction_pooler: bool = False
     # The console's own login (PGDISPATCH_DASHBOARD_URL), and a console account's new password
@@ -93,6 +94,7 @@ class Env:
                        if d.strip()),
                    operator=f"{getpass.getuser()}@{socket.gethostname()}",
                    log_level=getattr(logging, level),
+                   log_format=_log_format(),
                    transaction_pooler=_flag("PGDISPATCH_TRANSACTION_POOLER"),
                    dashboard_url=os.environ.get("PGDISPATCH_DASHBOARD_URL") or None,
                    password=os.environ.get("PGDISPATCH_PASSWORD"))
@@ -139,6 +141,14 @@ class Env:
 
     def where(self) -> str:
         return "DATABASE_URL" if self.database_url else f"embedded PostgreSQL in {self.home.resolve()}"
+
+
+def _log_format() -> str:
+    value = os.environ.get("PGDISPATCH_LOG_FORMAT", "text").strip().lower() or "text"
+    if value not in ("text", "json"):
+        raise ConfigurationError(f"PGDISPATCH_LOG_FORMAT={os.environ['PGDISPATCH_LOG_FORMAT']!r}: "
+                                 "text or json")
+    return value
 
 
 def _flag(name: str) -> bool:

@@ -80,7 +80,7 @@ def register(sub: Any) -> None:
     u = sub.add_parser("users", help="console accounts: add, list, disable, enable, passwd, delete")
     usub = u.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
     add = usub.add_parser("add", help="a new account (asks for its password, or reads PGDISPATCH_PASSWORD)")
-    add.add_argument("name")
+    add.add_argument("name", help="the login name")
     add.add_argument(
         "--role",
         choices=ROLES,
@@ -110,7 +110,7 @@ def register(sub: Any) -> None:
         ("passwd", "a new password (its sessions end)"),
         ("delete", "remove the account"),
     ):
-        usub.add_parser(name, help=text).add_argument("name")
+        usub.add_parser(name, help=text).add_argument("name", help="the login name")
     u.set_defaults(func=users)
 
 

@@ -16,7 +16,8 @@ from pgdispatch.db.server import embedded_running, stop_embedded
 
 def register(sub: Any) -> None:
     m = sub.add_parser("embedded", help="the embedded PostgreSQL: url, stop")
-    m.add_argument("embedded_command", choices=["url", "stop"])
+    m.add_argument("embedded_command", choices=["url", "stop"], metavar="url|stop",
+                   help="url: print the URL to connect to (DATABASE_URL when set); stop: stop the server")
     m.add_argument("--force", action="store_true", help="stop: even under live workers")
     m.set_defaults(func=embedded, keeps_embedded=True)
 

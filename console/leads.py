@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("leads", help="send a lead to its integrations, resend, show what happened")
     lsub = p.add_subparsers(dest="leads_command", required=True, metavar="COMMAND")
     ls = lsub.add_parser("send", help="to every enabled integration of its entity and project, or to --type")
-    ls.add_argument("id", type=int)
+    ls.add_argument("id", type=int, help="the lead")
     ls.add_argument("--type", action="append", dest="types", metavar="T",
                     help="only integrations of this type (repeatable)")
     ls.add_argument("--delay", type=duration, default=0.0, help="send after this long (30s, 5m)")
@@ -45,10 +45,11 @@ def register(sub: Any) -> None:
     source = lr.add_mutually_exclusive_group(required=True)
     source.add_argument("--ids", type=_ids, help="1,2,3")
     source.add_argument("--from-file", type=Path, metavar="F", help="lead ids, one per line ('-': stdin)")
-    lr.add_argument("--type", action="append", dest="types", metavar="T")
+    lr.add_argument("--type", action="append", dest="types", metavar="T",
+                    help="only this integration type (repeat; default: every enabled one)")
     lr.add_argument("--json", action="store_true")
     lw = lsub.add_parser("show", help="the lead, every batch and delivery, and every attempt's log")
-    lw.add_argument("id", type=int)
+    lw.add_argument("id", type=int, help="the lead")
     lw.add_argument("--json", action="store_true")
     p.set_defaults(func=leads)
 
@@ -56,21 +57,21 @@ def register(sub: Any) -> None:
     csub = c.add_subparsers(dest="credentials_command", required=True, metavar="COMMAND")
     cl = csub.add_parser("list", help="secrets masked")
     cl.add_argument("--json", action="store_true")
-    ca = csub.add_parser("add")
-    ca.add_argument("--type", required=True)
-    ca.add_argument("--name", required=True)
+    ca = csub.add_parser("add", help="a new credential, its settings checked for its type")
+    ca.add_argument("--type", required=True, help="email, amocrm, telegram, bitrix24 or webhooks")
+    ca.add_argument("--name", required=True, help="a name people recognise")
     ca.add_argument("--settings", required=True, type=json_object("--settings"), metavar="JSON|@FILE",
                     help="the channel's settings as JSON, or @file.json (keeps secrets out of shell history)")
     ca.add_argument("--entity", action="append", type=int, default=[],
                     help="an external entity id (repeatable)")
     ca.add_argument("--project", action="append", type=int, default=[],
                     help="an external project id (repeatable)")
-    ca.add_argument("--disabled", action="store_true")
+    ca.add_argument("--disabled", action="store_true", help="added switched off")
     for action in ("enable", "disable"):
-        ce = csub.add_parser(action)
-        ce.add_argument("id", type=int)
+        ce = csub.add_parser(action, help=f"{action} a credential")
+        ce.add_argument("id", type=int, help="the credential")
     ct = csub.add_parser("test", help="a real call to the API that says what is wrong (sends no lead)")
-    ct.add_argument("id", type=int)
+    ct.add_argument("id", type=int, help="the credential")
     c.set_defaults(func=credentials)
 
 

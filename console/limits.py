@@ -40,11 +40,11 @@ def register(sub: Any) -> None:
     ls.add_argument("key", help="host:api.example.com, host:*, tenant:acme, tenant:acme|host:*, ...")
     for setting, (kind, text) in SETTINGS.items():
         ls.add_argument("--" + setting.replace("_", "-"), dest=setting, type=_or_off(kind), help=text)
-    ls.add_argument("--note")
+    ls.add_argument("--note", help="why the rule is what it is (shown in limits list)")
     lc = lsub.add_parser("clear", help="delete a rule")
-    lc.add_argument("key")
+    lc.add_argument("key", help="the rule's key")
     lr = lsub.add_parser("reset", help="lift a key's pause, close its breaker, bring its requests back")
-    lr.add_argument("key")
+    lr.add_argument("key", help="the key")
     p.set_defaults(func=limits)
 
 

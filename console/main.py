@@ -8,6 +8,7 @@ Environment (read here and nowhere else):
   PGDISPATCH_APP    the worker's --app (module:attribute)
   PGDISPATCH_LISTEN_URL  the worker's --listen-url
   PGDISPATCH_LOG    log level (default INFO)
+  PGDISPATCH_LOG_FORMAT  text (default) or json: one JSON object per line, for log shippers
   PGDISPATCH_DASHBOARD_URL  the console's own login (default DATABASE_URL)
   PGDISPATCH_PASSWORD       a console account's password for `users add|passwd` in scripts
 
@@ -19,7 +20,7 @@ newer build (--exit-on-newer), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -28,6 +29,7 @@ from pgdispatch.console import (
     bench,
     build,
     commands,
+    completion,
     crm,
     dashboard,
     dead,
@@ -40,7 +42,15 @@ from pgdispatch.console import (
     requests,
     worker,
 )
-from pgdispatch.console.common import EXIT_ERROR, EXIT_NO_DATABASE, EXIT_NOT_FOUND, EXIT_USAGE, PROG, Env
+from pgdispatch.console.common import (
+    EXIT_ERROR,
+    EXIT_NO_DATABASE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    Env,
+)
 from pgdispatch.db.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -48,36 +58,66 @@ from pgdispatch.db.errors import (
     NotFound,
     PgDispatchError,
 )
+from pgdispatch.worker.telemetry import configure_logging
 
 # One module per noun; each adds its subcommands.
 NOUNS = (worker, jobs, dead, queues, limits, processes, commands, leads, crm, requests, dashboard, build,
-         bench, embedded)
+         bench, embedded, completion)
 
 
 class _Parser(argparse.ArgumentParser):
-    """A usage mistake is one line (and exit 2), not the whole usage text."""
+    """A usage mistake is one line (and exit 2), not the whole usage text; a group given no
+    subcommand (`pgdispatch dead`) prints its help, which lists them."""
 
     def error(self, message: str) -> NoReturn:
+        missing = message.removeprefix("the following arguments are required: ")
+        if missing != message and (missing.endswith("_command") or missing == "COMMAND"):
+            self.print_help(sys.stderr)
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for noun in NOUNS:
         noun.register(sub)
+    _fill_in(parser)
     return parser
 
 
+def _fill_in(parser: argparse.ArgumentParser) -> None:
+    """What every command shares says so once: --json, and every default beside its option."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                _fill_in(child)
+        elif action.dest == "json" and not action.help:
+            action.help = "print JSON (for scripts) instead of a table"
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("pgdispatch")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad usage: argparse prints one line, exit 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:  # bare `pgdispatch`: what it can do
+        parser.print_help()
+        return EXIT_OK
+    args = parser.parse_args(argv)  # bad usage: argparse prints one line, exit 2
     env: Env | None = None
     try:
         env = Env.read()
-        logging.basicConfig(level=env.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(env.log_level, env.log_format)
         return int(args.func(env, args))
     except DatabaseUnavailable as exc:
         return _fail(exc, EXIT_NO_DATABASE)

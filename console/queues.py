@@ -12,6 +12,16 @@ from pgdispatch import sql
 from pgdispatch.console.common import EXIT_OK, PROG, Conn, Env, connect, duration, emit, say, table
 from pgdispatch.db.errors import InvalidInput, NotFound, translated
 
+QUEUE_VERBS = {"create": "a new queue with the default policy",
+               "pause": "claim nothing from it until resumed", "resume": "claim from it again"}
+SETTINGS_HELP = {
+    "max_attempts": "attempts before a job is dead", "backoff_base": "the first retry's wait (e.g. 1s)",
+    "backoff_factor": "each retry waits this many times longer", "backoff_cap": "the longest wait (e.g. 1h)",
+    "backoff_jitter": "a random share of the wait (0-1)",
+    "job_timeout": "an attempt running longer is cancelled",
+    "concurrency": "jobs of this queue running at once across all workers (0 removes the cap)",
+    "dedupe_window": "how long a finished job's idempotency key is still kept",
+}
 SETTINGS: dict[str, Callable[[str], Any]] = {
     "max_attempts": int, "backoff_base": duration, "backoff_factor": float, "backoff_cap": duration,
     "backoff_jitter": float, "job_timeout": duration, "concurrency": int, "dedupe_window": duration,
@@ -21,15 +31,15 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
 def register(sub: Any) -> None:
     q = sub.add_parser("queues", help="queue policies: list, create, pause, resume, set")
     qsub = q.add_subparsers(dest="queues_command", required=True, metavar="COMMAND")
-    ql = qsub.add_parser("list")
+    ql = qsub.add_parser("list", help="every queue and its policy")
     ql.add_argument("--json", action="store_true")
     for name in ("create", "pause", "resume"):
-        qsub.add_parser(name).add_argument("name")
-    qs = qsub.add_parser("set")
-    qs.add_argument("name")
+        qsub.add_parser(name, help=QUEUE_VERBS[name]).add_argument("name", help="the queue")
+    qs = qsub.add_parser("set", help="change a queue's policy (the settings given)")
+    qs.add_argument("name", help="the queue")
     for setting, kind in SETTINGS.items():
         qs.add_argument("--" + setting.replace("_", "-"), dest=setting, type=kind,
-                        help="0 removes the cap" if setting == "concurrency" else None)
+                        help=SETTINGS_HELP[setting])
     q.set_defaults(func=queues)
 
 

@@ -133,5 +133,5 @@ def worker(env: Env, args: argparse.Namespace) -> int:
         allow_private_networks=allow_private, allowed_destinations=allowed,
         transaction_pooler=env.transaction_pooler)
     pool = WorkerPool(config, processes=args.processes, time_limit=args.time_limit,
-                      http_port=args.http_port, log_level=env.log_level)
+                      http_port=args.http_port, log_level=env.log_level, log_format=env.log_format)
     return run_event_loop(pool.run())

@@ -14,6 +14,14 @@ from psycopg.types.json import Jsonb
 from pgdispatch import sql
 from pgdispatch.db.errors import InvalidInput, translated
 
+TRACEPARENT = "_traceparent"
+try:  # optional: pip install 'pgdispatch[otel]'
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    _propagator: Any = TraceContextTextMapPropagator()
+except ImportError:  # pragma: no cover - depends on the extra
+    _propagator = None
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NewJob:
@@ -49,7 +57,7 @@ def enqueue(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], kind: 
     """Insert one job in the caller's transaction; returns its id. When `idempotency_key` is
     already taken in that queue (a live job, or one finished within the queue's dedupe window),
     nothing is inserted and the existing job's id is returned. With an AsyncConnection, await it."""
-    params = {"kind": kind, "args": _json(args), "queue": queue, "priority": priority,
+    params = {"kind": kind, "args": _json(_traced(args)), "queue": queue, "priority": priority,
               "run_at": run_at, "expire_at": expire_at, "max_attempts": max_attempts,
               "idempotency_key": idempotency_key, "tenant": tenant}
     if isinstance(conn, psycopg.AsyncConnection):
@@ -101,11 +109,23 @@ def _columns(jobs: list[NewJob]) -> dict[str, Any] | None:
     for i, job in enumerate(jobs):
         if not isinstance(job, NewJob):
             raise InvalidInput(f"enqueue_many: item {i} is a {type(job).__name__}, not a pgdispatch.NewJob")
-    return {"kinds": [j.kind for j in jobs], "args": [_json(j.args) for j in jobs],
+    return {"kinds": [j.kind for j in jobs], "args": [_json(_traced(j.args)) for j in jobs],
             "queues": [j.queue for j in jobs], "priorities": [j.priority for j in jobs],
             "run_ats": [j.run_at for j in jobs], "expire_ats": [j.expire_at for j in jobs],
             "max_attempts": [j.max_attempts for j in jobs],
             "keys": [j.idempotency_key for j in jobs], "tenants": [j.tenant for j in jobs]}
+
+
+def _traced(args: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The args, with the producer's trace context (W3C traceparent, key `_traceparent`) when it
+    runs under an OpenTelemetry span: the attempts' spans join its trace (worker/telemetry.py)."""
+    if _propagator is None or (args is not None and not isinstance(args, Mapping)):
+        return args
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    if "traceparent" not in carrier or (args is not None and TRACEPARENT in args):
+        return args
+    return {**(args or {}), TRACEPARENT: carrier["traceparent"]}
 
 
 def _json(args: Mapping[str, Any] | None) -> Jsonb:

@@ -10,13 +10,14 @@ The public API, and all of it (everything else in the package is internal):
     start_process; StepDone, StepRetry, StepError   processes (App.process) and what their steps return
     DrainResult, KindOptions
     PgDispatchError     the root of every error pgdispatch raises (InvalidInput,
-                        DatabaseUnavailable, ConfigurationError, NotFound, SchemaMissing)
+                        DatabaseUnavailable, ConfigurationError, NotFound, NotAllowed, SchemaMissing)
 """
 
 from pgdispatch.db.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     InvalidInput,
+    NotAllowed,
     NotFound,
     PgDispatchError,
     SchemaMissing,
@@ -40,6 +41,7 @@ __all__ = [
     "Job",
     "KindOptions",
     "NewJob",
+    "NotAllowed",
     "NotFound",
     "Outcome",
     "PgDispatchError",

@@ -119,7 +119,13 @@ def test_pool_restarts_a_crashed_child_and_serves_ops_http(db_url: str) -> None:
         execute(db_url, "INSERT INTO dispatch.limits (key, rate) VALUES ('host:api.example.com', 5)")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'pgdispatch_jobs{queue="default",state="available"} 0.0' in metrics
-        assert "pgdispatch_worker_jobs_total" in metrics
+        # This pool's attempts, summed over its processes (the killed one's too), by queue and
+        # kind; durations as a histogram; no label that a restart changes (a pid, a worker id).
+        assert 'pgdispatch_attempts_total{kind="debug.noop",outcome="completed",queue="default"} 10.0' in metrics
+        assert 'pgdispatch_job_duration_seconds_bucket{kind="debug.noop",le="0.005",queue="default"}' in metrics
+        assert 'pgdispatch_job_duration_seconds_count{kind="debug.noop",queue="default"} 10.0' in metrics
+        assert not any(str(pid) in line for pid in pids for line in metrics.splitlines() if line.startswith("pgdispatch"))
+        assert "pgdispatch_workers{" in metrics and 'status="alive"' in metrics
         assert 'pgdispatch_limit_in_flight{key="host:api.example.com"} 0.0' in metrics
         assert 'pgdispatch_limit_blocked{key="host:api.example.com",why="breaker"} 0.0' in metrics
     finally:

@@ -60,14 +60,22 @@ class _Snapshot:
             for state in ("available", "scheduled", "running", "dead"):
                 jobs.add_metric([q["queue"], state], q[state])
             wait.add_metric([q["queue"]], q["oldest_wait_seconds"] or 0)
-        done = CounterMetricFamily("pgdispatch_worker_jobs", "Jobs finished by worker and outcome",
-                                   labels=["worker", "outcome"])
-        running = GaugeMetricFamily("pgdispatch_worker_running", "Jobs running per worker",
-                                    labels=["worker", "status"])
+        # Workers by host and status, database-wide: a worker's id (host:pid:token) is no label,
+        # it would make new series at every restart.
+        workers = GaugeMetricFamily("pgdispatch_workers", "Worker processes by host and status, all pools",
+                                    labels=["host", "status"])
+        running = GaugeMetricFamily("pgdispatch_workers_running_jobs",
+                                    "Jobs running in live workers, by host (database-wide)", labels=["host"])
+        by_host: dict[tuple[str, str], int] = {}
+        jobs_by_host: dict[str, int] = {}
         for w in self.stats["workers"]:
-            for outcome in ("completed", "retried", "dead"):
-                done.add_metric([w["id"], outcome], w[outcome])
-            running.add_metric([w["id"], w["status"]], w["running"])
+            by_host[(w["host"], w["status"])] = by_host.get((w["host"], w["status"]), 0) + 1
+            if w["status"] == "alive":
+                jobs_by_host[w["host"]] = jobs_by_host.get(w["host"], 0) + w["running"]
+        for (host, status), count in sorted(by_host.items()):
+            workers.add_metric([host, status], count)
+        for host, count in sorted(jobs_by_host.items()):
+            running.add_metric([host], count)
         in_flight = GaugeMetricFamily("pgdispatch_limit_in_flight",
                                       "Requests in flight under a limit key, across all workers",
                                       labels=["key"])
@@ -82,17 +90,21 @@ class _Snapshot:
                 tokens.add_metric([limit["key"]], float(limit["tokens"]))
             blocked.add_metric([limit["key"], "breaker"], 1 if limit["breaker"] == "open" else 0)
             blocked.add_metric([limit["key"], "paused"], 1 if limit["paused_until"] else 0)
-        yield from (jobs, wait, done, running, in_flight, tokens, blocked)
+        yield from (jobs, wait, workers, running, in_flight, tokens, blocked)
         yield from self._integrations()
 
     def _integrations(self) -> Iterator[Metric]:
-        cache = CounterMetricFamily("pgdispatch_config_cache", "Integration config cache events per worker",
-                                    labels=["worker", "event"])
+        cache = CounterMetricFamily("pgdispatch_config_cache",
+                                    "Integration config cache events of live workers (database-wide)",
+                                    labels=["event"])
+        totals: dict[str, int] = {}
         for w in self.stats["workers"]:
             counters = (w.get("stats") or {}).get("integration_config_cache") or {}
-            for event in CACHE_EVENTS:
-                if event in counters:
-                    cache.add_metric([w["id"], event], counters[event])
+            if w["status"] == "alive":
+                for event in CACHE_EVENTS:
+                    totals[event] = totals.get(event, 0) + int(counters.get(event, 0))
+        for event, count in totals.items():
+            cache.add_metric([event], count)
         breaker = GaugeMetricFamily("pgdispatch_crm_breaker_open",
                                     "1 while the circuit breaker of an enterprise's CRM is open",
                                     labels=["enterprise", "integration"])
@@ -117,7 +129,7 @@ class OpsServer:
     what `pool_info` says of this pool's processes; it knows nothing else of the pool."""
 
     def __init__(self, database_url: str, pool_info: PoolInfo, *, port: int,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", metrics_dir: str | None = None) -> None:
         self._database_url = database_url
         self._pool_info = pool_info
         # Set once its connections are up (the pool starts its workers meanwhile).
@@ -127,6 +139,10 @@ class OpsServer:
         self._snapshot = _Snapshot()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self._snapshot)
+        if metrics_dir is not None:  # this pool's workers' own counters and histograms, summed
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self._registry, path=metrics_dir)  # type: ignore[no-untyped-call]
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -44,7 +46,8 @@ class ChildState:
 
 class WorkerPool:
     def __init__(self, config: WorkerConfig, *, processes: int = 1, time_limit: float = 0,
-                 http_port: int | None = None, log_level: int = logging.INFO) -> None:
+                 http_port: int | None = None, log_level: int = logging.INFO,
+                 log_format: str = "text") -> None:
         if processes < 1:
             raise ConfigurationError(f"processes must be >= 1, got {processes}")
         self.config = config
@@ -52,6 +55,8 @@ class WorkerPool:
         self.time_limit = time_limit
         self.http_port = http_port
         self.log_level = log_level
+        self.log_format = log_format
+        self._metrics_dir: str | None = None
         self.children: dict[int, ChildState] = {}
         self.restarts = 0
         self.started_at = time.monotonic()
@@ -94,7 +99,12 @@ class WorkerPool:
         if self.http_port is not None:
             from pgdispatch.worker.ops_http import OpsServer
 
-            ops = OpsServer(self.config.database_url, self.info, port=self.http_port)
+            # The children count their attempts in files here (prometheus_client's multiprocess
+            # mode); /metrics serves their sum, kept across a child's restart.
+            self._metrics_dir = tempfile.mkdtemp(prefix="pgdispatch-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+            ops = OpsServer(self.config.database_url, self.info, port=self.http_port,
+                            metrics_dir=self._metrics_dir)
             try:
                 await ops.start()
             except OSError as exc:
@@ -123,6 +133,9 @@ class WorkerPool:
                 await asyncio.gather(redirects, return_exceptions=True)
             if ops is not None:
                 await ops.stop()
+            if self._metrics_dir is not None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
         return self._exit_code
 
     async def _serve_redirects(self, ops: OpsServer) -> None:
@@ -143,7 +156,8 @@ class WorkerPool:
         }
 
     def _spawn(self, slot: int) -> None:
-        process = _spawn.Process(target=child_main, args=(self.config, self.log_level, os.getpid()),
+        process = _spawn.Process(target=child_main,
+                                 args=(self.config, self.log_level, os.getpid(), self.log_format),
                                  name=f"pgdispatch-worker-{slot}", daemon=False)
         process.start()
         self.children[slot] = ChildState(process)
@@ -156,6 +170,10 @@ class WorkerPool:
             child.process.join()
             code = child.process.exitcode
             del self.children[slot]
+            if self._metrics_dir is not None and child.process.pid:
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(child.process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
             if self._stopping:
                 continue
             if code == EXIT_NEWER_BUILD:

@@ -27,6 +27,7 @@ from pgdispatch.worker.executors.context import executor_context, on_config_chan
 from pgdispatch.worker.outbound.destinations import Destinations
 from pgdispatch.worker.runner import EXIT_NO_DATABASE, EXIT_SCHEMA_MISSING, Runner, new_worker_id
 from pgdispatch.worker.services import periodic
+from pgdispatch.worker.telemetry import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,14 @@ def _remember_stop(signum: int, frame: object) -> None:
     _stop_requested_early = True
 
 
-def child_main(config: WorkerConfig, log_level: int, parent_pid: int) -> None:
+def child_main(config: WorkerConfig, log_level: int, parent_pid: int, log_format: str = "text") -> None:
     """Target of a pool child process."""
     # A SIGTERM that arrives while the process is still starting must stop it cleanly too.
     signal.signal(signal.SIGTERM, _remember_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool's to handle (see run_worker)
     signal.signal(signal.SIGUSR1, _remember_stop)
     _term_when_parent_dies()
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     try:
         code = run_event_loop(run_worker(config, parent_pid=parent_pid))
     except DatabaseUnavailable as exc:

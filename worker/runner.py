@@ -27,6 +27,7 @@ from pgdispatch.db.errors import DatabaseUnavailable
 from pgdispatch.notify import CANCEL_CHANNEL, CONFIG_CHANNEL, JOBS_CHANNEL, config_message
 from pgdispatch.notify.listener import Listener
 from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
+from pgdispatch.worker import telemetry
 from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.engine import Engine, Finish, OutcomeWriter
@@ -403,26 +404,32 @@ class Runner:
 
     async def _execute(self, job: Job) -> None:
         policy = self.policies.get(job.queue)
-        try:
-            outcome = await run_attempt(self.executors.get(job.kind), job,
-                                        policy.job_timeout if policy else None)
-        except asyncio.CancelledError:
-            # Shutdown past the grace period, or our lease was taken over.
-            if job.lease_token not in self._lost:
-                self._record(job, Finish(job.id, job.lease_token, "release"))
-            raise
-        finally:
-            self._running.pop(job.lease_token, None)
-            self._per_queue[job.queue] -= 1
-            self._slot_freed.set()
-        if job.lease_token in self._lost:
-            return  # another worker owns this job now; the database would ignore us anyway
-        self._record(job, finish_for(job, outcome, policy))
+        started = time.perf_counter()
+        with telemetry.span(job) as span:
+            try:
+                outcome = await run_attempt(self.executors.get(job.kind), job,
+                                            policy.job_timeout if policy else None)
+            except asyncio.CancelledError:
+                # Shutdown past the grace period, our lease was taken over, or an operator
+                # cancelled the job.
+                if job.lease_token not in self._lost:
+                    self._record(job, Finish(job.id, job.lease_token, "release"), started, span)
+                raise
+            finally:
+                self._running.pop(job.lease_token, None)
+                self._per_queue[job.queue] -= 1
+                self._slot_freed.set()
+            if job.lease_token in self._lost:
+                return  # another worker owns this job now; the database would ignore us anyway
+            self._record(job, finish_for(job, outcome, policy), started, span)
 
-    def _record(self, job: Job, finish: Finish) -> None:
-        if self.counters.count(job, finish) == "release" and self.config.drain and finish.delay:
+    def _record(self, job: Job, finish: Finish, started: float, span: Any = None) -> None:
+        settled = self.counters.count(job, finish)
+        if settled == "release" and self.config.drain and finish.delay:
             self._released[job.id] = time.monotonic() + finish.delay
         self.writer.add(finish)
+        telemetry.observe(job, settled, time.perf_counter() - started)
+        telemetry.settle_span(span, settled, finish.error)
 
     async def _finish_running(self) -> None:
         """Give running jobs the grace period, then release whatever is left."""

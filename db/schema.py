@@ -49,6 +49,10 @@ def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSe
     if found is None:
         raise SchemaMissing(f"no migration {revision!r}")
     target: str = found
+    if current_revision(database_url, settings) is None and _has_schema(database_url, settings):
+        raise SchemaMissing("this database has a pgdispatch schema but no record of its migrations (it was "
+                            "built from sql/schema.sql by an older pgdispatch): record it as current with "
+                            "INSERT INTO public.alembic_version VALUES ('NNNN') for the revision it was built at")
     try:
         with translated():
             while (current := current_revision(database_url, settings)) is None or current < target:
@@ -70,7 +74,7 @@ def head_revision() -> str:
 
 def schema_problem(conn: psycopg.Connection[Any]) -> str | None:
     """Why this code cannot run on the database `conn` is connected to; None when it can.
-    (A schema built from schema.sql has no alembic record: it is the current one.)"""
+    (A schema built from schema.sql records itself as the newest revision.)"""
     cur = conn.cursor(row_factory=tuple_row)
     row = cur.execute("SELECT to_regclass('dispatch.jobs') IS NOT NULL, "
                       "to_regclass('public.alembic_version') IS NOT NULL").fetchone()
@@ -83,6 +87,12 @@ def schema_problem(conn: psycopg.Connection[Any]) -> str | None:
         if found is not None and str(found[0]) < head_revision():
             return f"this database's schema is at revision {found[0]}; this code needs {head_revision()}"
     return None
+
+
+def _has_schema(database_url: str, settings: ConnectionSettings) -> bool:
+    with translated(), psycopg.connect(database_url, **settings.kwargs()) as conn:
+        row = conn.execute("SELECT to_regclass('dispatch.jobs') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def current_revision(database_url: str, settings: ConnectionSettings = DIRECT) -> str | None:
@@ -104,5 +114,10 @@ def apply_migration(filename: str) -> None:
 
 
 def apply_schema_sql(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Create the whole schema from sql/schema.sql in one go (fresh databases, tests)."""
+    """Create the whole schema from sql/schema.sql in one go (fresh databases, tests), recorded
+    as the newest revision, so that `migrate` finds it current and applies only what comes later."""
     conn.execute(sql.read("schema.sql").encode())
+    conn.execute("CREATE TABLE IF NOT EXISTS public.alembic_version (version_num varchar(32) NOT NULL "
+                 "CONSTRAINT alembic_version_pkc PRIMARY KEY)")
+    conn.execute("DELETE FROM public.alembic_version")
+    conn.execute("INSERT INTO public.alembic_version (version_num) VALUES (%s)", (head_revision(),))

@@ -9,7 +9,7 @@ import warnings
 import psycopg
 
 from pgdispatch import sql
-from pgdispatch.db.schema import apply_schema_sql, current_revision, migrate
+from pgdispatch.db.schema import apply_schema_sql, current_revision, head_revision, migrate
 
 
 def pg_dump_schema(url: str) -> str:
@@ -84,3 +84,13 @@ def test_schema_sql_applies_to_an_empty_database(empty_db_url: str) -> None:
         apply_schema_sql(conn)
         assert conn.execute("SELECT name FROM dispatch.queues ORDER BY name").fetchall() == [
             ("crm",), ("default",), ("leads",), ("requests",)]
+
+
+def test_migrate_finds_a_schema_built_from_schema_sql_current(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    # Before: `worker --migrate` on a database built from sql/schema.sql ran every migration
+    # from 0001 again and stopped at "relation queues already exists".
+    code, out, err = run("migrate")
+    assert code == 0, err
+    assert "schema is up to date" in out
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT version_num FROM public.alembic_version").fetchone() == (head_revision(),)

@@ -1,4 +1,4 @@
-"""Bringing a database to the current schema: alembic for real databases, schema.sql for tests."""
+"""Bringing a database to the current schema: alembic for real databases, sql/schema/ for tests."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSe
     target: str = found
     if current_revision(database_url, settings) is None and _has_schema(database_url, settings):
         raise SchemaMissing("this database has a pgdispatch schema but no record of its migrations (it was "
-                            "built from sql/schema.sql by an older pgdispatch): record it as current with "
+                            "built from the fresh schema by an older pgdispatch): record it as current with "
                             "INSERT INTO public.alembic_version VALUES ('NNNN') for the revision it was built at")
     try:
         with translated():
@@ -74,7 +74,7 @@ def head_revision() -> str:
 
 def schema_problem(conn: psycopg.Connection[Any]) -> str | None:
     """Why this code cannot run on the database `conn` is connected to; None when it can.
-    (A schema built from schema.sql records itself as the newest revision.)"""
+    (A schema built from sql/schema/ records itself as the newest revision.)"""
     cur = conn.cursor(row_factory=tuple_row)
     row = cur.execute("SELECT to_regclass('dispatch.jobs') IS NOT NULL, "
                       "to_regclass('public.alembic_version') IS NOT NULL").fetchone()
@@ -114,9 +114,11 @@ def apply_migration(filename: str) -> None:
 
 
 def apply_schema_sql(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Create the whole schema from sql/schema.sql in one go (fresh databases, tests), recorded
-    as the newest revision, so that `migrate` finds it current and applies only what comes later."""
-    conn.execute(sql.read("schema.sql").encode())
+    """Create the whole schema from sql/schema/*.sql, file by file (fresh databases, tests),
+    recorded as the newest revision, so that `migrate` finds it current and applies only what
+    comes later."""
+    for path in sql.schema_files():
+        conn.execute(path.read_text(encoding="utf-8").encode())
     conn.execute("CREATE TABLE IF NOT EXISTS public.alembic_version (version_num varchar(32) NOT NULL "
                  "CONSTRAINT alembic_version_pkc PRIMARY KEY)")
     conn.execute("DELETE FROM public.alembic_version")

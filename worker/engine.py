@@ -1,6 +1,6 @@
 """The engine's conversation with PostgreSQL: claim, finish (batched), extend, rescue.
 
-Every state change goes through the versioned SQL functions of sql/schema.sql; this module only
+Every state change goes through the versioned SQL functions of sql/schema/01_engine.sql; this module only
 binds parameters and batches. Executors never reach it.
 """
 

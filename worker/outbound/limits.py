@@ -1,6 +1,6 @@
 """Limits shared by every worker process and host: rate limits, concurrency caps, circuit
 breakers and Retry-After pauses, kept in PostgreSQL (dispatch.limits, dispatch.limit_state,
-dispatch.limit_slots; sql/schema.sql).
+dispatch.limit_slots; sql/schema/03_limits.sql).
 
 What keeps it cheap: rules are a snapshot in memory, reloaded on NOTIFY; tokens are taken in
 blocks (one update of the bucket row per block, not per request, granted ahead of time when the
@@ -228,6 +228,7 @@ class Limits:
                     await heartbeat
             with contextlib.suppress(Exception):
                 await limits.release_all()
+            await limits.finish_parks()
             await pool.close()
 
     @property
@@ -695,6 +696,13 @@ class Limits:
         async with self._pool.connection() as conn:
             await conn.execute(sql.query("release_all_slots"), {"holder": self.holder})
         self._slots.clear()
+
+    async def finish_parks(self, timeout: float = 5.0) -> None:
+        """Let parks under way finish (a few seconds at most) before the pool closes: a paused
+        host's backlog moved aside is work a next worker need not redo."""
+        pending = [task for task in self._parking.values() if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def _background(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

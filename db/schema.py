@@ -51,8 +51,8 @@ def migrate(database_url: str, revision: str = "head", *, settings: ConnectionSe
     target: str = found
     if current_revision(database_url, settings) is None and _has_schema(database_url, settings):
         raise SchemaMissing("this database has a pgdispatch schema but no record of its migrations (it was "
-                            "built from the fresh schema by an older pgdispatch): record it as current with "
-                            "INSERT INTO public.alembic_version VALUES ('NNNN') for the revision it was built at")
+                            "built from the fresh schema by an older pgdispatch): record the revision it was "
+                            "built at with INSERT INTO public.alembic_version VALUES ('NNNN')")
     try:
         with translated():
             while (current := current_revision(database_url, settings)) is None or current < target:

@@ -44,6 +44,15 @@ def plant(conn: Conn) -> None:
                  f"('host:gone.example', 1, {OLD}), ('host:here.example', 1, now())")
     conn.execute(f"INSERT INTO dispatch.limit_state (key, tokens, refilled_at, open_until, open_reason) VALUES "
                  f"('host:broken.example', 1, {OLD}, now() + interval '1 minute', 'failing')")
+    # The console's: sessions a day past their expiry, failed logins, the charts' minutes.
+    conn.execute("INSERT INTO dispatch.console_users (name, role) VALUES ('ann', 'viewer')")
+    conn.execute("INSERT INTO dispatch.console_sessions (token_hash, user_name, csrf_token, expires_at) VALUES "
+                 f"('\\x01', 'ann', 'c', {OLD}), ('\\x02', 'ann', 'c', now() + interval '1 hour')")
+    conn.execute("INSERT INTO dispatch.console_login_failures (user_name, address, at) VALUES "
+                 f"('ann', '10.0.0.1', {OLD}), ('ann', '10.0.0.1', now())")
+    conn.execute("INSERT INTO dispatch.history_minutes (minute, queue, outcome, shard, jobs) VALUES "
+                 f"(date_trunc('minute', {OLD}), 'default', 'completed', 0, 5), "
+                 "(date_trunc('minute', now()), 'default', 'completed', 0, 7)")
 
 
 async def test_maintenance_prunes_every_registered_table_by_its_window_and_keeps_live_work(db_url: str) -> None:
@@ -52,7 +61,8 @@ async def test_maintenance_prunes_every_registered_table_by_its_window_and_keeps
     with psycopg.connect(db_url, autocommit=True) as conn:
         plant(conn)
         assert {r[0] for r in conn.execute("SELECT name FROM dispatch.retention").fetchall()} == {
-            "call_events", "lead_batches", "leads", "processes", "audit_log", "command_runs", "limit_state"}
+            "call_events", "lead_batches", "leads", "processes", "audit_log", "command_runs", "limit_state",
+            "console_sessions", "console_login_failures", "history_minutes"}
     pool = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False, kwargs={"autocommit": True})
     await pool.open()
     try:
@@ -73,9 +83,13 @@ async def test_maintenance_prunes_every_registered_table_by_its_window_and_keeps
         assert conn.execute("SELECT count(*) FROM dispatch.audit_log").fetchone() == (1,)
         assert ids("SELECT job_id FROM dispatch.command_runs") == [-11]  # the command's latest run stays
         assert ids("SELECT key FROM dispatch.limit_state ORDER BY 1") == ["host:broken.example", "host:here.example"]
+        assert ids("SELECT token_hash FROM dispatch.console_sessions") == [b"\x02"]
+        assert conn.execute("SELECT count(*) FROM dispatch.console_login_failures").fetchone() == (1,)
+        assert ids("SELECT jobs FROM dispatch.history_minutes") == [7]
         pruned = dict(conn.execute("SELECT name, pruned FROM dispatch.retention").fetchall())
     assert pruned == {"call_events": 1, "lead_batches": 1, "leads": 1, "processes": 2, "audit_log": 1,
-                      "command_runs": 1, "limit_state": 1}
+                      "command_runs": 1, "limit_state": 1, "console_sessions": 1, "console_login_failures": 1,
+                      "history_minutes": 1}
 
 
 def test_each_prune_works_in_batches_by_index(conn: Conn) -> None:

@@ -4,7 +4,10 @@ scrapes a real pool's /metrics)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import pytest
 import pgdispatch
 from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.runner import Runner
+from pgdispatch.worker.telemetry import configure_logging
 from tests.helpers import scalar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +82,27 @@ async def test_an_attempts_span_joins_the_producers_trace(db_url: str) -> None:
     assert span.parent.span_id == producer.get_span_context().span_id
     assert span.attributes["pgdispatch.outcome"] == "dead" and span.attributes["messaging.destination.name"] == "default"
     assert span.kind == trace.SpanKind.CONSUMER and span.status.status_code == trace.StatusCode.ERROR
+
+
+def test_a_cli_run_inside_a_program_keeps_its_handlers_and_leaves_none_on_a_closed_stream(
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: configure_logging (run by every `pgdispatch` command, in-process in the tests)
+    # replaced the root's handlers with one bound to the sys.stderr of that moment; once that
+    # stream closed, each later line printed "--- Logging error ---" with the raw exception
+    # being handled (a URL's key included: test_secrets caught one), and the program's own
+    # handlers (here pytest's) were gone.
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    try:
+        stream = io.StringIO()
+        with contextlib.redirect_stderr(stream):
+            configure_logging(logging.INFO)
+            configure_logging(logging.INFO)  # a second command: still one handler of ours
+        stream.close()
+        assert len(root.handlers) == len(before[0]) + 1
+        logging.getLogger("pgdispatch.test").warning("after the command")
+        assert "Logging error" not in capsys.readouterr().err
+        assert [r.getMessage() for r in caplog.records] == ["after the command"]
+    finally:
+        root.handlers[:], _ = before
+        root.setLevel(before[1])

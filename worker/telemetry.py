@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -101,9 +102,27 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is written, not when the handler was made:
+    a CLI run inside another program (a test, a notebook) leaves no handler behind that writes
+    to a stream since closed (whose "Logging error" report would print the raw exception)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(level: int, fmt: str = "text") -> None:
-    """The process's logging, the same in the CLI, the pool and every child: text or json."""
-    handler = logging.StreamHandler()
+    """The process's logging, the same in the CLI, the pool and every child: text or json.
+    Replaces only the handler an earlier call installed; other handlers stay."""
+    handler = _StderrHandler()
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
@@ -111,5 +130,7 @@ def configure_logging(level: int, fmt: str = "text") -> None:
         formatter = logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for previous in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
     root.setLevel(level)

@@ -10,10 +10,10 @@ from typing import Any
 
 from pgdispatch.bench import calls as bench_calls
 from pgdispatch.bench import dashboard as bench_dashboard
+from pgdispatch.bench import job_costs, scale, scenarios
 from pgdispatch.bench import leads as bench_leads
 from pgdispatch.bench import limits as shared_limits
 from pgdispatch.bench import processes as bench_processes
-from pgdispatch.bench import scale, scenarios
 from pgdispatch.bench.leads import REFUSED as LEADS_REFUSED
 from pgdispatch.bench.peers import PEERS
 from pgdispatch.bench.scenarios import BARE_CLIENT, OURS, Result
@@ -45,6 +45,7 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "deliver": ([BARE_CLIENT, OURS, *peers],
                     lambda s: [scenarios.deliver(server_url, s, requests=requests)]),
         "latency": ([OURS, *peers], lambda s: [scenarios.latency(server_url, s)]),
+        "latency-backlog": ([OURS], lambda s: [scenarios.latency_beside_backlog(server_url)]),
         "backlog": ([OURS], lambda s: scenarios.backlog(server_url)),
         "poll": ([OURS], lambda s: scale.poll(server_url)),
         "review": ([OURS], lambda s: scale.review(server_url)),
@@ -56,6 +57,8 @@ def run(server_url: str, *, chosen: list[str], peers: list[str], rounds: int, jo
         "leads": ([OURS], lambda s: bench_leads.leads(server_url)),
         "calls": ([OURS], lambda s: bench_calls.calls(server_url)),
         "dashboard": ([OURS], lambda s: bench_dashboard.dashboard(server_url)),
+        "cost": ([OURS], lambda s: job_costs.costs(server_url)),
+        "sweep": ([OURS], lambda s: scenarios.sweep(server_url)),
     }
     results: list[Result] = []
     for round_ in range(1, rounds + 1):
@@ -94,12 +97,21 @@ def reduce(results: list[Result]) -> list[dict[str, Any]]:
         else:
             values = [r["value"] for r in ok]
             row.update(unit=ok[0]["unit"], median=_median(values), min=min(values), max=max(values))
+            for key in COSTS:
+                measured = [r[key] for r in ok if r.get(key) is not None]
+                if measured:
+                    row[key] = {"median": _median(measured), "min": min(measured), "max": max(measured)}
         rows.append(row)
     for row in rows:
         ours = next((r for r in rows if r["scenario"] == row["scenario"] and r["system"] == OURS), None)
         if ours and "median" in row and "median" in ours and row["system"] != OURS and row["median"]:
             row["ours_to_this"] = round(ours["median"] / row["median"], 2)
     return rows
+
+
+# What a job costs (bench/cost.py), reduced like the rates.
+COSTS = {"worker_cpu_us": "worker CPU µs", "pg_cpu_us": "PostgreSQL CPU µs", "wal_bytes": "WAL bytes",
+         "rows_written": "rows written", "round_trips": "round trips"}
 
 
 def _median(values: list[float]) -> float:
@@ -208,4 +220,40 @@ def targets_markdown(checks: list[tuple[str, str, bool | None]]) -> str:
     lines = ["| target | measured | met |", "|---|---|---|"]
     for label, measured, met in checks:
         lines.append(f"| {label} | {measured} | {'—' if met is None else 'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
+def cost_markdown(rows: list[dict[str, Any]]) -> str:
+    """Per job, beside the rate: medians, and the range over rounds when they differ."""
+    def cell(stats: dict[str, float] | None) -> str:
+        if stats is None:
+            return "—"
+        number = "{:,.0f}" if stats["median"] >= 100 else "{:,.2f}" if stats["median"] < 10 else "{:,.1f}"
+        if stats["min"] == stats["max"]:
+            return number.format(stats["median"])
+        low, high = number.format(stats["min"]), number.format(stats["max"])
+        return f"{number.format(stats['median'])} ({low}–{high})"
+
+    costed = [r for r in rows if any(key in r for key in COSTS)]
+    labels = " | ".join(f"{label} / job" for label in COSTS.values())
+    lines = [f"| scenario | system | rate | {labels} |",
+             "|---|---|---|" + "---|" * len(COSTS)]
+    for row in costed:
+        lines.append(f"| {row['scenario']} | {row['system']} | {row['median']:,.0f} {row['unit']} | "
+                     + " | ".join(cell(row.get(key)) for key in COSTS) + " |")
+    return "\n".join(lines)
+
+
+def sizing_markdown(rows: list[dict[str, Any]]) -> str:
+    """From the cost scenario: what one PostgreSQL core sustains per job type (its backends' CPU
+    only), and the worker cores a host needs per 1,000 jobs/s."""
+    lines = ["| job type | jobs/s per PostgreSQL core | worker cores per 1,000 jobs/s "
+             "| WAL per 1,000 jobs/s |", "|---|---|---|---|"]
+    for row in rows:
+        if not row["scenario"].startswith("cost: ") or "worker_cpu_us" not in row:
+            continue
+        pg, worker, wal = row.get("pg_cpu_us"), row["worker_cpu_us"], row.get("wal_bytes")
+        per_core = f"{1e6 / pg['median']:,.0f}" if pg and pg["median"] else "—"
+        lines.append(f"| {row['scenario'][6:]} | {per_core} | {worker['median'] / 1000:.2f} | "
+                     + (f"{wal['median'] * 1000 / 2**20:.1f} MiB/s" if wal else "—") + " |")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 import psycopg
 from psycopg import sql as pgsql
 
+from pgdispatch.bench.cost import CostMeter, RoundTrips
 from pgdispatch.db.schema import migrate
 
 PEERS = (sys.executable, "-m", "pgdispatch.bench.peers")  # each peer in a process of its own
@@ -91,17 +93,53 @@ def _queue_noops(url: str, jobs: int) -> None:
         c.execute("VACUUM ANALYZE dispatch.jobs")
 
 
-def _our_drain_rate(url: str, *worker_args: str) -> tuple[int, float]:
-    """Drain with `cli.py worker --drain`; completed jobs and their rate from job_history."""
-    if _our_worker(url, "--drain", *worker_args).wait() != 0:
-        raise RuntimeError("pgdispatch worker failed")
+@dataclasses.dataclass
+class Drained:
+    """A drain: the jobs it finished, the window from the first start to the last end (wall
+    clock), and what they cost (bench/cost.py)."""
+
+    done: int
+    first_started: float
+    last_done: float
+    cost: dict[str, Any]
+
+    @property
+    def rate(self) -> float:
+        return self.done / (self.last_done - self.first_started)
+
+
+def _our_drain(url: str, *worker_args: str, history: str = "dispatch.job_history WHERE job_id > 0",
+               outcome: str = "outcome = 'completed'") -> Drained:
+    """Drain with `pgdispatch worker --drain`; the window from `history` (job_id > 0: the
+    backlog scenario's planted history rows have negative ids)."""
+    with CostMeter(url) as meter:
+        worker = _our_worker(url, "--drain", *worker_args)
+        meter.watch(worker.pid)
+        if worker.wait() != 0:
+            raise RuntimeError("pgdispatch worker failed")
     with psycopg.connect(url) as c:
-        # job_id > 0: the backlog scenario's planted history rows have negative ids.
-        row = c.execute("""SELECT count(*) FILTER (WHERE outcome = 'completed'),
-                                  extract(epoch FROM max(finished_at) - min(started_at))
-                           FROM dispatch.job_history WHERE job_id > 0""").fetchone()
+        row = c.execute(f"""SELECT count(*) FILTER (WHERE {outcome}), extract(epoch FROM min(started_at)),
+                                   extract(epoch FROM max(finished_at))
+                            FROM {history}""").fetchone()
     assert row is not None
-    return int(row[0]), int(row[0]) / float(row[1])
+    done, t0, t1 = int(row[0]), float(row[1]), float(row[2])
+    return Drained(done, t0, t1, meter.cost(t0, t1, done))
+
+
+def _our_drain_rate(url: str, *worker_args: str) -> tuple[int, float]:
+    drained = _our_drain(url, *worker_args)
+    return drained.done, drained.rate
+
+
+def round_trips(server_url: str, fill: Callable[[str], None], drain: Callable[[str], Drained], *,
+                ours: bool = True) -> float:
+    """Round trips per finished job on a pass of its own through the counting proxy: `fill`
+    gets the direct URL, `drain` the proxy's."""
+    with fresh_database(server_url, ours=ours) as url:
+        fill(url)
+        with RoundTrips(url) as proxy:
+            drained = drain(proxy.url)
+    return round(proxy.count / max(drained.done, 1), 2)
 
 
 # -- peers ----------------------------------------------------------------------------------------
@@ -115,53 +153,120 @@ def _peer(system: str, command: str, url: str, *args: str) -> Result:
     return result
 
 
-def _peer_drain_rate(system: str, url: str, processes: int, *args: str) -> tuple[int, float]:
-    procs = [subprocess.Popen([*PEERS, system, "drain", "--url", url, *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(processes)]
-    results = []
-    for proc in procs:
-        stdout, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{system} drain exited with {proc.returncode}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+def _peer_drain(system: str, url: str, processes: int, *args: str) -> Drained:
+    with CostMeter(url) as meter:
+        procs = [subprocess.Popen([*PEERS, system, "drain", "--url", url, *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for _ in range(processes)]
+        for proc in procs:
+            meter.watch(proc.pid)
+        results = []
+        for proc in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{system} drain exited with {proc.returncode}")
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
     done = sum(r["done"] - r["failed"] for r in results)
     first = min(r["first_started"] for r in results if r["done"])
     last = max(r["last_done"] for r in results)
-    return done, done / (last - first)
+    return Drained(done, first, last, meter.cost(first, last, done))
 
 
 # -- scenarios ------------------------------------------------------------------------------------
 
-def drain(server_url: str, system: str = OURS, *, jobs: int = 50_000, processes: int = 1) -> Result:
-    with fresh_database(server_url, ours=system == OURS) as url:
+def drain(server_url: str, system: str = OURS, *, jobs: int = 50_000, processes: int = 1,
+          worker_args: tuple[str, ...] = (), trips: bool = True) -> Result:
+    """No-op jobs drained with the worker's defaults (as a user runs it) or `worker_args`; the
+    peers at their best batch. Cost from the measured pass, round trips from one of their own
+    on a fifth of the jobs."""
+    def fill(url: str, n: int = jobs) -> None:
         if system == OURS:
-            _queue_noops(url, jobs)
-            done, rate = _our_drain_rate(url, "--processes", str(processes), *OUR_DRAIN)
+            _queue_noops(url, n)
         else:
-            _peer(system, "fill", url, "--jobs", str(jobs))
-            done, rate = _peer_drain_rate(system, url, processes, "--scenario", "drain")
+            _peer(system, "fill", url, "--jobs", str(n))
+
+    def run(url: str) -> Drained:
+        if system == OURS:
+            return _our_drain(url, "--processes", str(processes), *worker_args)
+        return _peer_drain(system, url, processes, "--scenario", "drain")
+
+    with fresh_database(server_url, ours=system == OURS) as url:
+        fill(url)
+        drained = run(url)
+    per_job = round_trips(server_url, lambda url: fill(url, max(jobs // 5, 1)), run,
+                          ours=system == OURS) if trips else None
     return {"scenario": f"drain, {processes} process{'es' if processes > 1 else ''}", "system": system,
-            "unit": "jobs/s", "value": round(rate), "jobs": jobs, "completed": done}
+            "unit": "jobs/s", "value": round(drained.rate), "jobs": jobs, "completed": drained.done,
+            **drained.cost, "round_trips": per_job}
 
 
 def deliver(server_url: str, system: str = OURS, *, requests: int = 20_000,
-            concurrency: int = 200) -> Result:
-    with fresh_database(server_url, ours=system == OURS) as url, sink(202) as target:
+            concurrency: int = 200, worker_args: tuple[str, ...] = (), trips: bool = True) -> Result:
+    """One POST per job to the local sink, with the worker's defaults or `worker_args`; the bare
+    transport at `concurrency` lanes is the ceiling."""
+    with sink(202) as target:
+        def fill(url: str, n: int = requests) -> None:
+            if system == OURS:
+                with psycopg.connect(url, autocommit=True) as c:
+                    c.execute("""SELECT dispatch.send_request('POST', %s || '/r/' || i, 'payload',
+                                                              success_code => 202)
+                                 FROM generate_series(1, %s) i""", (target, n))
+            else:
+                _peer(system, "fill", url, "--jobs", str(n))
+
+        def run(url: str) -> Drained:
+            if system == OURS:
+                return _our_drain(url, "--queue", "requests", "--allow-private-networks", *worker_args)
+            return _peer_drain(system, url, 1, "--scenario", "deliver", "--target", f"{target}/r")
+
         if system == BARE_CLIENT:
-            done, rate = requests, asyncio.run(_bare_client(f"{target}/bare", requests, concurrency))
-        elif system == OURS:
-            with psycopg.connect(url, autocommit=True) as c:
-                c.execute("""SELECT dispatch.send_request('POST', %s || '/r/' || i, 'payload',
-                                                          success_code => 202)
-                             FROM generate_series(1, %s) i""", (target, requests))
-            done, rate = _our_drain_rate(url, "--queue", "requests", "--concurrency", str(concurrency),
-                                         "--per-host-limit", str(concurrency), "--allow-private-networks")
-        else:
-            _peer(system, "fill", url, "--jobs", str(requests))
-            done, rate = _peer_drain_rate(system, url, 1, "--scenario", "deliver", "--target", f"{target}/r")
-    return {"scenario": "deliver", "system": system, "unit": "deliveries/s", "value": round(rate),
-            "requests": requests, "completed": done}
+            started = time.time()
+            cpu = time.process_time()
+            rate = asyncio.run(_bare_client(f"{target}/bare", requests, concurrency))
+            return {"scenario": "deliver", "system": system, "unit": "deliveries/s", "value": round(rate),
+                    "requests": requests, "completed": requests,
+                    "worker_cpu_us": round((time.process_time() - cpu) * 1e6 / requests, 1),
+                    "seconds": round(time.time() - started, 2)}
+        with fresh_database(server_url, ours=system == OURS) as url:
+            fill(url)
+            drained = run(url)
+        per_job = round_trips(server_url, lambda url: fill(url, max(requests // 5, 1)), run,
+                              ours=system == OURS) if trips else None
+    return {"scenario": "deliver", "system": system, "unit": "deliveries/s", "value": round(drained.rate),
+            "requests": requests, "completed": drained.done, **drained.cost, "round_trips": per_job}
+
+
+# The settings the sweep compares with the defaults: slots per process, most jobs per claim,
+# requests in flight per host.
+SWEEP_DRAIN = {"100 slots, claims of 100": ("--concurrency", "100", "--batch", "100"),
+               "500 slots, claims of 500": ("--concurrency", "500", "--batch", "500"),
+               "1000 slots, claims of 1000": ("--concurrency", "1000", "--batch", "1000")}
+SWEEP_DELIVER = {"200 slots, 200 a host": ("--concurrency", "200", "--per-host-limit", "200"),
+                 "500 slots, 500 a host, claims of 500": ("--concurrency", "500", "--batch", "500",
+                                                          "--per-host-limit", "500")}
+
+
+def sweep(server_url: str, *, sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[Result]:
+    """The defaults beside tuned settings, at each backlog size, for no-op jobs and deliveries;
+    each row says what share of the best rate of its group it reached."""
+    def measure(kind: str, n: int, args: tuple[str, ...]) -> Result:
+        if kind == "no-op":
+            return drain(server_url, jobs=n, worker_args=args, trips=False)
+        return deliver(server_url, requests=n, worker_args=args, trips=False)
+
+    results: list[Result] = []
+    for kind, settings in (("no-op", SWEEP_DRAIN), ("delivery", SWEEP_DELIVER)):
+        for n in sizes if kind == "no-op" else sizes[:2]:
+            group = []
+            for label, args in {"defaults": (), **settings}.items():
+                result = measure(kind, n, args)
+                result["scenario"] = f"sweep: {kind}, {n:,} queued, {label}"
+                group.append(result)
+            best = max(r["value"] for r in group)
+            for result in group:
+                result["share_of_best"] = round(result["value"] / best, 2)
+            results += group
+    return results
 
 
 async def _bare_client(url: str, requests: int, concurrency: int) -> float:
@@ -196,12 +301,16 @@ def latency(server_url: str, system: str = OURS, *, rate: int = 100, seconds: fl
             "insert_to_start_ms": summary(to_start), "insert_to_done_ms": summary(to_done)}
 
 
-def _our_latency(url: str, rate: int, seconds: float) -> list[tuple[float, float]]:
+def _our_latency(url: str, rate: int, seconds: float, backlog: int = 0) -> list[tuple[float, float]]:
     worker = _our_worker(url, "--poll-interval", "5s")
     created: dict[int, float] = {}
     try:
         time.sleep(3)  # started and idle
         with psycopg.connect(url, autocommit=True) as c:
+            if backlog:  # draining on a queue of its own while the trickle runs
+                c.execute("INSERT INTO dispatch.queues (name) VALUES ('bulk')")
+                c.execute("INSERT INTO dispatch.jobs (queue, kind) SELECT 'bulk', 'debug.noop' "
+                          "FROM generate_series(1, %s)", (backlog,))
             start = time.perf_counter()
             for i in range(int(rate * seconds)):
                 # created_at is the inserting transaction's start, before its commit.
@@ -210,14 +319,30 @@ def _our_latency(url: str, rate: int, seconds: float) -> list[tuple[float, float
                 assert row is not None
                 created[row[0]] = float(row[1])
                 time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+            left = c.execute("SELECT count(*) FROM dispatch.jobs WHERE queue = 'bulk'").fetchone()
+            if backlog and left is not None and left[0] == 0:
+                raise RuntimeError("the backlog drained before the trickle ended: make it larger")
         time.sleep(1)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
     with psycopg.connect(url) as c:
         rows = c.execute("SELECT job_id, extract(epoch FROM started_at), extract(epoch FROM finished_at) "
-                         "FROM dispatch.job_history WHERE outcome = 'completed'").fetchall()
+                         "FROM dispatch.job_history "
+                         "WHERE outcome = 'completed' AND queue = 'default'").fetchall()
     return [(float(s) - created[j], float(f) - created[j]) for j, s, f in rows]
+
+
+def latency_beside_backlog(server_url: str, *, rate: int = 1000, seconds: float = 5.0,
+                           backlog: int = 100_000) -> Result:
+    """Single-row inserts at `rate` into one queue while a backlog drains on another, one worker
+    with its defaults serving both."""
+    with fresh_database(server_url) as url:
+        samples = _our_latency(url, rate, seconds, backlog=backlog)
+    return {"scenario": f"latency at {rate:,}/s beside a {backlog:,} backlog", "system": OURS, "unit": "ms",
+            "rate_per_second": rate, "jobs": int(rate * seconds), "completed": len(samples),
+            "insert_to_start_ms": summary(sorted(s * 1000 for s, _ in samples)),
+            "insert_to_done_ms": summary(sorted(d * 1000 for _, d in samples))}
 
 
 def _peer_latency(system: str, url: str, rate: int, seconds: float) -> list[tuple[float, float]]:

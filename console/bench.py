@@ -69,5 +69,11 @@ def bench(env: Env, args: argparse.Namespace) -> int:
         say("")
         say(report.markdown(rows))
         say("")
+        if any(key in row for row in rows for key in report.COSTS):
+            say(report.cost_markdown(rows))
+            say("")
+        if any(row["scenario"].startswith("cost: ") for row in rows):
+            say(report.sizing_markdown(rows))
+            say("")
         say(report.targets_markdown(checks))
     return EXIT_OK

@@ -66,16 +66,17 @@ class CostMeter:
         self._backends: dict[int, _Series] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, name="cost-meter", daemon=True)
+        self._postmaster: psutil.Process | None = None
         with psycopg.connect(url, autocommit=True) as conn:
             row = conn.execute("SELECT current_database(), pg_backend_pid()").fetchone()
             assert row is not None
             self._database, own = str(row[0]), int(row[1])
-        self._postmaster: psutil.Process | None
-        try:
-            self._postmaster = psutil.Process(own).parent()
-        except psutil.Error:  # a server on another host or in a container: no backend CPU
-            self._postmaster = None
-        self._title = f" {self._database} "
+            self._title = f" {self._database} "
+            # A server on another host or in a container: no backend CPU (its pids are not ours).
+            with contextlib.suppress(psutil.Error):
+                backend = psutil.Process(own)
+                if self._title in " ".join(backend.cmdline()) + " ":
+                    self._postmaster = backend.parent()
         self._start: tuple[int, int, int, int] | None = None
         self._end: tuple[int, int, int, int] | None = None
 
@@ -172,6 +173,7 @@ class RoundTrips:
         self._thread = threading.Thread(target=self._run, name="round-trips", daemon=True)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def __enter__(self) -> RoundTrips:
         self._thread.start()
@@ -187,8 +189,8 @@ class RoundTrips:
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
-        for task in self._connections:
-            task.cancel()
+        for writer in self._writers:  # each pipe then ends, and its connection with it
+            writer.close()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
     def _run(self) -> None:
@@ -208,6 +210,7 @@ class RoundTrips:
         else:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         server_spoke = [True]
+        self._writers |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_client: bool) -> None:
             try:
@@ -221,5 +224,6 @@ class RoundTrips:
                 pass
             finally:
                 dst.close()
+                self._writers.discard(dst)
 
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))

@@ -81,6 +81,10 @@ class Runner:
         self._release_now = asyncio.Event()
         self._lost: set[uuid.UUID] = set()
         self._last_claim = 0.0
+        # Queues whose last claim came back empty, and when: not claimed again until a NOTIFY
+        # names them or a poll interval has passed (scheduled jobs coming due send none), so a
+        # worker draining one queue of several spends one claim per batch, not one per queue.
+        self._quiet: dict[str, float] = {}
         self._released: dict[int, float] = {}  # drain: jobs this worker put back, and when due
         self.started = asyncio.Event()
         self._on_config_change = on_config_change
@@ -218,6 +222,9 @@ class Runner:
             self._wake.clear()
             claimed_full = claimed_any = failed = capped = False
             for queue in self.queues():
+                quiet_since = self._quiet.get(queue)
+                if quiet_since is not None and time.monotonic() - quiet_since < cfg.poll_interval:
+                    continue
                 free = self._free_slots(self.policies.get(queue))
                 if free <= 0:
                     capped = capped or self._free_slots(None) > 0
@@ -234,9 +241,14 @@ class Runner:
                     continue
                 for job in jobs:
                     self._start(job)
+                if jobs:
+                    self._quiet.pop(queue, None)
+                else:
+                    self._quiet[queue] = self._last_claim
                 claimed_any = claimed_any or bool(jobs)
                 claimed_full = claimed_full or len(jobs) == want
             if cfg.drain and not claimed_any and not failed:
+                self._quiet.clear()  # a drain ends only after every queue has been looked at
                 if self._running:
                     await self._wait_for_slot()
                 elif self.writer.pending or not settled:
@@ -350,6 +362,7 @@ class Runner:
             self._cancel(payload)
         elif channel == JOBS_CHANNEL:
             if not self.config.queues or payload in self.config.queues:
+                self._quiet.pop(payload, None)
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
             message = config_message(payload)
@@ -360,6 +373,7 @@ class Runner:
                 return
             if message.get("table") in ("queues", None):
                 self.policies.invalidate()
+                self._quiet.clear()
             if self._on_config_change is not None:
                 self._on_config_change(payload)
             self._wake.set()
@@ -389,6 +403,7 @@ class Runner:
         # The server may have restarted: every idle pooled connection may be dead. Checked now,
         # not discovered one failed claim (or job) at a time.
         check_soon(self.engine.pool)
+        self._quiet.clear()  # NOTIFYs sent while the listener was away were lost
         await self.policies.reload()
         if self._on_config_change is not None:
             self._on_config_change(None)

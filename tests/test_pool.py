@@ -171,9 +171,15 @@ def test_a_second_sigterm_releases_running_jobs_at_once(db_url: str) -> None:
 
 
 def test_time_limit_stops_the_pool_cleanly(db_url: str) -> None:
-    proc = start_worker(db_url, "--time-limit", "2s")
-    finished(proc, timeout=30)
-    assert scalar(db_url, "SELECT count(*) FROM dispatch.workers WHERE stopped_at IS NOT NULL") == 1
+    # A job that outlives the limit shows the worker was up and working when the limit came
+    # (a limit shorter than a loaded machine's start-up stopped the child before it registered).
+    execute(db_url, "INSERT INTO dispatch.jobs (kind, args) VALUES ('debug.sleep', '{\"seconds\": 600}')")
+    proc = start_worker(db_url, "--time-limit", "6s", "--grace", "1s")
+    wait_for(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE state = 'running'") == 1)
+    finished(proc, timeout=30)  # by itself, exit code 0
+    assert psycopg.connect(db_url).execute(
+        "SELECT count(*) FILTER (WHERE stopped_at IS NOT NULL), count(*) FROM dispatch.workers").fetchone() == (1, 1)
+    assert psycopg.connect(db_url).execute("SELECT state::text, attempt FROM dispatch.jobs").fetchone() == ("available", 0)
 
 
 def test_exit_on_newer_propagates_exit_code_10(db_url: str) -> None:

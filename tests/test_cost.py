@@ -9,7 +9,7 @@ from pgdispatch.worker.config import WorkerConfig
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outcome import DONE, Outcome
 from pgdispatch.worker.runner import Runner
-from tests.helpers import execute, scalar, wait_until
+from tests.helpers import execute, running_worker, scalar, wait_until
 
 
 def claims(db_url: str) -> int:
@@ -43,3 +43,22 @@ async def test_a_drain_of_one_queue_among_several_claims_once_per_batch(db_url: 
     # and one at the end: before, at least 30 more.
     made = claims(db_url)
     assert 10 <= made <= 11 + 2 * 3 + 2, made
+
+
+async def test_a_backlog_in_one_queue_does_not_hold_back_another_queues_jobs(db_url: str) -> None:
+    # Before: each round claimed the queues in one order, each taking every free slot; with a
+    # backlog in 'bulk' (named before 'default') every round's slots went to it, and a job
+    # inserted into 'default' waited for the whole backlog to drain.
+    execute(db_url, "INSERT INTO dispatch.queues (name) VALUES ('bulk')")
+    execute(db_url, "INSERT INTO dispatch.jobs (queue, kind) SELECT 'bulk', 'k' FROM generate_series(1, 20000)")
+
+    async def ok(job: Job) -> Outcome:
+        return DONE
+
+    async with running_worker(db_url, {"k": ok}, concurrency=50, max_batch=50):
+        await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history") > 0, 30)
+        job = scalar(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('k') RETURNING id")
+        await wait_until(lambda: scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE job_id = %s",
+                                        (job,)) == 1, 30)
+        left = scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE queue = 'bulk'")
+    assert left > 0  # it ran while the backlog was still there

@@ -85,6 +85,7 @@ class Runner:
         # names them or a poll interval has passed (scheduled jobs coming due send none), so a
         # worker draining one queue of several spends one claim per batch, not one per queue.
         self._quiet: dict[str, float] = {}
+        self._round = 0  # claim rounds, to rotate which queue asks first
         self._released: dict[int, float] = {}  # drain: jobs this worker put back, and when due
         self.started = asyncio.Event()
         self._on_config_change = on_config_change
@@ -221,15 +222,23 @@ class Runner:
         while not self._stopping.is_set():
             self._wake.clear()
             claimed_full = claimed_any = failed = capped = False
-            for queue in self.queues():
-                quiet_since = self._quiet.get(queue)
-                if quiet_since is not None and time.monotonic() - quiet_since < cfg.poll_interval:
-                    continue
+            now = time.monotonic()
+            candidates = [q for q in self.queues()
+                          if q not in self._quiet or now - self._quiet[q] >= cfg.poll_interval]
+            # Fair shares: the free slots are split among the queues that may have work, and the
+            # first to ask changes each round, so a backlog in one queue cannot take every slot
+            # round after round while another queue's jobs wait for it to drain.
+            self._round += 1
+            if candidates:
+                start = self._round % len(candidates)
+                candidates = candidates[start:] + candidates[:start]
+            for position, queue in enumerate(candidates):
                 free = self._free_slots(self.policies.get(queue))
                 if free <= 0:
                     capped = capped or self._free_slots(None) > 0
                     continue
-                want = min(free, cfg.max_batch)
+                share = -(-self._free_slots(None) // (len(candidates) - position))
+                want = min(free, cfg.max_batch, share)
                 try:
                     self._last_claim = time.monotonic()
                     jobs = await self.engine.claim(queue, self.kinds, want)

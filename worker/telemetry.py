@@ -130,16 +130,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     a CLI run inside another program (a test, a notebook) leaves no handler behind that writes
     to a stream since closed (whose "Logging error" report would print the raw exception)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass  # always the current sys.stderr
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def configure_logging(level: int, fmt: str = "text") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _unprivileged_user() -> str:
+    for name in ("embedded_postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name).pw_name
+    raise AssertionError("no unprivileged user to run PgBouncer as")
+
+
 @contextlib.contextmanager
 def pgbouncer(server_url: str, *, pool_size: int = 4) -> Iterator[str]:
     """PgBouncer in transaction mode before the server of `server_url`; yields a URL like
@@ -38,7 +46,10 @@ def pgbouncer(server_url: str, *, pool_size: int = 4) -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix="pgb-"))
     home.chmod(0o777)
     user = str(target.get("user") or "postgres")
-    (home / "users.txt").write_text(f'"{user}" ""\n')
+    # Clients are trusted; the password written here is the one PgBouncer logs in to the server
+    # with (a container's server asks for it, the embedded one trusts local users).
+    password = str(target.get("password") or "").replace('"', '""')
+    (home / "users.txt").write_text(f'"{user}" "{password}"\n')
     (home / "pgbouncer.ini").write_text(f"""[databases]
 * = host={host} port={target.get("port") or 5432}
 
@@ -58,8 +69,8 @@ logfile = {home / "pgbouncer.log"}
     for path in home.iterdir():
         path.chmod(0o666)
     command = [BINARY, str(home / "pgbouncer.ini")]
-    if os.geteuid() == 0:  # PgBouncer refuses to run as root; this user may reach the embedded
-        command[1:1] = ["-u", "embedded_postgres"]  # server's socket (it runs the server)
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root: the user that runs the embedded
+        command[1:1] = ["-u", _unprivileged_user()]  # server may reach its socket
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = psycopg.conninfo.make_conninfo(server_url, host="127.0.0.1", port=str(port))
     try:

@@ -144,10 +144,16 @@ async def test_a_breaker_opened_by_one_worker_stops_the_other_and_one_probe_deci
         assert isinstance(await b.admit("globex", "crm.example"), Permit)  # other tenants go on
         # Its waiting requests left the claim's way: one comes back at the end of the cooldown
         # to carry the probe, the others a cooldown later (or when the probe succeeds).
-        parked = psycopg.connect(db_url).execute(
-            "SELECT count(*) FILTER (WHERE run_at < now() + interval '1.5 s'), count(*) FROM dispatch.jobs "
-            "WHERE state = 'scheduled' AND last_error LIKE 'not sent: circuit%'").fetchone()
-        assert parked == (1, 50)
+        # The worker that opened the breaker parks them in the background: wait for all 50.
+        def parked() -> Any:
+            with psycopg.connect(db_url) as conn:
+                return conn.execute(
+                    "WITH p AS (SELECT run_at FROM dispatch.jobs "
+                    "           WHERE state = 'scheduled' AND last_error LIKE 'not sent: circuit%') "
+                    "SELECT count(*) FILTER (WHERE run_at < (SELECT min(run_at) FROM p) + interval '0.5 s'), "
+                    "       count(*) FROM p").fetchone()
+        await wait_until(lambda: parked()[1] == 50, 5.0)
+        assert parked() == (1, 50)
         await asyncio.sleep(1.1)  # the cooldown itself is what this test is about
         outcomes = await asyncio.gather(*(w.admit("acme", "crm.example") for w in (a, b, a, b)))
         probes = [o for o in outcomes if isinstance(o, Permit)]

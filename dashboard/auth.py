@@ -20,6 +20,7 @@ Roles, enforced for every request on the server (and again in the SQL functions)
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import secrets
@@ -43,9 +44,15 @@ FAILURES_PER_ADDRESS = 30
 FAILURE_DELAY = 1.0  # seconds every failed login waits before it is answered
 
 _hasher = PasswordHasher()
-# Verified against when the account does not exist, so that a wrong name costs what a wrong
-# password costs (no telling which names exist by the time an answer takes).
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the account does not exist, so that a wrong name costs what a wrong
+    password costs (no telling which names exist by the time an answer takes). Made at the first
+    login, not at import: every `pgdispatch` command imports this module, and a hash takes 64 MiB
+    and a tenth of a second."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class Can(Enum):
@@ -110,7 +117,7 @@ def check_password(password: str) -> str | None:
 async def _verify(stored: str | None, password: str) -> bool:
     def verify() -> bool:
         try:
-            return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+            return _hasher.verify(stored or _dummy_hash(), password) and stored is not None
         except (VerificationError, InvalidHashError):
             return False
 

@@ -108,12 +108,14 @@ class HttpRequest:
 class _Host:
     """Requests in flight to one host in this process, and how fast it answers lately.
 
-    At the cap, a job waits for a slot while the host is answering fast: it has answered
-    before, in under SLOW seconds on average, and nothing in flight is older than that. Then
-    the wait is a fraction of a second, and one host is the common case: bouncing such jobs
-    back to the queue costs a claim, a release and a history row each. A host that is slow,
-    hung or not yet heard from gets no waiters: the job gives its worker slot back at once,
-    so one host cannot fill the process with jobs queueing for it (fairness)."""
+    At the cap, a job waits for a slot while the host is answering fast: it has not answered
+    in more than SLOW seconds on average, and nothing in flight is older than that (a host not
+    heard from yet counts as fast until its first request is SLOW old: a drain's first claim
+    fills more slots than the cap, and a new host is the common case). Then the wait is a
+    fraction of a second, and one host is the common case: bouncing such jobs back to the queue
+    costs a claim, a release and a history row each. A host that is slow or hung gets no
+    waiters: the job gives its worker slot back at once, so one host cannot fill the process
+    with jobs queueing for it (fairness)."""
 
     SLOW = 1.0  # seconds: an answer slower than this, on average or in flight, stops the waiting
     MAX_WAIT = 5.0  # the longest a job waits in its worker slot for a host slot
@@ -153,7 +155,7 @@ class _Host:
 
     def _fast_for(self, now: float) -> float:
         """How much longer the host counts as answering fast (0: it does not)."""
-        if not self._answers or self.latency > self.SLOW:
+        if self._answers and self.latency > self.SLOW:
             return 0.0
         oldest = min(self._in_flight.values(), default=now)
         return oldest + self.SLOW - now

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # 20,000 send_request rows to one host, drained by `pgdispatch worker --drain` with the default
-# settings (100 slots, --per-host-limit 64). Prints the exit code, the time, and the outcomes.
+# settings (200 slots, --per-host-limit 64). Prints the exit code, the time, and the outcomes.
 #   DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres bash bench/one-host-drain.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

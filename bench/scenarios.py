@@ -236,7 +236,7 @@ def deliver(server_url: str, system: str = OURS, *, requests: int = 20_000,
             "requests": requests, "completed": drained.done, **drained.cost, "round_trips": per_job}
 
 
-# The settings the sweep compares with the defaults (100 slots, claims of 100, 64 requests in
+# The settings the sweep compares with the defaults (200 slots, claims of 100, 64 requests in
 # flight per host): slots per process, most jobs per claim, requests in flight per host.
 SWEEP_DRAIN = {"500 slots, claims of 500": ("--concurrency", "500", "--batch", "500"),
                "1000 slots, claims of 1000": ("--concurrency", "1000", "--batch", "1000")}

@@ -24,8 +24,9 @@ def register(sub: Any) -> None:
     w.add_argument("--queue", action="append",
                    help="queue to work (repeatable; default: every queue, including new ones)")
     w.add_argument("--processes", type=positive_int, default=1, help="worker processes (default 1)")
-    w.add_argument("--concurrency", type=positive_int, default=100,
-                   help="job slots per process (default 100)")
+    w.add_argument("--concurrency", type=positive_int, default=200,
+                   help="job slots per process (default 200: twice the claim size, so that the "
+                        "next claim is on its way while a batch runs)")
     w.add_argument("--batch", type=positive_int, default=100, help="most jobs per claim (default 100)")
     w.add_argument("--drain", action="store_true", help="run what is runnable now, then exit")
     w.add_argument("--time-limit", type=duration, default=0, help="stop after this long (e.g. 1h)")

@@ -221,7 +221,7 @@ async def test_a_rate_limit_and_a_cap_hold_across_two_worker_processes(db_url: s
         stop(pool)
     # The bucket's promise, counted at the server: by any moment, no more than the burst plus
     # the rate times the time since the first arrival (and a quarter second for the first token
-    # block on its way); never more than 3 in flight, though two processes with 100 slots each
+    # block on its way); never more than 3 in flight, though two processes with 200 slots each
     # were sending.
     arrivals = sorted(counter.arrivals)
     over = [(i + 1, t - arrivals[0]) for i, t in enumerate(arrivals) if i + 1 > 10 + 40 * (t - arrivals[0] + 0.25)]

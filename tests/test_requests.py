@@ -419,7 +419,7 @@ async def test_a_rotated_signing_key_is_used_at_once(db_url: str, sink: Sink) ->
 
 
 async def test_jobs_wait_for_a_fast_host_at_its_cap_instead_of_bouncing(db_url: str, sink: Sink) -> None:
-    # The acceptance: 20,000 requests to one host, a drain with the defaults (100 slots,
+    # The acceptance: 20,000 requests to one host, a drain with the defaults (200 slots,
     # 64 per host). None bounces, not even from the first claim, made before the host had
     # answered once (before: the 36 jobs above the cap, and the drain waited a second for them).
     execute(db_url, f"SELECT dispatch.send_request('POST', '{sink.url}/brief', '{{}}') FROM generate_series(1, 20000)")

@@ -21,8 +21,10 @@ class WorkerConfig:
     app: str | None = None
     # Queues to serve; empty: every queue in dispatch.queues, including ones created later.
     queues: tuple[str, ...] = ()
-    # Concurrent job slots per worker process.
-    concurrency: int = 100
+    # Concurrent job slots per worker process. Twice max_batch by default: the next claim is on
+    # its way while the last batch runs (with slots == claim size, every claim waited for the whole
+    # batch to finish and the worker idled through each claim's round trip: half the rate).
+    concurrency: int = 200
     # Most jobs one claim takes; smaller claims spread work fairly across processes.
     max_batch: int = 100
     # Build number of this worker's code; jobs stamped newer are left for newer workers.

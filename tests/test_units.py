@@ -71,7 +71,7 @@ def test_breaker_and_postpone_refuse_nonsense() -> None:
 async def test_deadlines_time_out_like_asyncio_timeout_and_pass_other_cancellations() -> None:
     import asyncio
 
-    from pgdispatch.worker.outbound.deadlines import Deadlines
+    from pgdispatch.worker.deadlines import Deadlines
 
     deadlines = Deadlines(resolution=0.01)
     with pytest.raises(TimeoutError):

@@ -30,6 +30,7 @@ from pgdispatch.notify.queue_policies import QueuePolicies, QueuePolicy
 from pgdispatch.worker import telemetry
 from pgdispatch.worker.attempt import Executor, Tally, finish_for, run_attempt
 from pgdispatch.worker.config import WorkerConfig
+from pgdispatch.worker.deadlines import Deadlines
 from pgdispatch.worker.engine import Engine, Finish, OutcomeWriter
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.services import periodic, supervised
@@ -93,6 +94,7 @@ class Runner:
         self._process = psutil.Process()
         self._vacuum_backoff = config.vacuum_interval
         self._probes: dict[str, asyncio.Event] = {}
+        self._deadlines = Deadlines()  # the queues' job timeouts, one ticker for every running job
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -432,7 +434,7 @@ class Runner:
         with telemetry.span(job) as span:
             try:
                 outcome = await run_attempt(self.executors.get(job.kind), job,
-                                            policy.job_timeout if policy else None)
+                                            policy.job_timeout if policy else None, self._deadlines)
             except asyncio.CancelledError:
                 # Shutdown past the grace period, our lease was taken over, or an operator
                 # cancelled the job.

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 
 from pgdispatch.db import masking
+from pgdispatch.worker.deadlines import Deadlines
 from pgdispatch.worker.executors.context import ExecutorContext
 from pgdispatch.worker.job import Job
-from pgdispatch.worker.outbound.deadlines import Deadlines
 from pgdispatch.worker.outbound.destinations import forbidden_cause
 from pgdispatch.worker.outbound.hosts import host_key, hostname
 from pgdispatch.worker.outbound.limits import Wait

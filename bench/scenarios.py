@@ -333,7 +333,7 @@ def _our_latency(url: str, rate: int, seconds: float, backlog: int = 0) -> list[
 
 
 def latency_beside_backlog(server_url: str, *, rate: int = 1000, seconds: float = 5.0,
-                           backlog: int = 100_000) -> Result:
+                           backlog: int = 300_000) -> Result:
     """Single-row inserts at `rate` into one queue while a backlog drains on another, one worker
     with its defaults serving both."""
     with fresh_database(server_url) as url:

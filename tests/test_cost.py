@@ -12,7 +12,6 @@ import psycopg
 import pytest
 
 from pgdispatch.worker.config import WorkerConfig
-from pgdispatch.worker.engine import Engine
 from pgdispatch.worker.job import Job
 from pgdispatch.worker.outcome import DONE, Outcome
 from pgdispatch.worker.runner import Runner
@@ -111,47 +110,3 @@ async def test_job_timeouts_take_one_ticker_not_a_timer_per_job(
     await runner.run()
     assert scalar(db_url, "SELECT count(*) FROM dispatch.job_history WHERE outcome = 'completed'") == 1000
     assert timers < 200, f"{timers} timers scheduled for 1,000 jobs"
-
-
-async def test_a_queue_a_notify_names_asks_first_in_the_next_round_beside_a_backlog(
-        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Before: the queues of a round only took turns asking first, so a job inserted into a quiet
-    # queue beside another queue's backlog waited, one round in two, for the backlog's claim
-    # round trip as well as its own (insert->start p50 4.8 ms at 1,000 inserts/s beside a
-    # draining backlog). Now a queue woken by a NOTIFY asks first; the backlog still claims in
-    # the same round.
-    execute(db_url, "INSERT INTO dispatch.queues (name) VALUES ('bulk')")
-    execute(db_url, "INSERT INTO dispatch.jobs (queue, kind) SELECT 'bulk', 'k' FROM generate_series(1, 30000)")
-
-    async def brief(job: Job) -> Outcome:
-        await asyncio.sleep(0.01)
-        return DONE
-
-    events: list[tuple[str, str]] = []
-    claim = Engine.claim
-
-    async def recorded(self: Engine, queue: str, kinds: list[str], max_jobs: int) -> list[Job]:
-        events.append(("claim", queue))
-        jobs = await claim(self, queue, kinds, max_jobs)
-        events.append(("claimed" if jobs else "empty", queue))
-        return jobs
-
-    monkeypatch.setattr(Engine, "claim", recorded)
-    async with running_worker(db_url, {"k": brief}, queues=("default", "bulk"), poll_interval=60) as runner:
-        heard = runner._on_notify
-
-        def noted(channel: str, payload: str) -> None:
-            if payload == "default":
-                events.append(("notify", payload))
-            heard(channel, payload)
-
-        runner.listener._on_notify = noted  # type: ignore[attr-defined]
-        for _ in range(5):
-            await wait_until(lambda: "default" in runner._quiet and ("claimed", "bulk") in events)
-            mark = len(events)
-            execute(db_url, "INSERT INTO dispatch.jobs (kind) VALUES ('k')")
-            await wait_until(lambda mark=mark: ("claimed", "default") in events[mark:])
-            after = events[events.index(("notify", "default"), mark):]
-            first = next(queue for what, queue in after if what == "claim")
-            assert first == "default", after
-        assert scalar(db_url, "SELECT count(*) FROM dispatch.jobs WHERE queue = 'bulk'") > 0  # still draining

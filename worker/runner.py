@@ -86,9 +86,6 @@ class Runner:
         # names them or a poll interval has passed (scheduled jobs coming due send none), so a
         # worker draining one queue of several spends one claim per batch, not one per queue.
         self._quiet: dict[str, float] = {}
-        # Quiet queues a NOTIFY has named since: they ask first in the next round, so a job
-        # inserted beside another queue's backlog waits for one claim, not for the backlog's too.
-        self._woken: set[str] = set()
         self._round = 0  # claim rounds, to rotate which queue asks first
         self._released: dict[int, float] = {}  # drain: jobs this worker put back, and when due
         self.started = asyncio.Event()
@@ -237,9 +234,6 @@ class Runner:
             if candidates:
                 start = self._round % len(candidates)
                 candidates = candidates[start:] + candidates[:start]
-                if self._woken:
-                    candidates.sort(key=lambda q: q not in self._woken)  # stable: rotation kept
-                    self._woken.clear()
             for position, queue in enumerate(candidates):
                 free = self._free_slots(self.policies.get(queue))
                 if free <= 0:
@@ -379,8 +373,7 @@ class Runner:
             self._cancel(payload)
         elif channel == JOBS_CHANNEL:
             if not self.config.queues or payload in self.config.queues:
-                if self._quiet.pop(payload, None) is not None:
-                    self._woken.add(payload)
+                self._quiet.pop(payload, None)
                 self._wake.set()
         elif channel == CONFIG_CHANNEL:
             message = config_message(payload)

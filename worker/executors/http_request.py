@@ -110,12 +110,11 @@ class _Host:
 
     At the cap, a job waits for a slot while the host is answering fast: it has not answered
     in more than SLOW seconds on average, and nothing in flight is older than that (a host not
-    heard from yet counts as fast until its first request is SLOW old: a drain's first claim
-    fills more slots than the cap, and a new host is the common case). Then the wait is a
-    fraction of a second, and one host is the common case: bouncing such jobs back to the queue
-    costs a claim, a release and a history row each. A host that is slow or hung gets no
-    waiters: the job gives its worker slot back at once, so one host cannot fill the process
-    with jobs queueing for it (fairness)."""
+    heard from yet counts as fast until its first request is SLOW old, as a drain's first claim
+    fills more slots than the cap). Then the wait is a fraction of a second, and one host is the
+    common case: bouncing such jobs back to the queue costs a claim, a release and a history row
+    each. A host that is slow or hung gets no waiters: the job gives its worker slot back at
+    once, so one host cannot fill the process with jobs queueing for it (fairness)."""
 
     SLOW = 1.0  # seconds: an answer slower than this, on average or in flight, stops the waiting
     MAX_WAIT = 5.0  # the longest a job waits in its worker slot for a host slot

@@ -40,6 +40,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 RESPONSE_EXCERPT_BYTES = 2048
+NEW_HOST_BOUNCE = 0.2  # seconds, about, before a job bounced off a host not heard from yet is back
 HEADERS_OF_INTEREST = ("content-type", "retry-after", "location", "x-request-id", "request-id",
                        "ratelimit-remaining", "ratelimit-reset", "x-ratelimit-remaining")
 _HEADERS_OF_INTEREST_RAW = frozenset(h.encode() for h in HEADERS_OF_INTEREST)
@@ -108,13 +109,16 @@ class HttpRequest:
 class _Host:
     """Requests in flight to one host in this process, and how fast it answers lately.
 
-    At the cap, a job waits for a slot while the host is answering fast: it has not answered
-    in more than SLOW seconds on average, and nothing in flight is older than that (a host not
-    heard from yet counts as fast until its first request is SLOW old, as a drain's first claim
-    fills more slots than the cap). Then the wait is a fraction of a second, and one host is the
-    common case: bouncing such jobs back to the queue costs a claim, a release and a history row
-    each. A host that is slow or hung gets no waiters: the job gives its worker slot back at
-    once, so one host cannot fill the process with jobs queueing for it (fairness)."""
+    At the cap, a job waits for a slot while the host is answering fast: it has answered
+    before, in under SLOW seconds on average, and nothing in flight is older than that. Then
+    the wait is a fraction of a second, and one host is the common case: bouncing such jobs
+    back to the queue costs a claim, a release and a history row each. A host that is slow,
+    hung or not yet heard from gets no waiters: the job gives its worker slot back at once,
+    so one host cannot fill the process with jobs queueing for it (fairness; waiting for a
+    host not heard from let a hung one hold every slot for its first second). A job bounced
+    while the host is new (not heard from, its first request under SLOW old) comes back in a
+    fraction of a second: a drain's first claims fill more slots than the cap before the host
+    has answered once, and such a host is most often about to answer fast."""
 
     SLOW = 1.0  # seconds: an answer slower than this, on average or in flight, stops the waiting
     MAX_WAIT = 5.0  # the longest a job waits in its worker slot for a host slot
@@ -152,9 +156,13 @@ class _Host:
         self._answers += 1
         self.latency += (seconds - self.latency) * max(0.2, 1 / self._answers)
 
+    def new(self, now: float) -> bool:
+        """Not heard from yet, and its first request is under SLOW old."""
+        return not self._answers and min(self._in_flight.values(), default=now) + self.SLOW > now
+
     def _fast_for(self, now: float) -> float:
         """How much longer the host counts as answering fast (0: it does not)."""
-        if self._answers and self.latency > self.SLOW:
+        if not self._answers or self.latency > self.SLOW:
             return 0.0
         oldest = min(self._in_flight.values(), default=now)
         return oldest + self.SLOW - now
@@ -198,7 +206,7 @@ class HttpRequestExecutor:
                 # A slow or hung host: the job gives its worker slot back rather than waiting in
                 # it, so one host cannot fill the process with jobs queueing for it (fairness).
                 self._limits.cancel(permit)
-                return Postpone(self._bounce_delay(request.host, now),
+                return Postpone(self._bounce_delay(request.host, host, now),
                                 f"not sent: {self._per_host_limit} requests to {request.host} "
                                 f"already in flight in this worker, answering in "
                                 f"{host.latency:.1f}s on average")
@@ -213,14 +221,16 @@ class HttpRequestExecutor:
                                   retry_after=_paused_for(outcome), reason=_why(outcome))
         return outcome
 
-    def _bounce_delay(self, host: str, now: float) -> float:
+    def _bounce_delay(self, name: str, host: _Host, now: float) -> float:
         """How long a job bounced off a saturated host waits: longer the more jobs bounced in the
         last 10 s, so a big backlog for a hung host spreads out instead of cycling through the
-        queue every second. 1 s plus up to 30 s, with jitter."""
-        start, count = self._bounces.get(host, (now, 0))
+        queue every second. 1 s plus up to 30 s, with jitter; 0.1-0.3 s while the host is new."""
+        start, count = self._bounces.get(name, (now, 0))
         if now - start > 10:
             start, count = now, 0
-        self._bounces[host] = (start, count + 1)
+        self._bounces[name] = (start, count + 1)
+        if host.new(time.monotonic()):
+            return NEW_HOST_BOUNCE * (0.5 + random.random())
         return 1 + random.random() * min(30.0, count / self._per_host_limit)
 
     async def _send(self, job: Job, request: HttpRequest, now: float) -> Outcome:

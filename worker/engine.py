@@ -17,7 +17,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql as pgsql
-from psycopg.rows import class_row
+from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -67,7 +67,7 @@ class Engine:
 
     async def claim(self, queue: str, kinds: list[str], max_jobs: int) -> list[Job]:
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=class_row(Job))
+            cur = conn.cursor(row_factory=args_row(Job))  # columns in field order: no kwargs per row
             cur.adapters.register_loader("jsonb", JobArgsLoader)
             await cur.execute(sql.query("claim_jobs"), {
                 "worker_id": self.worker_id, "queue": queue, "kinds": kinds,

@@ -125,9 +125,11 @@ class _Host:
 
     def __init__(self, limit: int) -> None:
         self._semaphore = asyncio.Semaphore(limit)
+        self._semaphore_limit = limit
         self._in_flight: dict[int, float] = {}  # request number -> when it started
         self._sent = 0
         self._answers = 0
+        self._bounced = (0.0, 0)  # (window start, jobs bounced in it), monotonic seconds
         self.latency = 0.0  # moving average of answer times, in seconds
 
     async def acquire(self) -> int | None:
@@ -156,9 +158,25 @@ class _Host:
         self._answers += 1
         self.latency += (seconds - self.latency) * max(0.2, 1 / self._answers)
 
-    def new(self, now: float) -> bool:
-        """Not heard from yet, and its first request is under SLOW old."""
-        return not self._answers and min(self._in_flight.values(), default=now) + self.SLOW > now
+    def bounce_delay(self) -> float:
+        """How long a job bounced off this host (at its cap) waits: 0.1-0.3 s while the host is
+        new (not heard from, its first request under SLOW old); else 1 s plus up to 30 s, longer
+        the more jobs bounced in the last 10 s, so a big backlog for a hung host spreads out
+        instead of cycling through the queue every second. With jitter."""
+        now = time.monotonic()
+        start, count = self._bounced
+        if now - start > 10:
+            start, count = now, 0
+        self._bounced = (start, count + 1)
+        if not self._answers and min(self._in_flight.values(), default=now) + self.SLOW > now:
+            return NEW_HOST_BOUNCE * (0.5 + random.random())
+        return 1 + random.random() * min(30.0, count / self._semaphore_limit)
+
+    def describe(self) -> str:
+        """How it answers, for the reason of a bounced job."""
+        if not self._answers:
+            return "which has not answered yet"
+        return f"answering in {self.latency:.1f}s on average"
 
     def _fast_for(self, now: float) -> float:
         """How much longer the host counts as answering fast (0: it does not)."""
@@ -179,7 +197,6 @@ class HttpRequestExecutor:
         self._per_host_limit = context.per_host_limit
         self._hosts: dict[str, _Host] = {}
         self._limits = context.limits
-        self._bounces: dict[str, tuple[float, int]] = {}  # host -> (window start, jobs bounced)
         self._deadlines = Deadlines()
         self._clock = clock
 
@@ -206,10 +223,9 @@ class HttpRequestExecutor:
                 # A slow or hung host: the job gives its worker slot back rather than waiting in
                 # it, so one host cannot fill the process with jobs queueing for it (fairness).
                 self._limits.cancel(permit)
-                return Postpone(self._bounce_delay(request.host, host, now),
+                return Postpone(host.bounce_delay(),
                                 f"not sent: {self._per_host_limit} requests to {request.host} "
-                                f"already in flight in this worker, answering in "
-                                f"{host.latency:.1f}s on average")
+                                f"already in flight in this worker, {host.describe()}")
             outcome = await self._send(job, request, now)
         except BaseException:
             self._limits.cancel(permit)
@@ -220,18 +236,6 @@ class HttpRequestExecutor:
         await self._limits.settle(permit, failed=_endpoint_failed(outcome),
                                   retry_after=_paused_for(outcome), reason=_why(outcome))
         return outcome
-
-    def _bounce_delay(self, name: str, host: _Host, now: float) -> float:
-        """How long a job bounced off a saturated host waits: longer the more jobs bounced in the
-        last 10 s, so a big backlog for a hung host spreads out instead of cycling through the
-        queue every second. 1 s plus up to 30 s, with jitter; 0.1-0.3 s while the host is new."""
-        start, count = self._bounces.get(name, (now, 0))
-        if now - start > 10:
-            start, count = now, 0
-        self._bounces[name] = (start, count + 1)
-        if host.new(time.monotonic()):
-            return NEW_HOST_BOUNCE * (0.5 + random.random())
-        return 1 + random.random() * min(30.0, count / self._per_host_limit)
 
     async def _send(self, job: Job, request: HttpRequest, now: float) -> Outcome:
         body = await self._body(job, request, now)
